@@ -4,6 +4,22 @@
     handle = td.apply(model, processor, td.HiRED(budget=0.2, alpha=0.5))
     out = model.generate(**processor(images=img, text=prompt, return_tensors="pt"), max_new_tokens=32)
     handle.remove()
+
+The method configs import only torch; `apply` (which needs transformers) is imported on first use,
+so `tokendrop.methods` works without transformers installed.
 """
 
+from tokendrop.methods import BaseOnly, HiRED, RandomDrop, SpatialDrop
+from tokendrop.methods.inllm import FastV, PyramidDrop
+
 __version__ = "0.1.0"
+
+__all__ = ["BaseOnly", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply"]
+
+
+def __getattr__(name):
+    if name in ("apply", "Handle"):
+        from tokendrop import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'tokendrop' has no attribute {name!r}")

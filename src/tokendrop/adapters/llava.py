@@ -1,0 +1,54 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one partition of G x G patches per image.
+
+HiRED's phase 1 has nothing to allocate here: the image keeps its top floor(r * N) tokens by the
+feature layer's [CLS] attention (the paper's single-partition rule, also used for ShareGPT4V).
+Each image gets its own selection (the official code applied image 0's mask to the whole batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokendrop.adapters.vision import score_blocks, tower_pass
+from tokendrop.methods.base import BudgetMethod, Layout
+
+
+class LlavaAdapter:
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def __init__(self, model):
+        self.model = model
+        self.base = model.model  # LlavaModel
+        self.config = model.config
+        self.tower = self.base.vision_tower
+        self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
+
+    def layout(self, image_size=None) -> Layout:
+        return Layout(grid=self.grid)
+
+    def num_tokens(self, method: BudgetMethod, image_size=None) -> int:
+        return method.num_tokens(self.layout())
+
+    def placeholder_patch(self, processor, method: BudgetMethod):
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
+            return processor.image_token * self.num_tokens(method)
+
+        return replace_image_token
+
+    def encoder_patch(self, method: BudgetMethod, record):
+        layout = self.layout()
+
+        def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+            layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer))
+            packed, selections = [], []
+            for i in range(features.shape[0]):
+                keep = method.select(layout, {name: row[i : i + 1] for name, row in rows.items()})[0]
+                keep = keep.to(features.device)
+                packed.append(self.base.multi_modal_projector(features[i, keep]))  # (K, D)
+                selections.append(torch.stack([torch.zeros_like(keep), keep // self.grid, keep % self.grid], dim=1))
+            record(selections)
+            outputs.pooler_output = packed
+            return outputs
+
+        return get_image_features

@@ -1,0 +1,134 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): anyres partitions, unpadding, newline packing.
+
+The stock model encodes each image as P = 1 + rows*cols tiles of S x S pixels (G x G patches):
+tile 0 is the whole image squashed to one tile (the base), tiles 1..k cover a canvas holding the
+image at its best pinpoint resolution, aspect preserved and centre padded. `pack_image_features`
+then lays out [base tokens, canvas rows with the padding cropped away, one newline per row].
+
+This adapter replaces `get_image_features` (instance attribute, removed by `remove()`) with:
+tower pass -> scores -> method.select -> gather kept tokens -> projector -> pack, and the
+processor's `replace_image_token` with the method's count, known from the image size alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.image_processing_utils import select_best_resolution
+
+from tokendrop.adapters.vision import score_blocks, tower_pass
+from tokendrop.methods.base import BudgetMethod, Layout
+
+
+class LlavaNextAdapter:
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def __init__(self, model):
+        self.model = model
+        self.base = model.model  # LlavaNextModel
+        self.config = model.config
+        self.tower = self.base.vision_tower
+        self.tile = self.config.vision_config.image_size
+        self.grid = self.tile // self.config.vision_config.patch_size
+
+    # ---- geometry -------------------------------------------------------------------------
+    def layout(self, image_size) -> Layout:
+        """Layout of an image of (height, width) pixels, as the stock model unpads it."""
+        height, width = (int(x) for x in image_size)
+        best_h, best_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+        rows, cols = best_h // self.tile, best_w // self.tile
+        canvas_h, canvas_w = rows * self.grid, cols * self.grid
+        top, bottom, left, right = 0, canvas_h, 0, canvas_w
+        if width / height > canvas_w / canvas_h:  # same arithmetic as transformers' unpad_image
+            pad = (canvas_h - int(round(height * (canvas_w / width), 7))) // 2
+            top, bottom = pad, canvas_h - pad
+        else:
+            pad = (canvas_w - int(round(width * (canvas_h / height), 7))) // 2
+            left, right = pad, canvas_w - pad
+        return Layout(grid=self.grid, tiles=(rows, cols), crop=(top, bottom, left, right))
+
+    def num_tokens(self, method: BudgetMethod, image_size) -> int:
+        return method.num_tokens(self.layout(image_size))
+
+    def placeholder_patch(self, processor, method: BudgetMethod):
+        """A `replace_image_token` for the processor that emits the method's token count."""
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
+            size = image_inputs["image_sizes"][image_idx]
+            size = size.tolist() if hasattr(size, "tolist") else size
+            return processor.image_token * self.num_tokens(method, size)
+
+        return replace_image_token
+
+    # ---- encoding -------------------------------------------------------------------------
+    def encoder_patch(self, method: BudgetMethod, record):
+        """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
+        base = self.base
+
+        def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+            layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+            layouts = [self.layout(size) for size in torch.as_tensor(image_sizes).tolist()]
+            if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
+                pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer))
+            packed, selections, start = [], [], 0
+            for lay in layouts:
+                part = slice(start, start + lay.num_partitions)
+                keep = method.select(lay, {name: row[part] for name, row in rows.items()})
+                tokens, where = self.pack(features[part], keep, lay, method.keep_newlines)
+                packed.append(tokens)
+                selections.append(where)
+                start += lay.num_partitions
+            record(selections)
+            outputs.pooler_output = packed
+            return outputs
+
+        return get_image_features
+
+    def pack(self, features: torch.Tensor, keep: list[torch.Tensor], layout: Layout, newlines: bool):
+        """Gather, project and order one image's kept tokens: base, then the unpadded canvas in raster order.
+
+        Args:
+            features: (P, N, Dv) vision features of the image's partitions.
+            keep: P sorted index tensors into N.
+        Returns:
+            tokens: (K [+ canvas rows], D) LLM-width embeddings.
+            where: (K, 3) long (partition, row, col) of every kept patch token, in packed order.
+        """
+        g, (rows, cols) = self.grid, layout.tiles
+        device = features.device
+        keep = [k.to(device) for k in keep]
+        mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=device)  # (P, N)
+        for p, k in enumerate(keep):
+            mask[p, k] = True
+        top, bottom, left, right = layout.crop
+        canvas = mask[1:].view(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)[top:bottom, left:right]
+        canvas_feats = features[1:].view(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+        chosen = torch.cat([features[0, keep[0]], canvas_feats[top:bottom, left:right][canvas]])  # (K, Dv)
+        tokens = self.base.multi_modal_projector(chosen)  # (K, D)
+        if newlines:
+            tokens = insert_row_newlines(tokens, keep[0].numel(), canvas.sum(dim=1), self.base.image_newline)
+        r, c = canvas.nonzero(as_tuple=True)
+        r, c = r + top, c + left
+        where = torch.cat([
+            torch.stack([torch.zeros_like(keep[0]), keep[0] // g, keep[0] % g], dim=1),
+            torch.stack([1 + (r // g) * cols + c // g, r % g, c % g], dim=1),
+        ])
+        return tokens, where
+
+
+def insert_row_newlines(tokens: torch.Tensor, num_base: int, per_row: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """Put a newline embedding after every canvas row's kept tokens (rows may keep none).
+
+    Args:
+        tokens: (K, D) base tokens first, then canvas tokens row by row.
+        per_row: (R,) kept tokens in each canvas row.
+        newline: (D,) the model's `image_newline`.
+    Returns:
+        (K + R, D)
+    """
+    ends = num_base + torch.cumsum(per_row + 1, dim=0) - 1  # (R,) where each row's newline goes
+    out = newline.to(tokens.dtype)[None].expand(tokens.shape[0] + per_row.numel(), -1).clone()
+    is_token = torch.ones(out.shape[0], dtype=torch.bool, device=tokens.device)
+    is_token[ends] = False
+    out[is_token] = tokens
+    return out

@@ -1,0 +1,181 @@
+"""In-LLM dropping: a replacement forward for a stock Llama-style decoder (Llama, Mistral, Qwen2).
+
+The stock `LlamaModel.forward` builds the mask and position embeddings once and runs every layer
+on the same sequence, so a hook on one layer cannot shorten it. This forward is the stock loop plus
+one thing: before a boundary layer it ranks the image tokens by the last prompt token's attention
+(`tokendrop.scoring`, from a layer's own projections), gathers the kept tokens, their positions and
+mask, and continues with a shorter sequence. Every layer keeps its own attention backend (SDPA,
+flash, eager) and writes what it saw into its own cache slot: DynamicCache keeps a length per layer.
+
+Prefill (the layer-0 cache is empty) selects; decoding reuses the prefill's static keep sets:
+  stage mask  = the stage's compacted prefill mask + the caller's mask for the decoded tokens,
+  positions   = the caller's positions, minus the tokens dropped before the stage ("renumber").
+A sample's image tokens are found from its own input_ids; samples differ in length after a drop
+when they keep different numbers of tokens, and are then left-padded again (mask 0).
+
+B batch, L sequence, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from tokendrop.scoring import last_token_attention_row
+
+
+class Stage:
+    """What a drop at one boundary left behind, reused at every decode step."""
+
+    def __init__(self, layer: int, mask: torch.Tensor, shift: torch.Tensor):
+        self.layer = layer  # first layer that sees the compacted sequence
+        self.mask = mask  # (B, L') bool, the compacted prefill mask
+        self.shift = shift  # (B,) long, positions to subtract while decoding
+
+
+class LLMDropper:
+    """Replaces `language_model.forward` (instance attribute) for one in-LLM method."""
+
+    def __init__(self, language_model, method, record):
+        self.lm = language_model
+        self.method = method
+        self.record = record  # callable(layer_tokens (B, depth) long)
+        self.depth = len(language_model.layers)
+        self.boundaries = method.boundaries(self.depth)
+        self.image_mask = None  # (B, L) bool, set by the outer model's pre-hook each prefill
+        self.stages: list[Stage] = []
+        self.prefill_length = 0
+
+    # ---- entry --------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        lm = self.lm
+        if inputs_embeds is None:
+            inputs_embeds = lm.embed_tokens(input_ids)
+        use_cache = lm.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache(config=lm.config)
+        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        B, L, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=inputs_embeds.device)[None]
+        position_ids = position_ids.expand(B, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + L, dtype=torch.bool, device=inputs_embeds.device)
+        attention_mask = attention_mask.bool()
+        if past == 0:
+            hidden = self.prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
+        else:
+            hidden = self.decode(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=past_key_values)
+
+    # ---- prefill: select and compact -------------------------------------------------------------
+    def prefill(self, hidden, mask, positions, cache, use_cache, **kwargs):
+        image = self.image_mask
+        if image is None or image.shape != mask.shape:
+            image = torch.zeros_like(mask)
+        image = image.to(mask.device) & mask
+        original = image.sum(dim=1)  # (B,) N per sample
+        drops = dict(self._keep_counts(original))
+        self.stages, self.prefill_length = [], mask.shape[1]
+        counts = torch.zeros(hidden.shape[0], self.depth, dtype=torch.long, device=hidden.device)
+        layer_input = hidden
+        for i, layer in enumerate(self.lm.layers):
+            if i in drops:
+                hidden, mask, positions, image, keep_from = self._drop(i, hidden, layer_input, mask, positions, image, drops[i])
+                self.stages.append(Stage(i, mask, original - image.sum(dim=1) if keep_from == "renumber" else torch.zeros_like(original)))
+            if i == 0 or i in drops:
+                causal = self._masks(hidden, mask, positions, cache, i)
+                rope = self.lm.rotary_emb(hidden, positions)
+            counts[:, i] = image.sum(dim=1)
+            layer_input = hidden
+            hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
+                           position_ids=positions, past_key_values=cache, use_cache=use_cache, position_embeddings=rope, **kwargs)
+        self.record(counts)
+        return hidden
+
+    def _keep_counts(self, original: torch.Tensor):
+        """(layer, (B,) kept image tokens) per boundary, from each sample's ORIGINAL count."""
+        per_sample = [dict(self.method.keep_counts(int(n), self.depth)) for n in original.tolist()]
+        for layer in self.boundaries:
+            yield layer, torch.tensor([d[layer] for d in per_sample], device=original.device)
+
+    def _drop(self, i, hidden, layer_input, mask, positions, image, keep):
+        """Rank the image tokens, gather the kept sequence; returns the new (hidden, mask, positions, image)."""
+        scores = self._scores(i, hidden, layer_input, mask, positions, image)  # (B, L)
+        scores = scores.masked_fill(~image, float("-inf"))
+        B, L = mask.shape
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)  # ties: lower index first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=mask.device).expand(B, L))
+        kept = ~image | (rank < keep[:, None])  # (B, L) text, padding and the top image tokens
+        lengths = kept.sum(dim=1)
+        width = int(lengths.max())
+        # left-pad every sample to `width`: slot j holds the (j - pad)-th kept token
+        slot = torch.arange(width, device=mask.device)[None] - (width - lengths)[:, None]  # (B, L')
+        valid_slot = slot >= 0
+        source = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept indices first, in order
+        index = source.gather(1, slot.clamp(min=0))  # (B, L')
+        new_mask = mask.gather(1, index) & valid_slot
+        new_image = image.gather(1, index) & valid_slot
+        new_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.method.positions == "renumber":
+            new_positions = (new_mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~new_mask, 0)
+        else:
+            new_positions = positions.gather(1, index)
+        return new_hidden, new_mask, new_positions, new_image, self.method.positions
+
+    def _scores(self, i, hidden, layer_input, mask, positions, image):
+        """(B, L) attention of each sample's last prompt token over the current sequence."""
+        if getattr(self.method, "k", None) == 0:  # FastV with k = 0: random ranking, seeded per sample
+            return self._random_scores(image)
+        last_layer = getattr(self.method, "score_layer", "last") == "last"
+        layer = self.lm.layers[i - 1] if last_layer else self.lm.layers[i]
+        x = layer_input if last_layer else hidden
+        query = mask.shape[1] - 1 - torch.argmax(mask.flip(1).int(), dim=1)  # last non-padding token
+        rope = self.lm.rotary_emb(x, positions)
+        return last_token_attention_row(layer, x, rope, query, key_mask=mask)
+
+    def _random_scores(self, image):
+        """(B, L) random scores over each sample's own image tokens: the same alone or in a padded batch."""
+        scores = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
+        for b in range(image.shape[0]):
+            where = image[b].nonzero().squeeze(1)
+            gen = torch.Generator().manual_seed(self.method.seed)
+            scores[b, where] = torch.rand(where.numel(), generator=gen).to(image.device)
+        return scores
+
+    # ---- decode: static keep sets ---------------------------------------------------------------
+    def decode(self, hidden, mask, positions, cache, use_cache, **kwargs):
+        if not self.stages and self.boundaries and self.prefill_length == 0:
+            raise RuntimeError("tokendrop: decoding with a cache that this model did not prefill")
+        stage_of = {s.layer: s for s in self.stages}
+        new_tail = mask[:, self.prefill_length:]  # (B, t) the caller's mask of decoded tokens
+        current_mask, current_positions = mask, positions
+        for i, layer in enumerate(self.lm.layers):
+            if i == 0 or i in stage_of:
+                if i in stage_of:
+                    stage = stage_of[i]
+                    current_mask = torch.cat([stage.mask, new_tail], dim=1)
+                    current_positions = positions - stage.shift[:, None]
+                causal = self._masks(hidden, current_mask, current_positions, cache, i)
+                rope = self.lm.rotary_emb(hidden, current_positions)
+            hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
+                           position_ids=current_positions, past_key_values=cache, use_cache=use_cache,
+                           position_embeddings=rope, **kwargs)
+        return hidden
+
+    # ---- masks ----------------------------------------------------------------------------------
+    def _masks(self, hidden, mask, positions, cache, layer_idx):
+        """Causal masks per attention type, sized against layer `layer_idx`'s cache."""
+        config = self.lm.config
+        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache,
+                    position_ids=positions, layer_idx=layer_idx)
+        masks = {"full_attention": create_causal_mask(**args)}
+        if getattr(config, "sliding_window", None) is not None:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+            if "sliding_attention" not in set(getattr(config, "layer_types", None) or []):
+                masks["full_attention"] = masks["sliding_attention"]  # Mistral: every layer slides
+        return masks

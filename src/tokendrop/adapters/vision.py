@@ -1,0 +1,54 @@
+"""The vision half shared by the LLaVA adapters: run the tower once, read features and [CLS] rows.
+
+T tiles (all partitions of all images, flattened), N patches per tile, Dv tower width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokendrop.methods.base import BudgetMethod
+from tokendrop.scoring import cls_attention_row
+
+
+def feature_block(tower, feature_layer: int) -> int:
+    """The encoder block whose output is hidden_states[feature_layer] (-2 -> block 22 of 24)."""
+    depth = len(tower.encoder.layers)
+    index = feature_layer % (depth + 1)
+    if index == 0:
+        raise ValueError("vision_feature_layer selects the embeddings; HiRED needs an encoder layer")
+    return index - 1
+
+
+def score_blocks(method: BudgetMethod, tower, feature_layer: int) -> dict[str, int]:
+    """Encoder block (0-based) of every [CLS] row the method needs, validated against the tower."""
+    depth = len(tower.encoder.layers)
+    blocks = {}
+    for name in method.needs:
+        layer = getattr(method, f"{name}_layer")
+        block = feature_block(tower, feature_layer) if layer is None else layer
+        if not -depth <= block < depth:
+            raise ValueError(f"{name}_layer must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")
+        blocks[name] = block % depth
+    return blocks
+
+
+def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, int]):
+    """Run the vision tower once (its own attention backend) and read what selection needs.
+
+    Args:
+        pixel_values: (T, 3, S, S) every partition of every image.
+        blocks: name -> encoder block whose [CLS] row to compute.
+    Returns:
+        outputs: the tower's output object (hidden_states only at the indices used).
+        features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
+        rows: name -> (T, N) fp32 [CLS] -> patch attention summed over heads.
+    """
+    wanted = sorted({feature_layer % (len(tower.encoder.layers) + 1), *blocks.values()})
+    outputs = tower(pixel_values, output_hidden_states=wanted, return_dict=True)
+    hidden = outputs.hidden_states
+    rows = {}
+    for name, block in blocks.items():
+        row = cls_attention_row(tower.encoder.layers[block], hidden[block])  # (T, H, N+1)
+        rows[name] = row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
+    return outputs, hidden[feature_layer][:, 1:], rows

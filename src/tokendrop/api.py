@@ -1,0 +1,162 @@
+"""`apply()` / `remove()`: patch a stock model instance (and its processor) with token-dropping methods.
+
+    handle = td.apply(model, processor, td.HiRED(budget=0.2), td.PyramidDrop())
+    out = model.generate(**processor(images=..., text=..., return_tensors="pt"))
+    handle.remove()  # or: with td.apply(...): ...
+
+Patches are instance attributes and hooks only (never classes), each recorded with its undo; a
+failure half-way undoes what was done. A pre-LLM method (HiRED, RandomDrop, SpatialDrop, BaseOnly)
+replaces `get_image_features` and the processor's `replace_image_token`; an in-LLM method
+(PyramidDrop, FastV) replaces the language model's `forward`. One of each kind composes.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from tokendrop.adapters import adapter_for, check_pre_llm, check_processor
+from tokendrop.adapters.llm import LLMDropper
+from tokendrop.methods.base import BudgetMethod
+from tokendrop.methods.inllm import FastV, PyramidDrop
+
+IN_LLM = (PyramidDrop, FastV)
+_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
+
+
+class Handle:
+    """What `apply()` did, what the last call selected, and how to undo it.
+
+    Attributes:
+        selections: for every image of the last encoder call, a (K, 3) long tensor of the kept patch
+            tokens as (partition, row, col) in the order they reach the LLM; partition 0 is the base
+            image, 1..k the tiles in raster order.
+        layer_tokens: (B, depth) long, image tokens each LLM layer saw in the last prefill (in-LLM
+            methods), or None.
+    """
+
+    def __init__(self, model, processor, methods):
+        self.model, self.processor, self.methods = model, processor, methods
+        self.selections: list[torch.Tensor] = []
+        self.layer_tokens: torch.Tensor | None = None
+        self._undo: list = []
+
+    @property
+    def equivalent_tokens(self) -> torch.Tensor | None:
+        """(B,) image tokens averaged over LLM layers: the figure in-LLM methods are compared by."""
+        return None if self.layer_tokens is None else self.layer_tokens.float().mean(dim=1)
+
+    def num_tokens(self, image_size) -> int:
+        """Visual tokens an image of (height, width) pixels gives the LLM under this handle's pre-LLM method."""
+        method = next((m for m in self.methods if isinstance(m, BudgetMethod)), None)
+        adapter = adapter_for(self.model)
+        if method is None:
+            raise ValueError("this handle has no pre-LLM method; the stock processor counts the tokens")
+        return adapter.num_tokens(method, image_size)
+
+    def remove(self) -> None:
+        """Restore the model and processor exactly (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._undo else "removed"
+        return f"Handle({', '.join(map(repr, self.methods))}, {state})"
+
+
+def apply(model, processor=None, *methods) -> Handle:
+    """Patch `model` (and `processor`) in place with one pre-LLM and/or one in-LLM method.
+
+    Args:
+        model: a stock `LlavaNextForConditionalGeneration` or `LlavaForConditionalGeneration`.
+        processor: the model's processor; required by pre-LLM methods, which change how many
+            `<image>` placeholders it writes. May be None for in-LLM methods alone.
+        methods: e.g. `td.HiRED(budget=0.2)`, `td.PyramidDrop()`, or both.
+    Returns:
+        a `Handle`; `handle.remove()` (or leaving its `with` block) restores everything.
+    """
+    pre, inner = _split_methods(methods)
+    adapter = adapter_for(model)
+    if model in _ACTIVE:
+        raise ValueError("model is already patched by tokendrop; call handle.remove() first")
+    if pre is not None:
+        if processor is None:
+            raise TypeError("processor is required for pre-LLM methods: it writes the number of <image> placeholders")
+        check_pre_llm(adapter, processor)
+    elif processor is not None:
+        check_processor(adapter, processor)
+    handle = Handle(model, processor, tuple(methods))
+    try:
+        if pre is not None:
+            _patch_pre_llm(handle, adapter, pre)
+        if inner is not None:
+            _patch_in_llm(handle, adapter, inner)
+    except BaseException:
+        handle.remove()
+        raise
+    _ACTIVE[model] = handle
+    return handle
+
+
+def _split_methods(methods):
+    if not methods:
+        raise ValueError("apply() needs at least one method, e.g. td.HiRED(budget=0.2)")
+    pre = [m for m in methods if isinstance(m, BudgetMethod)]
+    inner = [m for m in methods if isinstance(m, IN_LLM)]
+    for m in methods:
+        if not isinstance(m, (BudgetMethod, *IN_LLM)):
+            what = f"class {m.__name__}" if isinstance(m, type) else type(m).__name__
+            raise TypeError(f"methods must be method instances such as td.HiRED(budget=0.2); got {what}")
+    if len(pre) > 1 or len(inner) > 1:
+        raise ValueError("apply() takes at most one pre-LLM method (HiRED, RandomDrop, SpatialDrop, BaseOnly) "
+                         "and one in-LLM method (PyramidDrop, FastV)")
+    return (pre[0] if pre else None), (inner[0] if inner else None)
+
+
+def _set_attr(handle: Handle, obj, name: str, value) -> None:
+    """Set an instance attribute and record its exact undo (delete it, or restore the old one)."""
+    had = name in vars(obj)
+    old = vars(obj).get(name)
+    setattr(obj, name, value)
+    handle._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+
+def _patch_pre_llm(handle: Handle, adapter, method: BudgetMethod) -> None:
+    def record(selections):
+        handle.selections = selections
+
+    _set_attr(handle, adapter.base, "get_image_features", adapter.encoder_patch(method, record))
+    _set_attr(handle, handle.processor, "replace_image_token", adapter.placeholder_patch(handle.processor, method))
+
+
+def _patch_in_llm(handle: Handle, adapter, method) -> None:
+    lm = adapter.base.language_model
+    if not all(hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in lm.layers):
+        raise TypeError(f"in-LLM methods need a Llama-style decoder (Llama, Mistral, Qwen2); got {type(lm).__name__}")
+
+    def record(counts):
+        handle.layer_tokens = counts
+
+    dropper = LLMDropper(lm, method, record)
+    image_token_id = adapter.config.image_token_id
+
+    def find_images(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            dropper.image_mask = input_ids == image_token_id
+        elif kwargs.get("inputs_embeds") is not None:
+            token = module.get_input_embeddings()(torch.tensor(image_token_id, device=kwargs["inputs_embeds"].device))
+            dropper.image_mask = (kwargs["inputs_embeds"] == token).all(dim=-1)
+
+    hook = adapter.base.register_forward_pre_hook(find_images, with_kwargs=True)
+    handle._undo.append(hook.remove)
+    _set_attr(handle, lm, "forward", dropper.forward)

@@ -1,0 +1,76 @@
+"""Attention rows recomputed from a layer's own projections: never an N x N map.
+
+Token-dropping methods need one row of an attention map: the [CLS] row of a ViT layer (HiRED) or
+the last prompt token's row of an LLM layer (FastV, PyramidDrop). SDPA and flash attention do not
+return maps, and asking for eager attention costs O(N^2) memory per head. One row costs a single
+(1 x d) @ (d x N) product per head, computed here from the layer's input with the layer's own
+norm and projections, in fp32.
+
+Shapes: B batch, H heads, N tokens, D width, hd head width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the [CLS] query (token 0) over all keys in a CLIP encoder layer.
+
+    Args:
+        layer: a `CLIPEncoderLayer` (has `layer_norm1` and `self_attn.{q,k}_proj`).
+        hidden_states: (B, N, D) the layer's INPUT (hidden_states[i] for layer i).
+    Returns:
+        (B, H, N) fp32 rows, each summing to 1 (column 0 is [CLS] -> [CLS]).
+    """
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden_states)  # (B, N, D)
+    B, N, _ = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    q = attn.q_proj(x[:, :1]).view(B, 1, H, hd).transpose(1, 2)  # (B, H, 1, hd)
+    k = attn.k_proj(x).view(B, N, H, hd).transpose(1, 2)  # (B, H, N, hd)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scale  # (B, H, N)
+    return logits.softmax(dim=-1)
+
+
+def last_token_attention_row(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-averaged softmax attention of one query token per sample in a Llama-style decoder layer.
+
+    Args:
+        layer: a decoder layer with `input_layernorm` and `self_attn.{q,k}_proj` (Llama, Mistral,
+            Qwen2, ...); grouped-query attention is handled by repeating keys per group.
+        hidden_states: (B, L, D) the layer's input.
+        position_embeddings: (cos, sin), each (B, L, hd): the RoPE tables of the current positions.
+        query_index: (B,) long, the query token of every sample (e.g. the last prompt token).
+        key_mask: (B, L) bool, keys the query may attend to (False for padding); causal masking
+            (keys after the query) is applied on top.
+    Returns:
+        (B, L) fp32 attention over keys, averaged over heads; rows sum to 1.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden_states)  # (B, L, D)
+    B, L, _ = x.shape
+    hd = attn.head_dim
+    rows = torch.arange(B, device=x.device)
+    x_q = x[rows, query_index][:, None]  # (B, 1, D)
+    q = attn.q_proj(x_q).view(B, 1, -1, hd).transpose(1, 2)  # (B, Hq, 1, hd)
+    k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+    cos, sin = position_embeddings
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, L, hd)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, Hq, L)
+    allowed = torch.arange(L, device=x.device)[None, :] <= query_index[:, None]  # (B, L) causal
+    if key_mask is not None:
+        allowed = allowed & key_mask
+    logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
