@@ -91,7 +91,7 @@ def apply(model, processor=None, *methods) -> Handle:
     if pre is not None:
         if processor is None:
             raise TypeError("processor is required for pre-LLM methods: it writes the number of <image> placeholders")
-        check_pre_llm(adapter, processor)
+        check_pre_llm(adapter, processor, pre)
     elif processor is not None:
         check_processor(adapter, processor)
     handle = Handle(model, processor, tuple(methods))

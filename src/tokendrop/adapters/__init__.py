@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tokendrop.adapters.llava import LlavaAdapter
 from tokendrop.adapters.llava_next import LlavaNextAdapter
+from tokendrop.adapters.vision import score_blocks
 
 ADAPTERS = (LlavaNextAdapter, LlavaAdapter)
 SUPPORTED_MODELS = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
@@ -22,8 +23,8 @@ def adapter_for(model):
     raise TypeError(f"model must be one of {', '.join(SUPPORTED_MODELS)}; got {name}")
 
 
-def check_pre_llm(adapter, processor) -> None:
-    """Raise ValueError unless the model's vision path and the processor fit a pre-LLM method."""
+def check_pre_llm(adapter, processor, method) -> None:
+    """Raise ValueError unless the model's vision path, the processor and the method's layers fit."""
     config = adapter.config
     if config.vision_feature_select_strategy != "default":
         raise ValueError(
@@ -35,6 +36,7 @@ def check_pre_llm(adapter, processor) -> None:
     layers = getattr(getattr(adapter.tower, "encoder", None), "layers", None)
     if layers is None or not hasattr(layers[0], "layer_norm1"):
         raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(adapter.tower).__name__}")
+    score_blocks(method, adapter.tower, config.vision_feature_layer)
     if processor is not None:
         check_processor(adapter, processor)
 

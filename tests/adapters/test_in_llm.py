@@ -1,0 +1,192 @@
+"""PyramidDrop and FastV against a plain reference loop written here.
+
+The reference runs one unpadded sample at a time through an EAGER copy of the language model:
+it reads the score from the attention weights the layer itself returns, gathers the kept tokens,
+renumbers or keeps positions, and for generation recomputes the whole sequence at every step
+without a cache, reusing the keep sets chosen on the prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tokendrop as td
+from tests.conftest import PROMPTS
+
+STEPS = 4
+
+
+def prompt_embeds(model, inputs):
+    """(1, L, D) input embeddings of a single unpadded sample, built the way the stock forward does."""
+    base = model.model
+    embeds = base.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        features = base.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
+    return embeds.masked_scatter(mask, torch.cat(features).to(embeds.dtype))
+
+
+def causal(length):
+    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+
+
+def reference_forward(lm, embeds, image, method, chosen):
+    """Last-position hidden state of one sample; fills `chosen` (layer -> kept original indices) if empty."""
+    depth = len(lm.layers)
+    drops = dict(method.keep_counts(int(image.sum()), depth))
+    renumber = method.positions == "renumber"
+    score_last = isinstance(method, td.FastV) or method.score_layer == "last"
+    h, idx = embeds, torch.arange(embeds.shape[1])
+    previous = None
+    for i, layer in enumerate(lm.layers):
+        pos = (torch.arange(len(idx)) if renumber else idx)[None]
+        if i in drops:
+            if i not in chosen:
+                scorer, x = (lm.layers[i - 1], previous) if score_last else (layer, h)
+                _, weights = scorer.self_attn(hidden_states=scorer.input_layernorm(x), attention_mask=causal(x.shape[1]),
+                                              position_embeddings=lm.rotary_emb(x, pos))
+                row = weights[0, :, -1].mean(dim=0)  # last prompt token, mean over heads
+                image_at = image[idx].nonzero().squeeze(1)
+                top = torch.argsort(row[image_at], descending=True, stable=True)[: drops[i]]
+                chosen[i] = idx[image_at[top]]
+            keep = ~image[idx] | torch.isin(idx, chosen[i])
+            h, idx = h[:, keep], idx[keep]
+            pos = (torch.arange(len(idx)) if renumber else idx)[None]
+        previous = h
+        h = layer(h, attention_mask=causal(h.shape[1]), position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
+    return lm.norm(h)[:, -1]
+
+
+def reference_generate(model, lm, inputs, method, steps=STEPS):
+    """Greedy tokens and the logits of every step, recomputing everything at each step without a cache."""
+    with torch.no_grad():
+        embeds = prompt_embeds(model, inputs)
+        image = (inputs["input_ids"] == model.config.image_token_id)[0]
+        chosen, tokens, logits = {}, [], []
+        for _ in range(steps):
+            logits.append(model.lm_head(reference_forward(lm, embeds, image, method, chosen))[0])
+            tokens.append(int(logits[-1].argmax()))
+            embeds = torch.cat([embeds, model.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))], dim=1)
+            image = torch.cat([image, torch.tensor([False])])
+    return torch.tensor(tokens), torch.stack(logits)
+
+
+def step_logits(out, i):
+    """(steps, V) logits of sample i from generate(..., output_logits=True)."""
+    return torch.stack([step[i] for step in out.logits])
+
+
+@pytest.fixture(scope="module")
+def eager_lm(next_model):
+    lm = copy.deepcopy(next_model[0].model.language_model)
+    lm.set_attn_implementation("eager")
+    return lm
+
+
+METHODS = [
+    td.PyramidDrop(),
+    td.PyramidDrop(positions="original"),
+    td.PyramidDrop(layers=(2, 5), ratio=0.4, score_layer="last"),
+    td.FastV(k=2, drop=0.5),
+    td.FastV(k=3, drop=0.75, positions="renumber"),
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_cached_generate_equals_no_cache_reference_batch_1(next_model, images, eager_lm, method):
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+    expected_tokens, expected_logits = reference_generate(model, eager_lm, inputs, method)
+    with td.apply(model, processor, method) as handle:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], expected_tokens)
+        torch.testing.assert_close(step_logits(out, 0), expected_logits, atol=1e-4, rtol=1e-4)
+        # every layer's cache holds what that layer saw: text + its kept image tokens + decoded tokens
+        n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        seen = method.layer_counts(n_image, len(model.model.language_model.layers))
+        assert handle.layer_tokens[0].tolist() == seen
+        text = inputs["input_ids"].shape[1] - n_image
+        lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+        assert lengths == [text + n + STEPS - 1 for n in seen]
+
+
+@pytest.mark.parametrize("method", METHODS[:2] + METHODS[3:4], ids=repr)
+def test_padded_batch_of_three_equals_reference_per_sample(next_model, images, eager_lm, method):
+    model, processor = next_model
+    batch = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    with td.apply(model, processor, method):
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+    for i in range(3):
+        single = processor(images=[images[i]], text=[PROMPTS[i]], return_tensors="pt")
+        tokens, logits = reference_generate(model, eager_lm, single, method)
+        assert torch.equal(out.sequences[i, batch["input_ids"].shape[1]:], tokens)
+        torch.testing.assert_close(step_logits(out, i), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [td.PyramidDrop(ratio=1.0), td.FastV(drop=0.0)], ids=repr)
+def test_keep_everything_is_the_stock_model(next_model, images, method):
+    model, processor = next_model
+    batch = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        stock = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        with td.apply(model, processor, method):
+            ours = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(ours.sequences, stock.sequences)
+    for a, b in zip(ours.logits, stock.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_position_rules_differ(next_model, images):
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+    logits = []
+    for positions in ("renumber", "original"):
+        with td.apply(model, processor, td.PyramidDrop(positions=positions)), torch.no_grad():
+            logits.append(model(**inputs).logits[0, -1])
+    assert (logits[0] - logits[1]).abs().max() > 1e-5
+
+
+def test_fastv_k0_is_random_and_seeded(next_model, images):
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+    runs = []
+    for seed in (0, 0, 1):
+        with td.apply(model, processor, td.FastV(k=0, drop=0.5, seed=seed)) as handle, torch.no_grad():
+            runs.append(model(**inputs).logits[0, -1])
+            assert handle.layer_tokens[0, 0] == round(int((inputs["input_ids"] == model.config.image_token_id).sum()) * 0.5)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_sample_without_image_passes_through(next_model, images):
+    model, processor = next_model
+    text_only = processor.tokenizer(["Q: what is it? A:"], return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**text_only).logits
+        with td.apply(model, processor, td.PyramidDrop()) as handle:
+            ours = model(**text_only).logits
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    assert handle.layer_tokens.sum() == 0
+
+
+def test_hired_then_pyramiddrop(next_model, images, eager_lm):
+    model, processor = next_model
+    hired, pdrop = td.HiRED(0.4), td.PyramidDrop()
+    with td.apply(model, processor, hired, pdrop) as handle:
+        inputs = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+        n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert n_image == handle.num_tokens(images[0].size[::-1])  # HiRED's budget before the LLM
+        tokens, logits = reference_generate(model, eager_lm, inputs, pdrop)  # HiRED features, reference PDrop loop
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], tokens)
+        torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+        assert handle.layer_tokens[0].tolist() == pdrop.layer_counts(n_image, 8)
+        assert handle.equivalent_tokens[0] == sum(pdrop.layer_counts(n_image, 8)) / 8

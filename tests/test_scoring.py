@@ -1,0 +1,48 @@
+"""Attention rows from projections equal the rows of eager attention maps."""
+
+from __future__ import annotations
+
+import torch
+
+from tokendrop.scoring import cls_attention_row, last_token_attention_row
+
+
+def test_cls_row_equals_eager_output_attentions():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=4, attn_implementation="eager")
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(config).eval()
+    pixels = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        out = tower(pixels, output_attentions=True, output_hidden_states=True)
+        for i, layer in enumerate(tower.encoder.layers):
+            row = cls_attention_row(layer, out.hidden_states[i])  # (B, H, N)
+            torch.testing.assert_close(row, out.attentions[i][:, :, 0].float(), atol=1e-6, rtol=1e-5)
+
+
+def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
+    from transformers import LlamaConfig, LlamaModel
+    from transformers.masking_utils import create_causal_mask
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    lm = LlamaModel(config).eval()
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    hidden = torch.randn(2, 10, 64)
+    layer = lm.layers[1]
+    captured = {}
+    layer.self_attn.register_forward_hook(lambda m, a, out: captured.update(weights=out[1]))
+    with torch.no_grad():
+        rope = lm.rotary_emb(hidden, positions)
+        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None,
+                                    position_ids=positions)
+        layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=positions)
+        row = last_token_attention_row(layer, hidden, rope, torch.tensor([9, 9]), key_mask=mask)
+    expected = captured["weights"][:, :, -1].mean(dim=1)  # (B, L) last query, mean over heads
+    torch.testing.assert_close(row, expected, atol=1e-6, rtol=1e-5)
+    assert row[1, :3].abs().max() == 0  # padding gets nothing
