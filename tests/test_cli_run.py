@@ -1,0 +1,47 @@
+"""`tokendrop run` on a tiny model: JSON records, and bad arguments exit 2 with a message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import random_image
+from tokendrop.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tokendrop.tiny import tiny_llava_next
+
+    model, processor = tiny_llava_next(text_layers=4)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = folder / "img.png"
+    random_image(150, 260).save(image)
+    return folder, image
+
+
+def test_run_json_records(tiny_folder, capsys):
+    folder, image = tiny_folder
+    code = main(["run", "--model", str(folder), "--image", str(image), "--prompt", "what?", "--method", "hired+pdrop",
+                 "--budget", "0.2", "--max-new-tokens", "2", "--json"])
+    assert code == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    # 150x260 fits the 224x224 pinpoint best -> 2x2 tiles of 8x8 patches: B = floor(0.2 * 5 * 64) = 64
+    assert record["visual_tokens"] == 64 and record["visual_tokens_stock"] > 64
+    assert record["equivalent_tokens"] < 64 and record["prefill_s"] <= record["total_s"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "hird"], "Did you mean 'hired'?"),
+    (["--method", "hired", "--budget", "1.5"], "budget must be in (0, 1]"),
+    (["--method", "pdrop", "--layers", "8,x"], "--layers must be comma-separated integers"),
+    (["--image", "/no/such/file.png"], "cannot be read as an image"),
+])
+def test_run_bad_arguments_exit_2(tiny_folder, capsys, argv, message):
+    folder, image = tiny_folder
+    base = ["run", "--model", str(folder), "--image", str(image), "--max-new-tokens", "1"]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
