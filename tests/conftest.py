@@ -42,3 +42,16 @@ PROMPTS = ["<image>\nQ: what is it? A:", "<image>\nQ: what colour is the big one
 @pytest.fixture(scope="session")
 def images():
     return [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    from tokendrop.tiny import tiny_llava_next
+
+    model, processor = tiny_llava_next(text_layers=4)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = folder / "img.png"
+    random_image(150, 260).save(image)
+    return folder, image

@@ -6,21 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import random_image
 from tokendrop.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tokendrop.tiny import tiny_llava_next
-
-    model, processor = tiny_llava_next(text_layers=4)
-    folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    image = folder / "img.png"
-    random_image(150, 260).save(image)
-    return folder, image
 
 
 def test_run_json_records(tiny_folder, capsys):
