@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokendrop.scoring import cls_attention_row, last_token_attention_row
+from tokendrop.scoring import cls_attention_row, query_attention_row
 
 
 def test_cls_row_equals_eager_output_attentions():
@@ -42,7 +42,16 @@ def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
         causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None,
                                     position_ids=positions)
         layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=positions)
-        row = last_token_attention_row(layer, hidden, rope, torch.tensor([9, 9]), key_mask=mask)
-    expected = captured["weights"][:, :, -1].mean(dim=1)  # (B, L) last query, mean over heads
-    torch.testing.assert_close(row, expected, atol=1e-6, rtol=1e-5)
+        last = torch.zeros(2, 10, dtype=torch.bool)
+        last[:, -1] = True
+        row = query_attention_row(layer, hidden, rope, last, key_mask=mask)
+        # several queries (training: the token before each answer span): rows averaged
+        several = torch.zeros(2, 10, dtype=torch.bool)
+        several[0, [4, 9]] = True
+        several[1, [6, 7, 9]] = True
+        rows = query_attention_row(layer, hidden, rope, several, key_mask=mask)
+    weights = captured["weights"].mean(dim=1)  # (B, L, L) mean over heads
+    torch.testing.assert_close(row, weights[:, -1], atol=1e-6, rtol=1e-5)
     assert row[1, :3].abs().max() == 0  # padding gets nothing
+    torch.testing.assert_close(rows[0], weights[0, [4, 9]].mean(dim=0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows[1], weights[1, [6, 7, 9]].mean(dim=0), atol=1e-6, rtol=1e-5)

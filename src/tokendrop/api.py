@@ -34,12 +34,15 @@ class Handle:
             image, 1..k the tiles in raster order.
         layer_tokens: (B, depth) long, image tokens each LLM layer saw in the last prefill (in-LLM
             methods), or None.
+        kept_positions: (B, L') long, for in-LLM methods: the input position of every position of
+            the model's output (logits) in the last prefill; -1 for padding added by the drop.
     """
 
     def __init__(self, model, processor, methods):
         self.model, self.processor, self.methods = model, processor, methods
         self.selections: list[torch.Tensor] = []
         self.layer_tokens: torch.Tensor | None = None
+        self.kept_positions: torch.Tensor | None = None
         self._undo: list = []
 
     @property
@@ -143,8 +146,8 @@ def _patch_in_llm(handle: Handle, adapter, method) -> None:
     if not all(hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in lm.layers):
         raise TypeError(f"in-LLM methods need a Llama-style decoder (Llama, Mistral, Qwen2); got {type(lm).__name__}")
 
-    def record(counts):
-        handle.layer_tokens = counts
+    def record(counts, origin):
+        handle.layer_tokens, handle.kept_positions = counts, origin
 
     dropper = LLMDropper(lm, method, record)
     image_token_id = adapter.config.image_token_id
@@ -160,3 +163,30 @@ def _patch_in_llm(handle: Handle, adapter, method) -> None:
     hook = adapter.base.register_forward_pre_hook(find_images, with_kwargs=True)
     handle._undo.append(hook.remove)
     _set_attr(handle, lm, "forward", dropper.forward)
+    _patch_labels(handle, adapter.model, dropper)
+
+
+def _patch_labels(handle: Handle, model, dropper: LLMDropper) -> None:
+    """Training: take `labels` out of the stock forward and compute the loss on the kept tokens.
+
+    The language model returns the shortened sequence, so the stock loss would compare logits and
+    labels of different lengths. Labels are gathered with the tokens (dropped tokens are image
+    tokens, whose labels are -100 anyway), and the answer spans tell the scorer its queries.
+    """
+
+    def take_labels(module, args, kwargs):
+        dropper.labels = kwargs.pop("labels", None)
+        return args, kwargs
+
+    def loss_on_kept(module, args, kwargs, output):
+        labels, dropper.labels = dropper.labels, None
+        if labels is None or dropper.origin is None:
+            return output
+        kept = labels.gather(1, dropper.origin.clamp(min=0)).masked_fill(dropper.origin < 0, -100)
+        output["loss"] = module.loss_function(logits=output.logits, labels=kept,
+                                              vocab_size=module.config.text_config.vocab_size)
+        return output
+
+    for hook in (model.register_forward_pre_hook(take_labels, with_kwargs=True),
+                 model.register_forward_hook(loss_on_kept, with_kwargs=True)):
+        handle._undo.append(hook.remove)

@@ -34,43 +34,50 @@ def cls_attention_row(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Te
     return logits.softmax(dim=-1)
 
 
-def last_token_attention_row(
+def query_attention_row(
     layer: nn.Module,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    query_index: torch.Tensor,
+    query_mask: torch.Tensor,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged softmax attention of one query token per sample in a Llama-style decoder layer.
+    """Softmax attention of a few query tokens per sample in a Llama-style decoder layer, averaged.
+
+    At inference the query is the last prompt token (FastV, PyramidDrop); in training, the token
+    before each answer span (PyramidDrop), whose rows are averaged.
 
     Args:
         layer: a decoder layer with `input_layernorm` and `self_attn.{q,k}_proj` (Llama, Mistral,
             Qwen2, ...); grouped-query attention is handled by repeating keys per group.
         hidden_states: (B, L, D) the layer's input.
         position_embeddings: (cos, sin), each (B, L, hd): the RoPE tables of the current positions.
-        query_index: (B,) long, the query token of every sample (e.g. the last prompt token).
-        key_mask: (B, L) bool, keys the query may attend to (False for padding); causal masking
-            (keys after the query) is applied on top.
+        query_mask: (B, L) bool, the query tokens of every sample (at least one each).
+        key_mask: (B, L) bool, keys that may be attended to (False for padding); causal masking
+            (keys after each query) is applied on top.
     Returns:
-        (B, L) fp32 attention over keys, averaged over heads; rows sum to 1.
+        (B, L) fp32 attention over keys, averaged over heads and queries; rows sum to 1.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_states)  # (B, L, D)
-    B, L, _ = x.shape
+    B, L, D = x.shape
     hd = attn.head_dim
-    rows = torch.arange(B, device=x.device)
-    x_q = x[rows, query_index][:, None]  # (B, 1, D)
-    q = attn.q_proj(x_q).view(B, 1, -1, hd).transpose(1, 2)  # (B, Hq, 1, hd)
+    Q = int(query_mask.sum(dim=1).max())
+    q_index = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :Q]  # (B, Q) queries first
+    q_valid = query_mask.gather(1, q_index)  # (B, Q)
+    x_q = x.gather(1, q_index[..., None].expand(-1, -1, D))  # (B, Q, D)
+    q = attn.q_proj(x_q).view(B, Q, -1, hd).transpose(1, 2)  # (B, Hq, Q, hd)
     k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
     cos, sin = position_embeddings
-    q, _ = apply_rotary_pos_emb(q, q, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
+    pick = q_index[..., None].expand(-1, -1, cos.shape[-1])
+    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, pick), sin.gather(1, pick))
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, L, hd)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, Hq, L)
-    allowed = torch.arange(L, device=x.device)[None, :] <= query_index[:, None]  # (B, L) causal
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, Hq, Q, L)
+    allowed = torch.arange(L, device=x.device)[None, None, :] <= q_index[..., None]  # (B, Q, L) causal
     if key_mask is not None:
-        allowed = allowed & key_mask
-    logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+        allowed = allowed & key_mask[:, None, :]
+    rows = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # (B, Q, L)
+    weights = q_valid.float() / q_valid.sum(dim=1, keepdim=True)  # (B, Q)
+    return (rows * weights[..., None]).sum(dim=1)

@@ -18,11 +18,13 @@ B batch, L sequence, D width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from tokendrop.scoring import last_token_attention_row
+from tokendrop.scoring import query_attention_row
 
 
 class Stage:
@@ -34,16 +36,73 @@ class Stage:
         self.shift = shift  # (B,) long, positions to subtract while decoding
 
 
+@dataclass
+class Tokens:
+    """The current sequence of a prefill and what each slot is. All (B, L[, D])."""
+
+    hidden: torch.Tensor
+    mask: torch.Tensor  # bool: a real token (not padding)
+    positions: torch.Tensor  # long: position ids
+    image: torch.Tensor  # bool: an image token
+    query: torch.Tensor  # bool: a scoring query (last prompt token, or the token before each answer)
+    origin: torch.Tensor  # long: index in the caller's sequence, -1 for padding added by a drop
+
+    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Tokens":
+        """The slots `index` (B, L'); slots where `valid` is False become padding."""
+        pick = lambda t: t.gather(1, index) & valid  # noqa: E731
+        hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return Tokens(hidden, pick(self.mask), self.positions.gather(1, index), pick(self.image), pick(self.query),
+                      self.origin.gather(1, index).masked_fill(~valid, -1))
+
+
+def keep_index(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor):
+    """Slots of the sequence after keeping each sample's top-`keep` image tokens and everything else.
+
+    Args:
+        scores: (B, L) ranking of the tokens (only image tokens are ranked).
+        image: (B, L) bool.
+        keep: (B,) long, image tokens to keep per sample.
+    Returns:
+        index: (B, L') long into L, kept tokens in order, left-padded to the longest sample.
+        valid: (B, L') bool, False on the padding slots.
+    """
+    B, L = image.shape
+    scores = scores.masked_fill(~image, float("-inf"))
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)  # ties: lower index first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=image.device).expand(B, L))
+    kept = ~image | (rank < keep[:, None])  # (B, L) text, padding and the top image tokens
+    lengths = kept.sum(dim=1)
+    width = int(lengths.max())
+    slot = torch.arange(width, device=image.device)[None] - (width - lengths)[:, None]  # (B, L')
+    source = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept indices first, in order
+    return source.gather(1, slot.clamp(min=0)), slot >= 0
+
+
+def query_tokens(mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) bool scoring queries: the token before each answer span when `labels` mark answers
+    (training), else the last non-padding token (the last prompt token at inference)."""
+    last = torch.zeros_like(mask)
+    last[torch.arange(mask.shape[0]), mask.shape[1] - 1 - torch.argmax(mask.flip(1).int(), dim=1)] = True
+    if labels is None or labels.shape != mask.shape:
+        return last
+    answer = labels != -100
+    before = torch.zeros_like(mask)
+    before[:, :-1] = ~answer[:, :-1] & answer[:, 1:] & mask[:, :-1]
+    return torch.where(before.any(dim=1, keepdim=True), before, last)
+
+
 class LLMDropper:
     """Replaces `language_model.forward` (instance attribute) for one in-LLM method."""
 
     def __init__(self, language_model, method, record):
         self.lm = language_model
         self.method = method
-        self.record = record  # callable(layer_tokens (B, depth) long)
+        self.record = record  # callable(layer_tokens (B, depth) long, origin (B, L') long)
         self.depth = len(language_model.layers)
         self.boundaries = method.boundaries(self.depth)
         self.image_mask = None  # (B, L) bool, set by the outer model's pre-hook each prefill
+        self.labels = None  # (B, L) long, set while a forward with labels runs (training)
+        self.origin = None  # (B, L') long, caller's index of every output slot of the last prefill
         self.stages: list[Stage] = []
         self.prefill_length = 0
 
@@ -77,25 +136,35 @@ class LLMDropper:
         image = self.image_mask
         if image is None or image.shape != mask.shape:
             image = torch.zeros_like(mask)
-        image = image.to(mask.device) & mask
-        original = image.sum(dim=1)  # (B,) N per sample
+        seq = Tokens(hidden, mask, positions, image.to(mask.device) & mask, query_tokens(mask, self.labels),
+                     torch.arange(mask.shape[1], device=mask.device).expand_as(mask))
+        original = seq.image.sum(dim=1)  # (B,) N per sample
         drops = dict(self._keep_counts(original))
         self.stages, self.prefill_length = [], mask.shape[1]
         counts = torch.zeros(hidden.shape[0], self.depth, dtype=torch.long, device=hidden.device)
         layer_input = hidden
         for i, layer in enumerate(self.lm.layers):
             if i in drops:
-                hidden, mask, positions, image, keep_from = self._drop(i, hidden, layer_input, mask, positions, image, drops[i])
-                self.stages.append(Stage(i, mask, original - image.sum(dim=1) if keep_from == "renumber" else torch.zeros_like(original)))
+                with torch.no_grad():  # hard top-k on detached scores: no gradient through the selection
+                    scores = self._scores(i, seq, layer_input)  # (B, L)
+                seq = seq.gather(*keep_index(scores, seq.image, drops[i]))
+                if self.method.positions == "renumber":
+                    seq.positions = (seq.mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~seq.mask, 0)
+                    shift = original - seq.image.sum(dim=1)
+                else:
+                    shift = torch.zeros_like(original)
+                self.stages.append(Stage(i, seq.mask, shift))
             if i == 0 or i in drops:
-                causal = self._masks(hidden, mask, positions, cache, i)
-                rope = self.lm.rotary_emb(hidden, positions)
-            counts[:, i] = image.sum(dim=1)
-            layer_input = hidden
-            hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                           position_ids=positions, past_key_values=cache, use_cache=use_cache, position_embeddings=rope, **kwargs)
-        self.record(counts)
-        return hidden
+                causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i)
+                rope = self.lm.rotary_emb(seq.hidden, seq.positions)
+            counts[:, i] = seq.image.sum(dim=1)
+            layer_input = seq.hidden
+            seq.hidden = layer(seq.hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
+                               position_ids=seq.positions, past_key_values=cache, use_cache=use_cache,
+                               position_embeddings=rope, **kwargs)
+        self.origin = seq.origin
+        self.record(counts, seq.origin)
+        return seq.hidden
 
     def _keep_counts(self, original: torch.Tensor):
         """(layer, (B,) kept image tokens) per boundary, from each sample's ORIGINAL count."""
@@ -103,40 +172,15 @@ class LLMDropper:
         for layer in self.boundaries:
             yield layer, torch.tensor([d[layer] for d in per_sample], device=original.device)
 
-    def _drop(self, i, hidden, layer_input, mask, positions, image, keep):
-        """Rank the image tokens, gather the kept sequence; returns the new (hidden, mask, positions, image)."""
-        scores = self._scores(i, hidden, layer_input, mask, positions, image)  # (B, L)
-        scores = scores.masked_fill(~image, float("-inf"))
-        B, L = mask.shape
-        order = torch.argsort(scores, dim=1, descending=True, stable=True)  # ties: lower index first
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=mask.device).expand(B, L))
-        kept = ~image | (rank < keep[:, None])  # (B, L) text, padding and the top image tokens
-        lengths = kept.sum(dim=1)
-        width = int(lengths.max())
-        # left-pad every sample to `width`: slot j holds the (j - pad)-th kept token
-        slot = torch.arange(width, device=mask.device)[None] - (width - lengths)[:, None]  # (B, L')
-        valid_slot = slot >= 0
-        source = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept indices first, in order
-        index = source.gather(1, slot.clamp(min=0))  # (B, L')
-        new_mask = mask.gather(1, index) & valid_slot
-        new_image = image.gather(1, index) & valid_slot
-        new_hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        if self.method.positions == "renumber":
-            new_positions = (new_mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~new_mask, 0)
-        else:
-            new_positions = positions.gather(1, index)
-        return new_hidden, new_mask, new_positions, new_image, self.method.positions
-
-    def _scores(self, i, hidden, layer_input, mask, positions, image):
-        """(B, L) attention of each sample's last prompt token over the current sequence."""
+    def _scores(self, i, seq: "Tokens", layer_input):
+        """(B, L) attention of each sample's query token(s) over the current sequence."""
         if getattr(self.method, "k", None) == 0:  # FastV with k = 0: random ranking, seeded per sample
-            return self._random_scores(image)
+            return self._random_scores(seq.image)
         last_layer = getattr(self.method, "score_layer", "last") == "last"
         layer = self.lm.layers[i - 1] if last_layer else self.lm.layers[i]
-        x = layer_input if last_layer else hidden
-        query = mask.shape[1] - 1 - torch.argmax(mask.flip(1).int(), dim=1)  # last non-padding token
-        rope = self.lm.rotary_emb(x, positions)
-        return last_token_attention_row(layer, x, rope, query, key_mask=mask)
+        x = layer_input if last_layer else seq.hidden
+        rope = self.lm.rotary_emb(x, seq.positions)
+        return query_attention_row(layer, x, rope, seq.query, key_mask=seq.mask)
 
     def _random_scores(self, image):
         """(B, L) random scores over each sample's own image tokens: the same alone or in a padded batch."""
