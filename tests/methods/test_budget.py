@@ -161,7 +161,7 @@ def test_spatial_drop_spreads_over_rows_and_columns():
     keep = SpatialDrop(0.2).select(layout)[0]  # floor(0.2 * 576) = 115 tokens
     rows, cols = keep // 24, keep % 24
     assert keep.numel() == 115
-    assert rows.unique().numel() >= 10 and cols.unique().numel() >= 20  # a 2-D lattice, not stripes
+    assert rows.unique().numel() >= 10 and cols.unique().numel() >= 10  # a 2-D lattice, not stripes
     # per used row the counts differ by at most one
     per_row = torch.bincount(rows)[rows.unique()]
     assert per_row.max() - per_row.min() <= 1
