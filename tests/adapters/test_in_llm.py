@@ -23,8 +23,9 @@ def prompt_embeds(model, inputs):
     """(1, L, D) input embeddings of a single unpadded sample, built the way the stock forward does."""
     base = model.model
     embeds = base.get_input_embeddings()(inputs["input_ids"])
+    sizes = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
     with torch.no_grad():
-        features = base.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        features = base.get_image_features(inputs["pixel_values"], **sizes).pooler_output
     mask = (inputs["input_ids"] == model.config.image_token_id)[..., None]
     return embeds.masked_scatter(mask, torch.cat(features).to(embeds.dtype))
 
@@ -190,3 +191,56 @@ def test_hired_then_pyramiddrop(next_model, images, eager_lm):
         torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
         assert handle.layer_tokens[0].tolist() == pdrop.layer_counts(n_image, 8)
         assert handle.equivalent_tokens[0] == sum(pdrop.layer_counts(n_image, 8)) / 8
+
+
+def check_against_reference(model, processor, inputs, method):
+    lm = copy.deepcopy(model.model.language_model)
+    lm.set_attn_implementation("eager")
+    tokens, logits = reference_generate(model, lm, inputs, method)
+    with td.apply(model, processor, method), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], tokens)
+    torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [td.PyramidDrop(), td.FastV()], ids=repr)
+def test_llava15(llava_model, images, method):
+    model, processor = llava_model
+    check_against_reference(model, processor, processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt"), method)
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    """A tiny LLaVA-OneVision: SigLIP tower (no [CLS]) and a Qwen2 LM with GQA and qkv biases."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4),
+        text_config=Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                num_attention_heads=4, num_key_value_heads=2),
+        image_token_index=299, image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 56, "width": 56}, image_grid_pinpoints=pinpoints)
+    return model, image_processor
+
+
+@pytest.mark.parametrize("method", [td.PyramidDrop(), td.FastV(k=1, drop=0.75)], ids=repr)
+def test_onevision_qwen2(onevision, images, method):
+    model, image_processor = onevision
+    pixels = image_processor(images=[images[1]], return_tensors="pt")
+    with torch.no_grad():
+        n_image = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"]).pooler_output[0].shape[0]
+    ids = torch.tensor([[5, 6] + [299] * n_image + [7, 8, 9]])  # text, image, question
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    check_against_reference(model, None, inputs, method)
+
+
+def test_onevision_refuses_pre_llm_methods(onevision):
+    model, _ = onevision
+    with pytest.raises(ValueError, match=r"\[CLS\] token"):
+        td.apply(model, object(), td.HiRED(0.2))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from tokendrop.adapters.llava import LlavaAdapter
 from tokendrop.adapters.llava_next import LlavaNextAdapter
+from tokendrop.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokendrop.adapters.vision import score_blocks
 
-ADAPTERS = (LlavaNextAdapter, LlavaAdapter)
+ADAPTERS = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter)
 SUPPORTED_MODELS = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 
 
@@ -26,7 +27,7 @@ def adapter_for(model):
 def check_pre_llm(adapter, processor, method) -> None:
     """Raise ValueError unless the model's vision path, the processor and the method's layers fit."""
     config = adapter.config
-    if config.vision_feature_select_strategy != "default":
+    if isinstance(adapter, LlavaOnevisionAdapter) or config.vision_feature_select_strategy != "default":
         raise ValueError(
             "pre-LLM methods need a vision tower with a [CLS] token (vision_feature_select_strategy='default'), "
             f"got {config.vision_feature_select_strategy!r}"
@@ -49,6 +50,8 @@ def check_processor(adapter, processor) -> None:
         "patch_size": config.vision_config.patch_size,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
     }
+    if isinstance(adapter, LlavaOnevisionAdapter):
+        return  # in-LLM methods only: the processor's counts are the stock ones
     if isinstance(adapter, LlavaNextAdapter):
         pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
         got_pinpoints = [list(p) for p in pinpoints] if pinpoints is not None else None
