@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from tokendrop.adapters.base import Adapter
+
 from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
 
 
-class LlavaAdapter:
+class LlavaAdapter(Adapter):
     model_classes = ("LlavaForConditionalGeneration",)
 
     def __init__(self, model):
-        self.model = model
-        self.base = model.model  # LlavaModel
-        self.config = model.config
-        self.tower = self.base.vision_tower
+        super().__init__(model)
         self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
 
     def layout(self, image_size=None) -> Layout:

@@ -13,20 +13,19 @@ processor's `replace_image_token` with the method's count, known from the image 
 from __future__ import annotations
 
 import torch
+
+from tokendrop.adapters.base import Adapter
 from transformers.image_processing_utils import select_best_resolution
 
 from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(Adapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def __init__(self, model):
-        self.model = model
-        self.base = model.model  # LlavaNextModel
-        self.config = model.config
-        self.tower = self.base.vision_tower
+        super().__init__(model)
         self.tile = self.config.vision_config.image_size
         self.grid = self.tile // self.config.vision_config.patch_size
 

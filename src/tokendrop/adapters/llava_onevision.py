@@ -8,12 +8,8 @@ with LLaVA-NeXT.
 
 from __future__ import annotations
 
+from tokendrop.adapters.base import Adapter
 
-class LlavaOnevisionAdapter:
+
+class LlavaOnevisionAdapter(Adapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
-
-    def __init__(self, model):
-        self.model = model
-        self.base = model.model  # LlavaOnevisionModel
-        self.config = model.config
-        self.tower = self.base.vision_tower
