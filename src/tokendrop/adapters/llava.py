@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from tokendrop.adapters.base import Adapter
-
 from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
 

@@ -13,10 +13,9 @@ processor's `replace_image_token` with the method's count, known from the image 
 from __future__ import annotations
 
 import torch
-
-from tokendrop.adapters.base import Adapter
 from transformers.image_processing_utils import select_best_resolution
 
+from tokendrop.adapters.base import Adapter
 from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
 
