@@ -31,3 +31,9 @@ def test_run_bad_arguments_exit_2(tiny_folder, capsys, argv, message):
     base = ["run", "--model", str(folder), "--image", str(image), "--max-new-tokens", "1"]
     assert main(base + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_env_json(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"tokendrop", "torch", "transformers", "python"} <= set(info)
