@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -37,9 +38,12 @@ def load_demo_image(path: str | None, question: str | None):
     assets = Path(str(resources.files("tokendrop") / "assets"))
     sample = assets / "sample.png"
     if sample.exists():
-        default_q = (assets / "sample_question.txt").read_text().strip() if (assets / "sample_question.txt").exists() else SAMPLE_QUESTION
+        meta = json.loads((assets / "sample.json").read_text()) if (assets / "sample.json").exists() else {}
+        note = f"image: the bundled sample ({sample.name})"
+        if "answer" in meta and not question:
+            note += f"; expected answer: {meta['answer']}"
         with Image.open(sample) as img:
-            return img.convert("RGB"), question or default_q, f"image: the bundled sample ({sample.name})"
+            return img.convert("RGB"), question or meta.get("question", SAMPLE_QUESTION), note
     import numpy as np
 
     rng = np.random.default_rng(0)
