@@ -244,3 +244,35 @@ def test_onevision_refuses_pre_llm_methods(onevision):
     model, _ = onevision
     with pytest.raises(ValueError, match=r"\[CLS\] token"):
         td.apply(model, object(), td.HiRED(0.2))
+
+
+def test_batch_mixing_image_and_text_only_samples(next_model, images, eager_lm):
+    model, processor = next_model
+    prompts = [PROMPTS[0], "Q: just text here? A:"]
+    method = td.PyramidDrop()
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        batch = processor(images=images[:1], text=prompts, return_tensors="pt", padding=True)
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        assert handle.layer_tokens[1].sum() == 0 and handle.layer_tokens[0, -1] < handle.layer_tokens[0, 0]
+        text_only = processor.tokenizer([prompts[1]], return_tensors="pt")
+        alone = model.generate(**text_only, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True)
+    assert torch.equal(out.sequences[1, batch["input_ids"].shape[1]:], alone.sequences[0, text_only["input_ids"].shape[1]:])
+    torch.testing.assert_close(step_logits(out, 1), step_logits(alone, 0), atol=1e-4, rtol=1e-4)
+    single = processor(images=images[:1], text=prompts[:1], return_tensors="pt")
+    _, logits = reference_generate(model, eager_lm, single, method)
+    torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_two_images_in_one_sample_are_one_pool(next_model, images, eager_lm):
+    model, processor = next_model
+    inputs = processor(images=images[:2], text=["<image><image>\nQ: which is bigger? A:"], return_tensors="pt")
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    method = td.PyramidDrop()
+    tokens, logits = reference_generate(model, eager_lm, inputs, method)
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        assert handle.layer_tokens[0].tolist() == method.layer_counts(n_image, 8)
+    assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], tokens)
+    torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
