@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 
-from tokendrop.methods import HiRED, RandomDrop, SpatialDrop
+from tokendrop.methods import BaseOnly, HiRED, RandomDrop, SpatialDrop
 from tokendrop.methods.inllm import FastV, PyramidDrop
 
 VANILLA = "none"
@@ -24,12 +24,16 @@ PRE_LLM = {
     "random": lambda budget, alpha: RandomDrop(budget=budget),
     "spatial": lambda budget, alpha: SpatialDrop(budget=budget),
 }
+#: pre-LLM names with a fixed count: no budget.
+FIXED = {
+    "base-only": BaseOnly,
+}
 #: in-LLM names: their own schedule arguments, no budget.
 IN_LLM = {
     "pdrop": lambda layers, ratio, k, drop: PyramidDrop(layers=layers, ratio=ratio),
     "fastv": lambda layers, ratio, k, drop: FastV(k=k, drop=drop),
 }
-KNOWN = (VANILLA, *PRE_LLM, *IN_LLM)
+KNOWN = (VANILLA, *PRE_LLM, *FIXED, *IN_LLM)
 
 
 def _unknown(part: str) -> ValueError:
@@ -48,8 +52,8 @@ def split_name(name: str) -> list[str]:
             raise _unknown(part)
     if VANILLA in parts and len(parts) > 1:
         raise ValueError(f"method {name!r}: 'none' (the stock model) cannot be composed")
-    if sum(p in PRE_LLM for p in parts) > 1 or sum(p in IN_LLM for p in parts) > 1:
-        raise ValueError(f"method {name!r}: compose at most one pre-LLM ({', '.join(PRE_LLM)}) "
+    if sum(p in PRE_LLM or p in FIXED for p in parts) > 1 or sum(p in IN_LLM for p in parts) > 1:
+        raise ValueError(f"method {name!r}: compose at most one pre-LLM ({', '.join([*PRE_LLM, *FIXED])}) "
                          f"and one in-LLM ({', '.join(IN_LLM)}) method")
     return parts
 
@@ -78,6 +82,8 @@ def build_methods(name: str, budget=None, alpha=0.5, layers=None, ratio=0.5, k=2
             if budget is None:
                 raise ValueError(f"method {name!r} needs a budget in (0, 1], e.g. budget=0.2")
             methods.append(PRE_LLM[part](budget, alpha))
+        elif part in FIXED:
+            methods.append(FIXED[part]())
         elif part in IN_LLM:
             methods.append(IN_LLM[part](layers, ratio, k, drop))
     return tuple(methods)

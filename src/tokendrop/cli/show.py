@@ -36,10 +36,9 @@ def add_parser(subparsers) -> None:
 def parse_methods(text: str, budget: float, alpha: float) -> dict:
     """{label: method} from 'hired,random'; UsageError naming the unknown name and the choices.
 
-    Pre-LLM names come from `tokendrop.registry`; "base-only" (no budget) is added here. In-LLM
+    Pre-LLM names come from `tokendrop.registry`. In-LLM
     methods (pdrop, fastv) drop inside the LLM, after the picture this command draws.
     """
-    import tokendrop as td
     from tokendrop.cli import UsageError
     from tokendrop.registry import IN_LLM, build_methods
     from tokendrop.viz import method_label
@@ -53,7 +52,7 @@ def parse_methods(text: str, budget: float, alpha: float) -> dict:
             close = difflib.get_close_matches(name, METHOD_NAMES, n=1)
             hint = f"Did you mean {close[0]!r}? " if close else ""
             raise UsageError(f"unknown method {name!r} in --method. {hint}Available: {', '.join(METHOD_NAMES)}")
-        method = td.BaseOnly() if name == "base-only" else build_methods(name, budget=budget, alpha=alpha)[0]
+        method = build_methods(name, budget=budget, alpha=alpha)[0]
         methods[f"{name}: {method_label(method)}"] = method
     return methods
 

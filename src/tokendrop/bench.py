@@ -1,0 +1,467 @@
+"""Measured benchmark: methods x budgets x batch sizes x image sizes on one model, timed honestly.
+
+Every configuration runs the stock `model.generate()` (greedy, a fixed number of new tokens) with
+the method applied by `tokendrop.apply`, and records:
+  vision_ms    wall time of `get_image_features` (tower + any scoring + projector + packing),
+  prefill_ms   time to first token: from generate() entry to the first logits (vision included),
+  decode_ms    per token, mean gap between later logits,
+  e2e_ms / tokens_per_s   the whole generate() call, batch * new tokens / seconds,
+  peak_mem_bytes   CUDA: max allocated minus allocated before; CPU: peak RSS sampled every
+               `RSS_INTERVAL` s in a thread (/proc/self/statm) minus RSS before the call,
+  kv_cache_bytes   bytes of the cache generate() returns (keys + values, every layer),
+plus the analytic figures of `tokendrop.cost.method_cost` for the same token counts.
+Warm-up rounds are excluded; configurations are interleaved round-robin (order rotated every
+repeat) so slow drifts of a shared machine hit all of them; medians and min / max are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tokendrop as td
+from tokendrop import cost
+from tokendrop.registry import build_methods, needs_budget
+
+RSS_INTERVAL = 0.002
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+TIMED = ("vision_ms", "prefill_ms", "decode_ms", "e2e_ms", "tokens_per_s", "peak_mem_bytes", "preprocess_ms")
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "model"
+PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+
+
+# ---- models --------------------------------------------------------------------------------------
+def load_model(model: str | None = None, arch: str | None = None, layers: int | None = None,
+               vision_layers: int | None = None, seed: int = 0):
+    """(model, processor, description) for `--model`, `--arch [--layers]`, or the bundled default."""
+    if model is not None and arch is not None:
+        raise ValueError("give either model or arch, not both")
+    if arch is not None:
+        return _arch_model(arch, layers, vision_layers, seed)
+    if layers is not None or vision_layers is not None:
+        raise ValueError("layers / vision_layers only apply with arch")
+    if model is None and (DEFAULT_MODEL_DIR / "config.json").is_file():
+        model = str(DEFAULT_MODEL_DIR)
+    if model is None:
+        from tokendrop.tiny import tiny_llava_next
+
+        m, p = tiny_llava_next(seed=seed)
+        return m, p, "tiny_llava_next() (random; the bundled model is not installed yet)"
+    return _pretrained(model) + (f"from_pretrained({model!r})",)
+
+
+def _pretrained(path: str):
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(path)
+    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
+    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def _arch_model(arch: str, layers, vision_layers, seed):
+    """Random weights with the arch's real widths; `tiny_tokenizer` ids (vocab size kept)."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from tokendrop.tiny import tiny_tokenizer
+
+    spec = cost.load_arch(arch)
+    config = cost.arch_config(spec, layers, vision_layers)
+    tokenizer = tiny_tokenizer()
+    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config._attn_implementation = "sdpa"
+    cls = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32).eval()
+    what = f"{arch} shapes, random weights, {config.text_config.num_hidden_layers} LLM layers"
+    return model, cost.arch_processor(spec, tokenizer), what + f", {config.vision_config.num_hidden_layers} vision layers"
+
+
+def default_image_size(model) -> tuple[int, int]:
+    """A 2x2-grid image for LLaVA-NeXT (two tiles a side), one tile for LLaVA-1.5."""
+    tile = model.config.vision_config.image_size
+    return (2 * tile, 2 * tile) if hasattr(model.config, "image_grid_pinpoints") else (tile, tile)
+
+
+def test_image(height: int, width: int, seed: int = 0):
+    """A deterministic image with structure (smooth gradients plus blocks), not plain noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    pixels = np.stack([np.sin(6 * x), np.cos(5 * y), np.sin(4 * (x + y))], axis=-1) * 80 + 128
+    for _ in range(6):
+        top, left = rng.integers(0, height), rng.integers(0, width)
+        pixels[top : top + height // 5, left : left + width // 5] = rng.integers(0, 255, 3)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+# ---- measuring one call ---------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a block, above what was in use when it started (see module docstring)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self.rss())
+            time.sleep(RSS_INTERVAL)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._max = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, self.rss()) - self._base
+
+
+class LogitTimes:
+    """A logits processor that only records when each new token's logits are ready."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _timed(fn, sink: list, cuda: bool):
+    """`fn` wrapped to append its wall time (seconds) to `sink`; signature kept for generate()."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        sink.append(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a DynamicCache's keys and values (every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def timing_vision(model, sink: list, cuda: bool):
+    """Time every `get_image_features` call (whatever is installed, tokendrop's or stock) into `sink`."""
+    base = model.model
+    had_own = "get_image_features" in vars(base)
+    inner = base.get_image_features
+    base.get_image_features = _timed(inner, sink, cuda)
+    try:
+        yield
+    finally:
+        if had_own:
+            base.get_image_features = inner
+        else:
+            del base.get_image_features
+
+
+def measure(model, processor, methods, images, prompts, new_tokens: int) -> dict:
+    """One generate() call under `methods`: timings, memory, token counts (see module docstring)."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    handle = td.apply(model, processor, *methods) if methods else None
+    vision_times: list[float] = []
+    try:
+        with timing_vision(model, vision_times, device.type == "cuda"):
+            start = time.perf_counter()
+            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+            preprocess = time.perf_counter() - start
+            logits = LogitTimes(device)
+            with PeakMemory(device) as memory, torch.inference_mode():
+                start = time.perf_counter()
+                out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     logits_processor=LogitsProcessorList([logits]), return_dict_in_generate=True,
+                                     pad_token_id=processor.tokenizer.pad_token_id)
+                end = time.perf_counter()
+        layer_tokens = None if handle is None or handle.layer_tokens is None else handle.layer_tokens[0].tolist()
+    finally:
+        if handle is not None:
+            handle.remove()
+    image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    batch, steps = inputs["input_ids"].shape[0], len(logits.times)
+    return {
+        "visual_tokens": image_tokens,
+        "text_tokens": int(inputs["input_ids"].shape[1]) - image_tokens,
+        "layer_image_tokens": layer_tokens,
+        "new_tokens": steps,
+        "preprocess_ms": 1e3 * preprocess,
+        "vision_ms": 1e3 * sum(vision_times),
+        "prefill_ms": 1e3 * (logits.times[0] - start),
+        "decode_ms": 1e3 * (logits.times[-1] - logits.times[0]) / max(steps - 1, 1),
+        "e2e_ms": 1e3 * (end - start),
+        "tokens_per_s": batch * steps / (end - start),
+        "peak_mem_bytes": memory.peak,
+        "kv_cache_bytes": cache_bytes(out.past_key_values),
+    }
+
+
+# ---- the grid --------------------------------------------------------------------------------------
+@dataclass
+class Grid:
+    """What to run. Method names are `tokendrop.registry` names; budgets apply to pre-LLM methods."""
+
+    methods: list[str]
+    budgets: list[float] = field(default_factory=lambda: [0.2])
+    batches: list[int] = field(default_factory=lambda: [1])
+    image_sizes: list[tuple[int, int]] | None = None
+    repeats: int = 3
+    warmup: int = 1
+    new_tokens: int = 8
+    options: dict = field(default_factory=dict)  # alpha, layers, ratio, k, drop for build_methods
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ValueError("methods must name at least one method, e.g. ['none', 'hired']")
+        for name, value, low in (("repeats", self.repeats, 1), ("warmup", self.warmup, 0), ("new_tokens", self.new_tokens, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batches) or not self.batches:
+            raise ValueError(f"batches must be positive ints, got {self.batches!r}")
+
+    def configs(self) -> list[tuple[str, float | None]]:
+        """(method name, budget or None) pairs: a budget only for methods with a pre-LLM part."""
+        out = []
+        for name in self.methods:
+            budgets = self.budgets if needs_budget(name) else [None]
+            out += [(name, b) for b in budgets if (name, b) not in out]
+        for name, budget in out:
+            build_methods(name, budget=budget, **self.options)  # validate everything before running
+        return out
+
+
+def run_grid(model, processor, grid: Grid, progress: bool = True) -> list[dict]:
+    """Run every configuration `grid.warmup + grid.repeats` times, interleaved; one record per configuration."""
+    from tqdm import tqdm
+
+    sizes = grid.image_sizes or [default_image_size(model)]
+    configs = grid.configs()
+    total = len(sizes) * len(grid.batches) * (grid.warmup + grid.repeats) * len(configs)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
+    records = []
+    for size in sizes:
+        image = test_image(*size)
+        for batch in grid.batches:
+            samples = {c: [] for c in configs}
+            for rep in range(grid.warmup + grid.repeats):
+                shift = rep % len(configs)
+                for name, budget in configs[shift:] + configs[:shift]:  # rotated round-robin
+                    bar.set_postfix_str(f"{name} b={budget} B={batch} {size[0]}x{size[1]}")
+                    methods = build_methods(name, budget=budget, **grid.options)
+                    result = measure(model, processor, methods, [image] * batch, [PROMPT] * batch, grid.new_tokens)
+                    if rep >= grid.warmup:
+                        samples[(name, budget)].append(result)
+                    bar.update()
+            records += [_record(model, name, budget, batch, size, runs, grid) for (name, budget), runs in samples.items()]
+    bar.close()
+    return records
+
+
+def _record(model, name, budget, batch, size, runs: list[dict], grid: Grid) -> dict:
+    """Medians and spread of the runs of one configuration, plus its analytic costs."""
+    first = runs[0]
+    methods = build_methods(name, budget=budget, **grid.options)
+    dtype = next(model.parameters()).dtype
+    analytic = cost.method_cost(model, methods, size, text_tokens=first["text_tokens"], batch=batch,
+                                bytes_per_element=torch.empty((), dtype=dtype).element_size())
+    record = {"method": name, "budget": budget, "batch": batch, "image_size": list(size), "repeats": len(runs),
+              "new_tokens": first["new_tokens"], "visual_tokens": first["visual_tokens"],
+              "analytic_visual_tokens": analytic["visual_tokens"], "text_tokens": first["text_tokens"],
+              "layer_image_tokens": first["layer_image_tokens"] or analytic["layer_image_tokens"],
+              "kv_cache_bytes": first["kv_cache_bytes"]}
+    record["equivalent_tokens"] = sum(record["layer_image_tokens"]) / len(record["layer_image_tokens"])
+    for key in TIMED:
+        values = [r[key] for r in runs]
+        record[key] = statistics.median(values)
+        record[key + "_min"], record[key + "_max"] = min(values), max(values)
+    for key in ("pdrop_tflops", "fastv_gflops_per_layer", "vision_flops", "scoring_flops", "llm_prefill_flops",
+                "prefill_flops", "decode_flops_per_token"):
+        record[key] = analytic[key]
+    record["kv_cache_bytes_analytic_prefill"] = analytic["kv_cache_bytes"]
+    record.update(device=str(next(model.parameters()).device), dtype=str(dtype).replace("torch.", ""),
+                  attn_implementation=model.config._attn_implementation, threads=torch.get_num_threads())
+    return record
+
+
+# ---- targets --------------------------------------------------------------------------------------
+def _find(records, method, batch, size, budget=None):
+    for r in records:
+        if r["method"] == method and r["batch"] == batch and r["image_size"] == list(size) and (budget is None or r["budget"] == budget):
+            return r
+    return None
+
+
+def targets(records: list[dict], budget: float = 0.2) -> list[dict]:
+    """The issue's target checks, computed from records of one run (missing configurations are skipped)."""
+    out = []
+    for size in sorted({tuple(r["image_size"]) for r in records}):
+        van = _find(records, "none", 1, size)
+        if van is None:
+            continue
+        hired, spatial = _find(records, "hired", 1, size, budget), _find(records, "spatial", 1, size, budget)
+        if hired is not None:
+            ideal = van["prefill_ms"] / (van["vision_ms"] + hired["prefill_ms"] - hired["vision_ms"])
+            actual = van["prefill_ms"] / hired["prefill_ms"]
+            out.append(_verdict(size, f"HiRED {budget:g} prefill speedup vs ideal", actual / ideal, ">=", 0.9,
+                                f"actual {actual:.2f}x, ideal {ideal:.2f}x"))
+        if hired is not None and spatial is not None:
+            by_vision = (hired["vision_ms"] - spatial["vision_ms"]) / hired["prefill_ms"]
+            by_prefill = (hired["prefill_ms"] - spatial["prefill_ms"]) / hired["prefill_ms"]
+            out.append(_verdict(size, "HiRED scoring overhead / prefill (vision-time difference)", by_vision, "<=", 0.03,
+                                f"prefill-time difference gives {100 * by_prefill:+.1f}%"))
+        for r in records:
+            if r["image_size"] == list(size) and r["batch"] == 1 and r is not van:
+                tokens = cached_tokens(r) / cached_tokens(van)
+                out.append(_verdict(size, f"KV bytes ratio / kept-token ratio, {_label(r)}",
+                                    (r["kv_cache_bytes"] / van["kv_cache_bytes"]) / tokens, "~=", 1.0,
+                                    f"KV {r['kv_cache_bytes'] / 2**20:.2f} MiB vs {van['kv_cache_bytes'] / 2**20:.2f} MiB, "
+                                    f"kept-token ratio {tokens:.3f}"))
+        for name in ("pdrop", "fastv"):
+            r = _find(records, name, 1, size)
+            if r is not None:
+                ratio = van["prefill_flops"] / r["prefill_flops"]
+                speedup = van["prefill_ms"] / r["prefill_ms"]
+                out.append(_verdict(size, f"{name} prefill speedup / FLOPs ratio", speedup / ratio, ">=", 0.85,
+                                    f"speedup {speedup:.2f}x, FLOPs ratio {ratio:.2f}x (paper convention "
+                                    f"{van['pdrop_tflops'] / r['pdrop_tflops']:.2f}x)"))
+        out += _batch_gains(records, size)
+    return out
+
+
+def cached_tokens(r) -> int:
+    """Tokens the cache should hold, summed over layers: text + that layer's image tokens + decoded tokens."""
+    per_layer = [r["text_tokens"] + n + r["new_tokens"] - 1 for n in r["layer_image_tokens"]]
+    return r["batch"] * sum(per_layer)
+
+
+def _batch_gains(records, size) -> list[dict]:
+    batches = sorted({r["batch"] for r in records if r["image_size"] == list(size)})
+    out = []
+    if 1 in batches and len(batches) > 1:
+        for r in records:
+            if r["image_size"] == list(size) and r["batch"] != 1:
+                one = _find(records, r["method"], 1, size, r["budget"])
+                if one is not None:
+                    out.append({"image_size": list(size), "target": f"batch {r['batch']} / batch 1 tokens/s, {_label(r)}",
+                                "value": r["tokens_per_s"] / one["tokens_per_s"], "op": "report", "threshold": None,
+                                "met": None, "detail": f"{one['tokens_per_s']:.2f} -> {r['tokens_per_s']:.2f} tok/s"})
+    return out
+
+
+def _verdict(size, target, value, op, threshold, detail) -> dict:
+    met = value >= threshold if op == ">=" else value <= threshold if op == "<=" else abs(value - threshold) <= 0.01
+    return {"image_size": list(size), "target": target, "value": value, "op": op, "threshold": threshold,
+            "met": bool(met), "detail": detail}
+
+
+def _label(r) -> str:
+    return r["method"] if r["budget"] is None else f"{r['method']}@{r['budget']:g}"
+
+
+# ---- output ---------------------------------------------------------------------------------------
+def _spread(r, key) -> str:
+    med = r[key]
+    half = 100 * (r[key + "_max"] - r[key + "_min"]) / 2 / med if med else 0.0
+    return f"{med:.0f}±{half:.0f}%"
+
+
+def format_table(records: list[dict]) -> str:
+    """A fixed-width table: one row per configuration, medians ± half the min-max range."""
+    head = ["method", "B", "image", "vis tok", "eq tok", "vision ms", "prefill ms", "decode ms/t", "tok/s",
+            "peak MiB", "KV MiB", "prefill TFLOP"]
+    rows = [head]
+    for r in records:
+        rows.append([_label(r), str(r["batch"]), "x".join(map(str, r["image_size"])), str(r["visual_tokens"]),
+                     f"{r['equivalent_tokens']:.0f}", _spread(r, "vision_ms"), _spread(r, "prefill_ms"),
+                     f"{r['decode_ms']:.1f}", f"{r['tokens_per_s']:.2f}", f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                     f"{r['kv_cache_bytes'] / 2**20:.1f}", f"{r['prefill_flops'] / 1e12:.3f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
+def format_targets(verdicts: list[dict]) -> str:
+    lines = []
+    for v in verdicts:
+        mark = "report" if v["met"] is None else ("MET" if v["met"] else "MISSED")
+        bound = "" if v["threshold"] is None else f" (target {v['op']} {v['threshold']:g})"
+        lines.append(f"[{mark}] {v['target']}: {v['value']:.3f}{bound}; {v['detail']}")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Prefill time and peak memory against budget, one line per method (first batch and image size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch, size = records[0]["batch"], records[0]["image_size"]
+    chosen = [r for r in records if r["batch"] == batch and r["image_size"] == size]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, unit, scale in ((axes[0], "prefill_ms", "prefill time (ms)", 1.0),
+                                 (axes[1], "peak_mem_bytes", "peak memory above baseline (MiB)", 2.0**-20)):
+        for name in dict.fromkeys(r["method"] for r in chosen):
+            rs = sorted((r for r in chosen if r["method"] == name), key=lambda r: r["budget"] or 1.0)
+            xs = [r["budget"] if r["budget"] is not None else 1.0 for r in rs]
+            ys = [r[key] * scale for r in rs]
+            if name == "none":
+                ax.axhline(ys[0], color="black", linestyle="--", label="vanilla (none)")
+                ax.plot(xs, ys, "k*", markersize=12)
+            else:
+                ax.plot(xs, ys, marker="o", label=name + (" (no budget)" if rs[0]["budget"] is None else ""))
+        ax.set_xlabel("budget (fraction of visual tokens kept; in-LLM-only methods at 1.0)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"tokendrop bench: batch {batch}, image {size[0]}x{size[1]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

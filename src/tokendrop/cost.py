@@ -1,0 +1,283 @@
+"""Analytic costs of a LLaVA model with and without token dropping: FLOPs, KV cache, token counts.
+
+Two families of figures (see docs/cost_model.md):
+
+* Paper conventions, to compare with published tables. Both count a multiply-add as ONE FLOP, count
+  only the LLM, ignore GQA, the causal half of attention, the LM head and decoding:
+    PyramidDrop (arXiv 2410.17247): C(n) = 4nd^2 + 2n^2 d + 3ndm over image tokens only, summed
+        over layers, stage sizes n * lambda^s kept real-valued  -> `pdrop_tflops`.
+    FastV (arXiv 2403.06764): C(n) = 4nd^2 + 2n^2 d + 2ndm with n = system prompt (36) + image
+        tokens, reported as the per-layer average -> `fastv_gflops_per_layer`.
+* What a user pays, in real FLOPs (2 per multiply-add): vision tower (all encoder layers run),
+  projector, scoring overhead, LLM prefill over the whole prompt (causal attention, GQA, the
+  last-token LM head), decode per token, and KV-cache bytes with the tokens each layer keeps.
+
+Shapes are read from a model's modules; the shipped architectures (`archs/*.json`, no weights) are
+built on the meta device, so nothing is allocated. Letters: n image tokens, L prompt length,
+d / m LLM width / MLP width, T LLM depth, P partitions (tiles) of an image.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokendrop.methods.base import BudgetMethod, floor_mul
+from tokendrop.methods.inllm import FastV, PyramidDrop
+
+ARCHS_DIR = Path(__file__).parent / "archs"
+FASTV_SYSTEM_TOKENS = 36  # system prompt length in FastV's LLaVA-1.5 scripts
+DEFAULT_TEXT_TOKENS = 64  # prompt text around the image when the caller does not say
+
+
+# ---- architectures -------------------------------------------------------------------------------
+def arch_names() -> list[str]:
+    """Names of the shipped architectures (`tokendrop/archs/NAME.json`)."""
+    return sorted(p.stem for p in ARCHS_DIR.glob("*.json"))
+
+
+def load_arch(name: str) -> dict:
+    """The spec {"model": config dict, "processor": settings, "source": ...} of a shipped arch or a JSON path."""
+    path = Path(name)
+    if not (name.endswith(".json") and path.is_file()):
+        known = arch_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown arch {name!r}.{hint} Available: {', '.join(known)} (or a path to an arch .json)")
+        path = ARCHS_DIR / f"{name}.json"
+    spec = json.loads(path.read_text())
+    if "model" not in spec or spec["model"].get("model_type") not in ("llava", "llava_next"):
+        raise ValueError(f"arch file {path} must hold a 'model' config with model_type 'llava' or 'llava_next'")
+    return spec
+
+
+def arch_config(spec: dict, layers: int | None = None, vision_layers: int | None = None):
+    """A `LlavaNextConfig` / `LlavaConfig` from an arch spec, optionally with fewer LLM / vision layers."""
+    from transformers import LlavaConfig, LlavaNextConfig
+
+    model = json.loads(json.dumps(spec["model"]))  # deep copy
+    for key, value, sub in (("layers", layers, "text_config"), ("vision_layers", vision_layers, "vision_config")):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+            model[sub]["num_hidden_layers"] = value
+    cls = LlavaNextConfig if model.pop("model_type") == "llava_next" else LlavaConfig
+    return cls(**model)
+
+
+def meta_model(config):
+    """The model class of `config` built on the meta device: shapes without memory."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cls = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
+    with torch.device("meta"):
+        return cls(config)
+
+
+def arch_processor(spec: dict, tokenizer):
+    """The stock processor with the arch's image-processor settings around `tokenizer`."""
+    settings = dict(spec["processor"])
+    image_settings = settings.pop("image_processor")
+    if spec["model"]["model_type"] == "llava_next":
+        from transformers import LlavaNextProcessor as Processor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as Images
+    else:
+        from transformers import LlavaProcessor as Processor
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as Images
+    return Processor(image_processor=Images(**image_settings), tokenizer=tokenizer, **settings)
+
+
+# ---- shapes ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shapes:
+    """The widths that the cost formulas need, read from a (meta or real) LLaVA model."""
+
+    d: int  # LLM width
+    m: int  # LLM MLP width (SwiGLU: three d x m matrices)
+    depth: int  # LLM layers
+    q_width: int  # heads * head_dim
+    kv_width: int  # kv_heads * head_dim (GQA)
+    vocab: int
+    vd: int  # vision width
+    vm: int  # vision MLP width
+    vision_depth: int  # encoder layers that run (all of them: HF runs the whole tower)
+    patch_inputs: int  # 3 * patch * patch
+    projector: tuple[int, ...]  # (in, out) of every projector linear layer
+
+    @classmethod
+    def from_model(cls, model) -> "Shapes":
+        base = model.model
+        lm, tower = base.language_model, base.vision_tower
+        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        vlayer = tower.encoder.layers[0]
+        conv = tower.embeddings.patch_embedding.weight  # (vd, 3, p, p)
+        linears = [mod.weight.shape for mod in base.multi_modal_projector.modules() if isinstance(mod, torch.nn.Linear)]
+        return cls(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
+                   q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
+                   vocab=model.lm_head.weight.shape[0], vd=vlayer.self_attn.q_proj.weight.shape[0],
+                   vm=vlayer.mlp.fc1.weight.shape[0], vision_depth=len(tower.encoder.layers),
+                   patch_inputs=conv.shape[1] * conv.shape[2] * conv.shape[3],
+                   projector=tuple(x for shape in linears for x in (shape[1], shape[0])))
+
+    def lm_params(self) -> int:
+        """LLM parameters (embeddings and head included, norms ignored)."""
+        layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m
+        return self.depth * layer + 2 * self.vocab * self.d
+
+
+# ---- paper conventions (multiply-add = 1 FLOP, LLM only) ---------------------------------------------
+def pdrop_layer_macs(n: float, d: int, m: int) -> float:
+    """PyramidDrop's per-layer cost C(n) = 4nd^2 + 2n^2 d + 3ndm."""
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def fastv_layer_macs(n: float, d: int, m: int) -> float:
+    """FastV's per-layer cost C(n) = 4nd^2 + 2n^2 d + 2ndm."""
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def real_layer_tokens(inner, n: float, depth: int) -> list[float]:
+    """Image tokens per layer as the papers count them: real-valued n * lambda^s, n * (1 - R)."""
+    if inner is None:
+        return [float(n)] * depth
+    if isinstance(inner, PyramidDrop):
+        bounds = inner.boundaries(depth)
+        return [n * inner.ratio ** sum(layer >= b for b in bounds) for layer in range(depth)]
+    if isinstance(inner, FastV):
+        return [n * (1 - inner.drop) if layer >= inner.boundaries(depth)[0] else float(n) for layer in range(depth)]
+    raise TypeError(f"inner must be PyramidDrop, FastV or None, got {type(inner).__name__}")
+
+
+def pdrop_convention_macs(shapes: Shapes, n: float, inner=None) -> float:
+    """Total LLM cost over image tokens in PyramidDrop's convention (divide by 1e12 for its "TFLOPs")."""
+    return sum(pdrop_layer_macs(x, shapes.d, shapes.m) for x in real_layer_tokens(inner, n, shapes.depth))
+
+
+def fastv_convention_macs(shapes: Shapes, n: float, inner=None, system: int = FASTV_SYSTEM_TOKENS) -> float:
+    """Per-layer average cost in FastV's convention, n_layer = system + image tokens (1e9 -> its "FLOPs(B)")."""
+    layers = real_layer_tokens(inner, n, shapes.depth)
+    return sum(fastv_layer_macs(system + x, shapes.d, shapes.m) for x in layers) / shapes.depth
+
+
+# ---- what a user pays (real FLOPs = 2 per multiply-add) ------------------------------------------------
+def vision_flops(shapes: Shapes, tiles: int, projected: int, patches: int) -> float:
+    """Vision tower over `tiles` tiles of `patches` patches (+[CLS]), then the projector over `projected` tokens."""
+    t = patches + 1
+    layer = 4 * t * shapes.vd ** 2 + 2 * t * t * shapes.vd + 2 * t * shapes.vd * shapes.vm
+    tower = tiles * (patches * shapes.patch_inputs * shapes.vd + shapes.vision_depth * layer)
+    pairs = zip(shapes.projector[::2], shapes.projector[1::2])
+    return 2.0 * (tower + projected * sum(a * b for a, b in pairs))
+
+
+def cls_scoring_flops(shapes: Shapes, tiles: int, patches: int, rows: int) -> float:
+    """HiRED-style [CLS] rows: per tile and row, k_proj over all tokens, q_proj of [CLS], one q.K^T."""
+    t = patches + 1
+    return 2.0 * tiles * rows * (t * shapes.vd ** 2 + shapes.vd ** 2 + t * shapes.vd)
+
+
+def last_token_scoring_flops(shapes: Shapes, lengths_before: list[int]) -> float:
+    """In-LLM ranking at each boundary: k_proj over the sequence, q_proj of the last token, one q.K^T."""
+    return 2.0 * sum(L * shapes.d * shapes.kv_width + shapes.d * shapes.q_width + L * shapes.q_width
+                     for L in lengths_before)
+
+
+def prefill_flops(shapes: Shapes, lengths: list[int]) -> float:
+    """LLM prefill, layer l over lengths[l] tokens with causal attention, plus the last token's logits."""
+    total = 0.0
+    for L in lengths:
+        proj = L * (2 * shapes.d * shapes.q_width + 2 * shapes.d * shapes.kv_width)
+        attention = L * (L + 1) // 2 * 2 * shapes.q_width  # q.K^T and A.V over the causal half
+        total += proj + attention + 3 * L * shapes.d * shapes.m
+    return 2.0 * (total + shapes.d * shapes.vocab)
+
+
+def decode_flops(shapes: Shapes, lengths: list[int]) -> float:
+    """One decoded token attending to lengths[l] cached tokens (+ itself) in layer l, plus its logits."""
+    per_layer = 2 * shapes.d * shapes.q_width + 2 * shapes.d * shapes.kv_width + 3 * shapes.d * shapes.m
+    attention = sum(2 * (L + 1) * shapes.q_width for L in lengths)
+    return 2.0 * (shapes.depth * per_layer + attention + shapes.d * shapes.vocab)
+
+
+def kv_bytes_per_layer(shapes: Shapes, lengths: list[int], bytes_per_element: int) -> list[int]:
+    """Keys and values cached by every layer: 2 * kv_heads * head_dim * tokens * bytes."""
+    return [2 * shapes.kv_width * L * bytes_per_element for L in lengths]
+
+
+# ---- one record per method ----------------------------------------------------------------------------
+def split_methods(methods) -> tuple:
+    """(pre-LLM method or None, in-LLM method or None)."""
+    pre = next((m for m in methods if isinstance(m, BudgetMethod)), None)
+    inner = next((m for m in methods if isinstance(m, (PyramidDrop, FastV))), None)
+    return pre, inner
+
+
+def stock_tokens(layout) -> int:
+    """Visual tokens the stock model packs: base + unpadded canvas + one newline per canvas row."""
+    if layout.num_tiles == 0:
+        return layout.patches
+    return layout.patches + sum(layout.valid_counts()[1:]) + layout.canvas_rows
+
+
+def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKENS, batch: int = 1,
+                bytes_per_element: int = 2, tokens: int | None = None) -> dict:
+    """Every analytic figure for `methods` (a tuple from `tokendrop.registry.build_methods`) on one image size.
+
+    Args:
+        model: a LLaVA / LLaVA-NeXT model (meta device is fine).
+        image_size: (height, width) in pixels.
+        text_tokens: prompt tokens that are not image tokens.
+        batch: prompts per forward; prefill / decode FLOPs and KV bytes scale with it.
+        bytes_per_element: 2 for fp16 / bf16 caches, 4 for fp32.
+        tokens: override the stock visual-token count (papers use 2880 = 5 x 576 for LLaVA-NeXT);
+            a pre-LLM method then keeps floor(budget * tokens).
+    """
+    from tokendrop.adapters import adapter_for
+
+    shapes = Shapes.from_model(model)
+    layout = adapter_for(model).layout(image_size)
+    pre, inner = split_methods(methods)
+    stock = stock_tokens(layout) if tokens is None else tokens
+    if pre is None:
+        n = stock
+    else:
+        n = pre.num_tokens(layout) if tokens is None else floor_mul(pre.budget, tokens)
+    image_layers = inner.layer_counts(n, shapes.depth) if inner is not None else [n] * shapes.depth
+    lengths = [text_tokens + x for x in image_layers]
+    boundaries = inner.boundaries(shapes.depth) if inner is not None else ()
+    scoring = last_token_scoring_flops(shapes, [lengths[b - 1] for b in boundaries if b > 0])
+    if pre is not None:
+        scoring += cls_scoring_flops(shapes, layout.num_partitions, layout.patches, len(pre.needs))
+    projected = layout.num_partitions * layout.patches if pre is None else n
+    vision = vision_flops(shapes, layout.num_partitions, projected, layout.patches)
+    kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)
+    llm = prefill_flops(shapes, lengths)
+    return {
+        "method": "+".join(type(m).__name__ for m in methods) or "none",
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "tiles": list(layout.tiles),
+        "partitions": layout.num_partitions,
+        "batch": batch,
+        "stock_visual_tokens": stock,
+        "visual_tokens": n,
+        "text_tokens": text_tokens,
+        "layer_image_tokens": image_layers,
+        "equivalent_tokens": sum(image_layers) / len(image_layers),
+        "pdrop_tflops": pdrop_convention_macs(shapes, n, inner) / 1e12,
+        "pdrop_tflops_vanilla": pdrop_convention_macs(shapes, stock) / 1e12,
+        "fastv_gflops_per_layer": fastv_convention_macs(shapes, n, inner) / 1e9,
+        "fastv_gflops_per_layer_vanilla": fastv_convention_macs(shapes, stock) / 1e9,
+        "vision_flops": batch * vision,
+        "scoring_flops": batch * scoring,
+        "llm_prefill_flops": batch * llm,
+        "prefill_flops": batch * (vision + scoring + llm),
+        "decode_flops_per_token": batch * decode_flops(shapes, lengths),
+        "kv_cache_bytes": batch * sum(kv),
+        "kv_cache_bytes_per_layer": [batch * x for x in kv],
+        "kv_bytes_per_element": bytes_per_element,
+        "lm_params": shapes.lm_params(),
+    }

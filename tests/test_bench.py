@@ -1,0 +1,123 @@
+"""The measured benchmark on a tiny model, its CLI errors, and the method registry it shares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokendrop as td
+from tokendrop import bench
+from tokendrop.cli import main
+from tokendrop.registry import KNOWN, build_methods, needs_budget
+
+RECORD_FIELDS = {
+    "method", "budget", "batch", "image_size", "repeats", "visual_tokens", "analytic_visual_tokens", "text_tokens",
+    "layer_image_tokens", "equivalent_tokens", "vision_ms", "prefill_ms", "decode_ms", "e2e_ms", "tokens_per_s",
+    "peak_mem_bytes", "kv_cache_bytes", "prefill_flops", "llm_prefill_flops", "vision_flops", "scoring_flops",
+    "decode_flops_per_token", "pdrop_tflops", "fastv_gflops_per_layer", "device", "dtype", "attn_implementation",
+}
+
+
+# ---- registry -------------------------------------------------------------------------------------------
+def test_registry_builds_every_name():
+    assert build_methods("none") == ()
+    assert build_methods("hired", budget=0.2) == (td.HiRED(budget=0.2, alpha=0.5),)
+    assert build_methods("hired-official", budget=0.2)[0].variant == "official"
+    assert build_methods("HiRED+PDrop", budget=0.4, ratio=0.6) == (td.HiRED(budget=0.4), td.PyramidDrop(ratio=0.6))
+    assert build_methods("fastv", k=3, drop=0.75) == (td.FastV(k=3, drop=0.75),)
+    assert isinstance(build_methods("random", budget=0.3)[0], td.RandomDrop)
+    assert isinstance(build_methods("spatial", budget=0.3)[0], td.SpatialDrop)
+    assert needs_budget("spatial+fastv") and not needs_budget("pdrop") and not needs_budget("base-only")
+    assert build_methods("base-only+pdrop") == (td.BaseOnly(), td.PyramidDrop())
+    assert set(KNOWN) == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv"}
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("hird", {"budget": 0.2}, "Did you mean 'hired'"),
+    ("fast-v", {}, "Did you mean 'fastv'"),
+    ("hired", {}, "needs a budget"),
+    ("hired+spatial", {"budget": 0.2}, "at most one pre-LLM"),
+    ("pdrop+fastv", {}, "at most one pre-LLM"),
+    ("none+pdrop", {}, "cannot be composed"),
+    ("", {}, "non-empty"),
+    ("hired", {"budget": 1.5}, "budget must be in (0, 1]"),
+])
+def test_registry_errors_name_the_problem(name, kwargs, message):
+    with pytest.raises(ValueError, match=None) as err:
+        build_methods(name, **kwargs)
+    assert message in str(err.value)
+    if "Did you mean" in message:
+        assert "Available: none, hired" in str(err.value)
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+def test_peak_memory_sees_a_temporary_allocation():
+    with bench.PeakMemory(torch.device("cpu")) as memory:
+        x = torch.ones(40_000_000)  # 160 MB, touched
+        x.add_(1)
+        del x
+    assert memory.peak > 100 * 2**20
+
+
+def test_tiny_bench_writes_json_with_every_field_and_a_png(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--method", "none,hired,spatial,pdrop,fastv", "--budget", "0.2,0.5", "--batch", "1,2",
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--json", str(out), "--plot", str(png), "--no-progress"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "tiny_llava_next()" in stdout or "from_pretrained" in stdout  # says which model ran
+    assert "prefill ms" in stdout and "scoring overhead" in stdout
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * (1 + 2 + 2 + 1 + 1)  # batches x (none, hired x2, spatial x2, pdrop, fastv)
+    for r in records:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert r["visual_tokens"] == r["analytic_visual_tokens"]
+        assert r["prefill_ms"] >= r["vision_ms"] > 0 and r["decode_ms"] > 0 and r["new_tokens"] == 2
+        assert r["kv_cache_bytes"] > 0 and r["peak_mem_bytes"] >= 0
+    van = next(r for r in records if r["method"] == "none" and r["batch"] == 1)
+    pdrop = next(r for r in records if r["method"] == "pdrop" and r["batch"] == 1)
+    assert pdrop["equivalent_tokens"] < van["equivalent_tokens"] == van["visual_tokens"]
+    # KV bytes follow the tokens each layer keeps: bytes per cached token is the same for every method.
+    per_token = {r["kv_cache_bytes"] / bench.cached_tokens(r) for r in records}
+    assert len(per_token) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "llava-next-7b"], "unknown arch"),
+    (["--image-size", "224"], "--image-size"),
+    (["--image-size", "224x-3"], "--image-size"),
+    (["--method", ""], "--method"),
+    (["--method", "hired,pyramid"], "unknown method 'pyramid'"),
+    (["--budget", "0"], "(0, 1]"),
+    (["--budget", "0.2,2"], "(0, 1]"),
+    (["--batch", "0"], "--batch"),
+    (["--repeats", "x"], "--repeats"),
+    (["--plot", "out.jpg"], "--plot"),
+    (["--layers", "2"], "--layers"),
+    (["--model", "m", "--arch", "llava-1.5-7b"], "either --model or --arch"),
+])
+def test_bench_cli_bad_arguments_exit_2(capsys, argv, message):
+    assert main(["bench", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_targets_from_synthetic_records():
+    def rec(method, budget, prefill, vision, kv, image, batch=1, tps=1.0, flops=1.0):
+        return {"method": method, "budget": budget, "batch": batch, "image_size": [224, 224], "prefill_ms": prefill,
+                "vision_ms": vision, "kv_cache_bytes": kv, "text_tokens": 10, "layer_image_tokens": [image] * 4,
+                "equivalent_tokens": image, "new_tokens": 2, "tokens_per_s": tps, "prefill_flops": flops, "pdrop_tflops": flops}
+
+    records = [rec("none", None, 100, 20, 4 * 111, 100, flops=4.0), rec("hired", 0.2, 40, 21, 4 * 31, 20, flops=1.5),
+               rec("spatial", 0.2, 39.5, 20.5, 4 * 31, 20, flops=1.5), rec("pdrop", None, 60, 20, 4 * 61, 50, flops=2.0),
+               rec("none", None, 300, 60, 4 * 444, 100, batch=4, tps=3.0)]
+    verdicts = {v["target"].split(",")[0]: v for v in bench.targets(records)}
+    ideal = 100 / (20 + 40 - 21)
+    assert verdicts["HiRED 0.2 prefill speedup vs ideal"]["value"] == pytest.approx((100 / 40) / ideal)
+    assert verdicts["HiRED scoring overhead / prefill (vision-time difference)"]["value"] == pytest.approx(0.5 / 40)
+    assert verdicts["KV bytes ratio / kept-token ratio"]["met"]
+    assert verdicts["pdrop prefill speedup / FLOPs ratio"]["value"] == pytest.approx((100 / 60) / 2.0)
+    assert verdicts["batch 4 / batch 1 tokens/s"]["value"] == pytest.approx(3.0)

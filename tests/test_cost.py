@@ -1,0 +1,173 @@
+"""Analytic costs: the papers' FLOPs tables from the shipped configs, token counts vs the real processor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tokendrop as td
+from tokendrop import cost
+from tokendrop.cli import main
+from tokendrop.registry import build_methods
+from tokendrop.tiny import tiny_tokenizer
+
+from conftest import random_image
+
+NEXT_ARCHS = ["llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-mistral-7b"]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """Shapes of every shipped arch, read from models built on the meta device."""
+    return {name: cost.Shapes.from_model(cost.meta_model(cost.arch_config(cost.load_arch(name)))) for name in cost.arch_names()}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_shipped_archs_have_the_public_shapes(shapes):
+    assert {"llava-1.5-7b", "llava-1.5-13b", *NEXT_ARCHS} <= set(shapes)
+    seven, thirteen, mistral = shapes["llava-v1.6-vicuna-7b"], shapes["llava-1.5-13b"], shapes["llava-v1.6-mistral-7b"]
+    assert (seven.d, seven.m, seven.depth, seven.kv_width) == (4096, 11008, 32, 4096)
+    assert (thirteen.d, thirteen.m, thirteen.depth) == (5120, 13824, 40)
+    assert (mistral.m, mistral.kv_width) == (14336, 1024)  # 8 of 32 heads hold keys / values (GQA)
+    assert (seven.vd, seven.vm, seven.vision_depth, seven.patch_inputs) == (1024, 4096, 24, 3 * 14 * 14)
+    assert 6.7e9 < seven.lm_params() < 6.8e9  # vicuna-7b: 6.74B
+
+
+# (model arch, n image tokens, method) -> PyramidDrop-convention TFLOPs; cost_model.md's computed values.
+PDROP_TABLE = [
+    ("llava-1.5-7b", 576, None, 3.817), ("llava-1.5-7b", 576, td.PyramidDrop(ratio=0.5), 1.777),
+    ("llava-1.5-7b", 576, td.PyramidDrop(ratio=0.4), 1.540), ("llava-1.5-7b", 576, td.PyramidDrop(ratio=0.6), 2.063),
+    ("llava-1.5-7b", 576, td.FastV(k=2, drop=0.5), 2.007),
+    ("llava-v1.6-vicuna-7b", 2880, None, 20.83), ("llava-v1.6-vicuna-7b", 2880, td.PyramidDrop(ratio=0.5), 9.465),
+    ("llava-v1.6-vicuna-7b", 2880, td.PyramidDrop(ratio=0.4), 8.219), ("llava-v1.6-vicuna-7b", 2880, td.PyramidDrop(ratio=0.6), 10.98),
+    ("llava-v1.6-vicuna-7b", 2880, td.FastV(k=2, drop=0.5), 10.55),
+    ("llava-v1.6-vicuna-7b", 5184, None, 40.62), ("llava-v1.6-vicuna-7b", 5184, td.PyramidDrop(ratio=0.5), 18.08),
+    ("llava-1.5-7b", 2048, None, 14.36), ("llava-1.5-7b", 2048, td.PyramidDrop(ratio=0.5), 6.58),
+    ("llava-1.5-7b", 2048, td.FastV(k=2, drop=0.5), 7.37),
+    ("llava-1.5-7b", 576, td.PyramidDrop(layers=(10, 20)), 2.134), ("llava-1.5-7b", 576, td.PyramidDrop(layers=(6, 12, 18, 24)), 1.391),
+]
+
+
+@pytest.mark.parametrize("arch, n, inner, expected", PDROP_TABLE)
+def test_pyramiddrop_convention_reproduces_the_table(shapes, arch, n, inner, expected):
+    got = cost.pdrop_convention_macs(shapes[arch], n, inner) / 1e12
+    assert got == pytest.approx(expected, abs=0.6e-3 * expected + 5e-4)
+
+
+def test_pyramiddrop_paper_headline_numbers(shapes):
+    # Rounded as the papers print them: 3.82 / 1.78 / 2.01 and 20.8 / 9.46 / 10.6.
+    one, nxt = shapes["llava-1.5-7b"], shapes["llava-v1.6-vicuna-7b"]
+    assert [round(cost.pdrop_convention_macs(one, 576, m) / 1e12, 2) for m in (None, td.PyramidDrop(), td.FastV())] == [3.82, 1.78, 2.01]
+    assert round(cost.pdrop_convention_macs(nxt, 2880) / 1e12, 1) == 20.8
+    assert round(cost.pdrop_convention_macs(nxt, 2880, td.PyramidDrop()) / 1e12, 2) == 9.46
+    assert round(cost.pdrop_convention_macs(nxt, 2880, td.FastV()) / 1e12, 1) == 10.6
+
+
+def test_fastv_convention_per_layer_average(shapes):
+    thirteen, seven = shapes["llava-1.5-13b"], shapes["llava-1.5-7b"]
+    assert round(cost.fastv_convention_macs(thirteen, 576) / 1e9, 1) == 154.6
+    assert round(cost.fastv_convention_macs(thirteen, 576, td.FastV(k=2, drop=0.5)) / 1e9, 1) == 84.6
+    assert round(cost.fastv_convention_macs(seven, 576) / 1e9, 1) == 99.3
+    assert round(cost.fastv_convention_macs(seven, 576, td.FastV(k=2, drop=0.5)) / 1e9, 1) == 54.8  # paper prints 54.6
+
+
+def test_kv_cache_matches_dart_reference(shapes):
+    # DART, LLaVA-NeXT-7B fp16: 1512 MB at 2880 tokens, 168 MB at 320 (2 * 32 layers * 4096 * tokens * 2 bytes).
+    seven = shapes["llava-v1.6-vicuna-7b"]
+    for tokens, megabytes in ((2880, 1512), (320, 168)):
+        total = sum(cost.kv_bytes_per_layer(seven, [tokens] * seven.depth, 2)) / 1e6
+        assert total == pytest.approx(megabytes, rel=0.005)
+
+
+def test_prefill_flops_by_hand_for_one_layer():
+    shapes = cost.Shapes(d=8, m=16, depth=1, q_width=8, kv_width=4, vocab=10, vd=4, vm=8, vision_depth=1,
+                         patch_inputs=3, projector=(4, 8))
+    L = 5  # projections 5*(2*64 + 2*32) + causal attention 15 pairs * 2 * 8 + MLP 3*5*8*16 + head 80, doubled
+    assert cost.prefill_flops(shapes, [L]) == 2 * (5 * 192 + 15 * 16 + 1920 + 80)
+    assert cost.decode_flops(shapes, [L]) == 2 * (192 + 2 * 6 * 8 + 3 * 8 * 16 + 80)
+
+
+@pytest.mark.parametrize("arch", NEXT_ARCHS)
+def test_stock_token_counts_match_the_real_processor(arch, tokenizer):
+    spec = cost.load_arch(arch)
+    model = cost.meta_model(cost.arch_config(spec))
+    processor = cost.arch_processor(spec, tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    for i, (h, w) in enumerate([(672, 672), (700, 1000), (336, 1008), (480, 640), (1000, 300), (200, 500)]):
+        ids = processor(images=random_image(h, w, seed=i), text="<image>\nhi", return_tensors="pt")["input_ids"][0]
+        record = cost.method_cost(model, (), (h, w))
+        assert record["visual_tokens"] == int((ids == image_id).sum()), (arch, h, w)
+    assert cost.method_cost(model, (), (672, 672))["visual_tokens"] == 2928  # 576 + 2304 + 48 newlines
+
+
+def test_method_counts_match_the_patched_processor(tokenizer):
+    spec = cost.load_arch("llava-v1.6-vicuna-7b")
+    config = cost.arch_config(spec)
+    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    model, processor = cost.meta_model(config), cost.arch_processor(spec, tokenizer)
+    for name, budget in (("hired", 0.2), ("spatial", 0.1), ("hired+pdrop", 0.4)):
+        methods = build_methods(name, budget=budget)
+        with td.apply(model, processor, *methods):
+            ids = processor(images=random_image(500, 900), text="<image>\nhi", return_tensors="pt")["input_ids"][0]
+        record = cost.method_cost(model, methods, (500, 900))
+        assert record["visual_tokens"] == int((ids == config.image_token_id).sum())
+
+
+def test_llava_one_point_five_counts_576(tokenizer):
+    spec = cost.load_arch("llava-1.5-7b")
+    model, processor = cost.meta_model(cost.arch_config(spec)), cost.arch_processor(spec, tokenizer)
+    ids = processor(images=random_image(400, 700), text="<image>\nhi", return_tensors="pt")["input_ids"][0]
+    assert int((ids == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 576
+    assert cost.method_cost(model, (), (400, 700))["visual_tokens"] == 576
+    assert cost.method_cost(model, build_methods("hired", budget=0.25), (400, 700))["visual_tokens"] == 144
+
+
+def test_cost_record_is_consistent():
+    model = cost.meta_model(cost.arch_config(cost.load_arch("llava-v1.6-vicuna-7b")))
+    van = cost.method_cost(model, (), (672, 672), text_tokens=40)
+    hired = cost.method_cost(model, build_methods("hired", budget=0.2), (672, 672), text_tokens=40)
+    both = cost.method_cost(model, build_methods("hired+pdrop", budget=0.2), (672, 672), text_tokens=40, batch=2)
+    assert hired["visual_tokens"] == 576 and van["visual_tokens"] == 2928
+    assert hired["prefill_flops"] == pytest.approx(hired["vision_flops"] + hired["scoring_flops"] + hired["llm_prefill_flops"])
+    assert 0 < hired["scoring_flops"] < 0.01 * hired["vision_flops"]  # [CLS] rows are cheap
+    assert hired["vision_flops"] < van["vision_flops"]  # the projector only sees kept tokens
+    assert hired["kv_cache_bytes"] / van["kv_cache_bytes"] == pytest.approx((40 + 576) / (40 + 2928))
+    assert both["layer_image_tokens"][:8] == [576] * 8 and both["layer_image_tokens"][-1] == 72
+    assert both["kv_cache_bytes"] == sum(both["kv_cache_bytes_per_layer"]) == 2 * sum(cost.kv_bytes_per_layer(cost.Shapes.from_model(model), [40 + n for n in both["layer_image_tokens"]], 2))
+
+
+def test_cost_cli_table_and_json(tmp_path, capsys):
+    path = tmp_path / "cost.json"
+    code = main(["cost", "--arch", "llava-v1.6-vicuna-7b", "--tokens", "2880", "--method", "none,pdrop,fastv,hired",
+                 "--budget", "0.2,0.4", "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "20.825" in out and "9.465" in out and "hired@0.4" in out
+    records = json.loads(path.read_text())
+    assert [r["method"] for r in records] == ["none", "pdrop", "fastv", "hired", "hired"]
+    assert round(records[0]["pdrop_tflops"], 1) == 20.8 and round(records[2]["pdrop_tflops"], 1) == 10.6
+    for key in ("vision_flops", "llm_prefill_flops", "decode_flops_per_token", "kv_cache_bytes_per_layer", "fastv_gflops_per_layer"):
+        assert all(key in r for r in records)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "llava-v1.6-vicuna-7", "--method", "none"], "Did you mean 'llava-v1.6-vicuna-7b'"),
+    (["--image-size", "672by672"], "--image-size"),
+    (["--image-size", "0x672"], "--image-size"),
+    (["--method", " , "], "--method"),
+    (["--method", "hird"], "Did you mean 'hired'"),
+    (["--budget", "0"], "--budget must be in (0, 1]"),
+    (["--budget", "1.5"], "--budget must be in (0, 1]"),
+    (["--budget", "abc"], "--budget"),
+    (["--dtype", "int3"], "--dtype"),
+])
+def test_cost_cli_bad_arguments_exit_2(capsys, argv, message):
+    assert main(["cost", *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
