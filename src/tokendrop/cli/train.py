@@ -1,0 +1,96 @@
+"""`tokendrop train`: train the default model (small stock LLaVA-NeXT) on synthetic VQA data.
+
+The recipe and the exact command used for the shipped model are in docs/training_recipe.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the default model on a synthetic dataset (tokendrop data)")
+    p.add_argument("--data", required=True, help="training dataset folder (from `tokendrop data`)")
+    p.add_argument("--out", required=True, help="output model folder (save_pretrained: model + processor)")
+    p.add_argument("--val", help="validation dataset folder: accuracy is reported after training")
+    p.add_argument("--val-n", type=int, default=200, help="validation questions to evaluate (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stage1-steps", type=int, default=350, help="vision [CLS] pre-training steps")
+    p.add_argument("--stage2-steps", type=int, default=760, help="VLM training steps")
+    p.add_argument("--batch", type=int, default=8, help="stage-2 batch size (images)")
+    p.add_argument("--lr", type=float, default=1e-3, help="stage-2 peak learning rate")
+    p.add_argument("--minutes", type=float, help="wall-clock budget: run both stages by time, not step counts")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 when another job shares the cores)")
+    p.add_argument("--tiny", action="store_true", help="a very small model (smoke tests)")
+    p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (load with dtype=torch.float32)")
+    p.add_argument("--pdrop", action="store_true", help="train stage 2 with PyramidDrop (td.PyramidDrop()) patched in")
+
+
+def _config(args):
+    from tokendrop.cli import UsageError
+    from tokendrop.training.loop import TrainConfig
+    from tokendrop.training.model import ModelConfig
+
+    if not Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data} is not a folder (create one with `tokendrop data --out DIR`)")
+    if args.val and not Path(args.val).is_dir():
+        raise UsageError(f"--val {args.val} is not a folder")
+    for name in ("stage1_steps", "stage2_steps", "val_n"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.minutes is not None and args.minutes <= 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    model = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else ModelConfig()
+    return TrainConfig(
+        train_dir=args.data,
+        out_dir=args.out,
+        model=model,
+        seed=args.seed,
+        stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps,
+        stage2_batch=args.batch,
+        stage2_lr=args.lr,
+        save_fp16=args.fp16,
+        minutes=args.minutes,
+        threads=args.threads,
+        pdrop=args.pdrop,
+    )
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _validate(model, processor, val_dir: str, n: int) -> dict:
+    from tokendrop.data import load_dataset
+    from tokendrop.training.evaluate import evaluate
+
+    samples = load_dataset(val_dir, limit=n)
+    report = {}
+    for mode in ("vanilla", "base_only"):
+        result = evaluate(model, processor, samples, mode=mode)
+        result.pop("predictions")
+        report[mode] = result
+        by_type = " ".join(f"{t} {v:.3f}" for t, v in result["by_type"].items())
+        _log(f"val {mode:9s} overall {result['overall']:.3f} ({by_type}) n={result['n']}")
+    return report
+
+
+def run(args) -> int:
+    from tokendrop.training.loop import train
+
+    cfg = _config(args)
+    _log(f"training: {' '.join(sys.argv[1:]) or 'train'}")
+    model, processor, seconds = train(cfg, log=_log)
+    if args.val and args.val_n:
+        report = _validate(model, processor, args.val, args.val_n)
+        report["train_seconds"] = round(seconds, 1)
+        (Path(args.out) / "val_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,120 @@
+"""Turn dataset samples into model inputs: LM training batches (right padding) and vision-only batches.
+
+Dimension letters: B images, V views of one image (base + tiles), T total views in a batch, L tokens,
+K multi-label classes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokendrop.data.dataset import Sample
+from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
+from tokendrop.training.targets import CAPTION_QUESTION, caption, extra_turns, patch_targets, view_targets
+
+IGNORE = -100
+
+
+def _answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(ANSWER_TEMPLATE.format(answer=answer), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+
+
+def _turn_ids(tokenizer, question: str) -> list[int]:
+    """A follow-up question: the prompt without its image placeholder."""
+    text = PROMPT_TEMPLATE.replace("<image>", "").format(question=question)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(
+    processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False
+) -> dict:
+    """One training example: the sample's question first, then (optionally) a caption turn, then
+    ``n_extra`` derived turns.
+
+    Returns a dict with ``input_ids``/``labels`` (L,) lists, ``pixel_values`` (V, 3, tile, tile),
+    ``image_size`` (height, width) and the [CLS] ``targets``/``mask`` (V, K).
+    """
+    image = sample.load_image()
+    enc = processor(text=[format_prompt(sample.question)], images=[image], return_tensors="pt")
+    tok = processor.tokenizer
+    ids = enc["input_ids"][0].tolist()
+    labels = [IGNORE] * len(ids)
+    answer = _answer_ids(tok, sample.answer)
+    ids, labels = ids + answer, labels + answer
+    objects = sample.meta.get("objects") or []
+    turns = [(CAPTION_QUESTION, caption(objects))] if objects and with_caption else []
+    if objects and n_extra:
+        turns += extra_turns(objects, rng, n_extra)
+    if turns:
+        for question, reply in turns:
+            if question == sample.question:
+                continue
+            turn, answer = _turn_ids(tok, question), _answer_ids(tok, reply)
+            ids, labels = ids + turn + answer, labels + [IGNORE] * len(turn) + answer
+    example = {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": enc["pixel_values"][0],  # (Vmax=V, 3, tile, tile): one image, no padding
+        "image_size": (image.height, image.width),
+    }
+    if objects:
+        targets, mask = view_targets(objects, image.height, image.width, tile)
+        example["targets"], example["mask"] = torch.from_numpy(targets), torch.from_numpy(mask)
+        example["patch_targets"] = torch.from_numpy(patch_targets(objects, image.height, image.width, tile))
+    return example
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded batch for ``model(**batch["inputs"], labels=batch["labels"])`` + [CLS] targets."""
+    length = max(len(e["input_ids"]) for e in examples)
+    n_views = max(e["pixel_values"].shape[0] for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, length), pad_id, dtype=torch.long)
+    labels = torch.full((B, length), IGNORE, dtype=torch.long)
+    attention = torch.zeros((B, length), dtype=torch.long)
+    pixel_values = torch.zeros((B, n_views) + tuple(examples[0]["pixel_values"].shape[1:]))  # (B, V, 3, t, t)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        attention[b, :n] = 1
+        pixel_values[b, : e["pixel_values"].shape[0]] = e["pixel_values"]
+    batch = {
+        "inputs": {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "pixel_values": pixel_values,
+            "image_sizes": torch.tensor([e["image_size"] for e in examples]),
+        },
+        "labels": labels,
+    }
+    if all("targets" in e for e in examples):
+        batch["targets"] = torch.cat([e["targets"] for e in examples])  # (T, K), views in tower order
+        batch["mask"] = torch.cat([e["mask"] for e in examples])
+        batch["patch_targets"] = torch.cat([e["patch_targets"] for e in examples])  # (T, N, 3)
+    return batch
+
+
+def encode_views(image_processor, samples: list[Sample], tile: int) -> dict:
+    """Vision-only batch: every view of every image, flattened, with its [CLS] targets.
+
+    Returns ``pixel_values`` (T, 3, tile, tile), ``targets`` and ``mask`` (T, K), ``patch_targets`` (T, N, 3).
+    """
+    views, targets, masks, patches = [], [], [], []
+    for sample in samples:
+        image = sample.load_image()
+        pv = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]  # (V, 3, t, t)
+        t, m = view_targets(sample.meta["objects"], image.height, image.width, tile)
+        patches.append(torch.from_numpy(patch_targets(sample.meta["objects"], image.height, image.width, tile)))
+        views.append(pv)
+        targets.append(torch.from_numpy(t))
+        masks.append(torch.from_numpy(m))
+    return {
+        "pixel_values": torch.cat(views),
+        "targets": torch.cat(targets),
+        "mask": torch.cat(masks),
+        "patch_targets": torch.cat(patches),
+    }

@@ -1,0 +1,198 @@
+"""Training targets derived from the synthetic scene metadata (``objects`` in questions.jsonl).
+
+1. [CLS] multi-label targets per view (the base image and each anyres tile, in the processor's order):
+   which shapes, colours, (colour, shape) pairs and glyphs are visible in that view. Glyphs are
+   never asked of the base view (masked out): they are too small to see there.
+2. Extra question/answer turns about the same image, to get more language-model supervision out
+   of each (expensive) image forward pass, and a caption turn listing every object from left to
+   right (as LLaVA's alignment stage uses captions): dense supervision that makes the language
+   model look at each object in turn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
+from tokendrop.training.model import pinpoints
+
+LABELS = (
+    [f"shape:{s}" for s in SHAPES]
+    + [f"color:{c}" for c in COLORS]
+    + [f"pair:{c} {s}" for c in COLORS for s in SHAPES]
+    + [f"glyph:{g}" for g in GLYPHS]
+)
+_INDEX = {name: k for k, name in enumerate(LABELS)}
+_GLYPH_SLICE = slice(_INDEX[f"glyph:{GLYPHS[0]}"], _INDEX[f"glyph:{GLYPHS[-1]}"] + 1)
+_MIN_OVERLAP = 0.4  # an object counts as visible in a tile if this share of its box is inside
+_GLYPH_MARGIN = 4.0  # glyph centre this far (tile pixels) inside a tile: label; closer to an edge: ignore
+
+
+def best_resolution(height: int, width: int, tile: int) -> tuple[int, int]:
+    """LLaVA-NeXT's choice of (height, width) among the pinpoints (same rule as transformers)."""
+    best, best_eff, best_waste = None, 0, math.inf
+    for th, tw in pinpoints(tile):
+        scale = min(tw / width, th / height)
+        eff = min(int(width * scale) * int(height * scale), width * height)
+        waste = th * tw - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (th, tw), eff, waste
+    return best
+
+
+def _tile_transform(height: int, width: int, tile: int) -> tuple[float, float, float, int, int]:
+    """(scale_x, scale_y, pad_x, pad_y) mapping image pixels to the padded grid canvas, plus rows/cols."""
+    th, tw = best_resolution(height, width, tile)
+    sx, sy = tw / width, th / height
+    if sx < sy:
+        new_w, new_h = tw, min(math.ceil(height * sx), th)
+    else:
+        new_h, new_w = th, min(math.ceil(width * sy), tw)
+    scale_x, scale_y = new_w / width, new_h / height
+    pad_x, pad_y = (tw - new_w) // 2, (th - new_h) // 2
+    return scale_x, scale_y, pad_x, pad_y, th // tile, tw // tile
+
+
+def _overlap(box: tuple, cell: tuple) -> float:
+    x0, y0 = max(box[0], cell[0]), max(box[1], cell[1])
+    x1, y1 = min(box[2], cell[2]), min(box[3], cell[3])
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return max(0.0, x1 - x0) * max(0.0, y1 - y0) / max(area, 1e-6)
+
+
+def _mark(target: np.ndarray, obj: dict) -> None:
+    for name in (f"shape:{obj['shape']}", f"color:{obj['color']}", f"pair:{obj['color']} {obj['shape']}"):
+        target[_INDEX[name]] = 1.0
+
+
+def view_targets(objects: list[dict], height: int, width: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-label targets and loss masks for the base view and each tile.
+
+    Args:
+        objects: scene objects (``shape``, ``color``, ``glyph``, ``box`` in image pixels).
+        height, width: image size in pixels.
+        tile: tile side of the processor.
+
+    Returns:
+        targets (V, K) and mask (V, K) float arrays, V = 1 + rows*cols views (base first, tiles
+        row-major as the processor orders them), K = len(LABELS).
+    """
+    sx, sy, px, py, rows, cols = _tile_transform(height, width, tile)
+    targets = np.zeros((1 + rows * cols, len(LABELS)), dtype=np.float32)
+    mask = np.ones_like(targets)
+    mask[0, _GLYPH_SLICE] = 0.0  # 1. base view: everything but glyphs
+    for obj in objects:
+        _mark(targets[0], obj)
+    for r in range(rows):  # 2. tiles: objects mostly inside, glyphs whose centre is well inside
+        for c in range(cols):
+            v = 1 + r * cols + c
+            cell = (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)
+            for obj in objects:
+                x0, y0, x1, y1 = obj["box"]
+                box = (x0 * sx + px, y0 * sy + py, x1 * sx + px, y1 * sy + py)
+                if _overlap(box, cell) >= _MIN_OVERLAP:
+                    _mark(targets[v], obj)
+                if obj.get("glyph"):
+                    gx, gy = (box[0] + box[2]) / 2 - cell[0], (box[1] + box[3]) / 2 - cell[1]
+                    inside = min(gx, gy, tile - gx, tile - gy)
+                    if inside >= _GLYPH_MARGIN:
+                        targets[v, _INDEX[f"glyph:{obj['glyph']}"]] = 1.0
+                    elif inside > -_GLYPH_MARGIN:
+                        mask[v, _GLYPH_SLICE] = 0.0  # glyph cut by the tile edge: no glyph target
+    return targets, mask
+
+
+CAPTION_QUESTION = "What is in the image?"
+
+
+def caption(objects: list[dict]) -> str:
+    """Objects from left to right: ``"red circle 7, blue square, green triangle"``."""
+    ordered = sorted(objects, key=lambda o: (o["box"][0] + o["box"][2], o["box"][1] + o["box"][3]))
+    parts = [f"{o['color']} {o['shape']}" + (f" {o['glyph']}" if o.get("glyph") else "") for o in ordered]
+    return ", ".join(parts)
+
+
+def extra_turns(objects: list[dict], rng: np.random.Generator, k: int) -> list[tuple[str, str]]:
+    """Up to ``k`` further (question, answer) pairs that the scene answers unambiguously."""
+    pairs = [(o["color"], o["shape"]) for o in objects]
+    shape_counts = {s: sum(1 for o in objects if o["shape"] == s) for s in SHAPES}
+    pool: list[tuple[str, str]] = []
+    for o in objects:
+        if o.get("glyph") and pairs.count((o["color"], o["shape"])) == 1:
+            pool.append((TEMPLATES["glyph"].format(color=o["color"], shape=o["shape"]), o["glyph"]))
+        if shape_counts[o["shape"]] == 1:
+            pool.append((TEMPLATES["color"].format(shape=o["shape"]), o["color"]))
+    for s, n in shape_counts.items():
+        if n:
+            pool.append((TEMPLATES["count"].format(shape=s), str(n)))
+    color, shape = pairs[int(rng.integers(len(pairs)))]
+    pool.append((TEMPLATES["exists"].format(color=color, shape=shape), "yes"))
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in pairs]
+    color, shape = absent[int(rng.integers(len(absent)))]
+    pool.append((TEMPLATES["exists"].format(color=color, shape=shape), "no"))
+    order = rng.permutation(len(pool))
+    return [pool[int(i)] for i in order[:k]]
+
+
+# ----------------------------------------------------------------------------- per-patch targets
+
+PATCH_FIELDS = {"color": tuple(COLORS) + ("none",), "shape": SHAPES + ("none",), "glyph": GLYPHS + ("none",)}
+IGNORE = -100
+_CORE, _EDGE = 0.7, 1.05  # inside this share of an object's half-size: the object; up to _EDGE: ignored
+
+
+def _patch_centres(height: int, width: int, tile: int, patch: int) -> np.ndarray:
+    """Image-pixel coordinates of every patch centre of every view. Returns (V, N, 2) as (x, y)."""
+    sx, sy, px, py, rows, cols = _tile_transform(height, width, tile)
+    side = tile // patch
+    grid = (np.arange(side) + 0.5) * patch  # (S,)
+    gx, gy = np.meshgrid(grid, grid)  # (S, S) each, row-major like the patch sequence
+    local = np.stack([gx.ravel(), gy.ravel()], axis=1)  # (N, 2) in tile pixels
+    views = [local * np.array([width / tile, height / tile])]  # base view: the whole image squashed
+    for r in range(rows):
+        for c in range(cols):
+            canvas = local + np.array([c * tile, r * tile])
+            views.append((canvas - np.array([px, py])) / np.array([sx, sy]))
+    return np.stack(views)  # (V, N, 2)
+
+
+def patch_targets(objects: list[dict], height: int, width: int, tile: int, patch: int = 14) -> np.ndarray:
+    """Class index per patch of every view for colour, shape and glyph (``PATCH_FIELDS`` order).
+
+    A patch whose centre lies in an object's core gets its colour and shape, near an object's edge
+    it is ignored (-100), elsewhere "none". The glyph class goes to the patch holding the glyph
+    centre in each tile (its 8 neighbours are ignored); the base view gets no glyph targets.
+
+    Returns:
+        (V, N, 3) int64 array, V views (base first), N = (tile // patch) ** 2 patches.
+    """
+    centres = _patch_centres(height, width, tile, patch)  # (V, N, 2)
+    V, N, _ = centres.shape
+    out = np.empty((V, N, 3), dtype=np.int64)
+    out[..., 0], out[..., 1], out[..., 2] = len(COLORS), len(SHAPES), len(GLYPHS)  # "none"
+    out[0, :, 2] = IGNORE
+    sx, sy, px, py, rows, cols = _tile_transform(height, width, tile)
+    side = tile // patch
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        dist = np.abs(centres - np.array([cx, cy])).max(axis=-1) / half  # (V, N) in half-sizes
+        out[..., :2][dist < _EDGE] = IGNORE
+        core = dist < _CORE
+        out[..., 0][core] = list(COLORS).index(obj["color"])
+        out[..., 1][core] = SHAPES.index(obj["shape"])
+        if obj.get("glyph"):
+            gy_img = cy + (y1 - y0) * 0.12 if obj["shape"] == "triangle" else cy
+            gx_c, gy_c = cx * sx + px, gy_img * sy + py  # canvas pixels
+            r, c = int(gy_c // tile), int(gx_c // tile)
+            if 0 <= r < rows and 0 <= c < cols:
+                v = 1 + r * cols + c
+                i, j = int((gy_c - r * tile) // patch), int((gx_c - c * tile) // patch)
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        if 0 <= i + di < side and 0 <= j + dj < side:
+                            out[v, (i + di) * side + (j + dj), 2] = IGNORE
+                out[v, i * side + j, 2] = GLYPHS.index(obj["glyph"])
+    return out

@@ -1,0 +1,155 @@
+"""Training pieces: prompt, [CLS] targets, a tiny end-to-end run, and the shipped default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tokendrop
+from tokendrop.training import PROMPT_TEMPLATE, format_prompt
+from tokendrop.training.model import pinpoints
+from tokendrop.training.targets import (
+    LABELS,
+    PATCH_FIELDS,
+    best_resolution,
+    caption,
+    extra_turns,
+    patch_targets,
+    view_targets,
+)
+
+MODEL_DIR = Path(tokendrop.__file__).parent / "assets" / "model"
+
+
+def test_prompt_template():
+    assert PROMPT_TEMPLATE.count("<image>") == 1
+    assert format_prompt(" What color is the circle? ") == "<image>\nQ: What color is the circle? A:"
+
+
+def test_best_resolution_matches_transformers():
+    from transformers.image_processing_utils import select_best_resolution
+
+    rng = np.random.default_rng(0)
+    for h, w in rng.integers(60, 700, size=(60, 2)):
+        assert best_resolution(int(h), int(w), 112) == tuple(select_best_resolution((int(h), int(w)), pinpoints(112)))
+
+
+def test_view_targets_place_objects_in_their_tiles():
+    # 224x224 image -> 2x2 grid, no resize: views = base, top-left, top-right, bottom-left, bottom-right
+    objects = [
+        {"shape": "circle", "color": "red", "glyph": "7", "box": [20, 20, 60, 60]},  # top-left tile
+        {"shape": "square", "color": "blue", "glyph": None, "box": [150, 150, 190, 190]},  # bottom-right
+    ]
+    targets, mask = view_targets(objects, 224, 224, 112)
+    assert targets.shape == mask.shape == (5, len(LABELS))
+    on = [{LABELS[k] for k in np.flatnonzero(row)} for row in targets]
+    assert on[0] == {"shape:circle", "color:red", "pair:red circle", "shape:square", "color:blue", "pair:blue square"}
+    assert on[1] == {"shape:circle", "color:red", "pair:red circle", "glyph:7"}
+    assert on[2] == on[3] == set()
+    assert on[4] == {"shape:square", "color:blue", "pair:blue square"}
+    glyph_cols = [k for k, name in enumerate(LABELS) if name.startswith("glyph:")]
+    assert mask[0, glyph_cols].sum() == 0 and mask[1:, glyph_cols].min() == 1  # no glyph target on the base
+
+
+def test_patch_targets_mark_object_cores_and_the_glyph_patch():
+    objects = [{"shape": "circle", "color": "red", "glyph": "7", "box": [20, 20, 60, 60]}]  # 2x2 grid, top-left
+    t = patch_targets(objects, 224, 224, 112)  # (V, 64, 3)
+    assert t.shape == (5, 64, 3)
+    none_color, none_glyph = len(PATCH_FIELDS["color"]) - 1, len(PATCH_FIELDS["glyph"]) - 1
+    red, seven = PATCH_FIELDS["color"].index("red"), PATCH_FIELDS["glyph"].index("7")
+    top_left = t[1].reshape(8, 8, 3)
+    assert top_left[2, 2, 0] == red and top_left[0, 0, 0] == none_color  # patch centre (35, 35) vs (7, 7)
+    assert top_left[2, 2, 2] == seven  # glyph centre (40, 40) lies in patch row 2, col 2
+    assert (t[1, :, 2] == seven).sum() == 1 and (t[1, :, 2] == -100).sum() == 8  # its neighbours ignored
+    assert (t[0, :, 2] == -100).all()  # no glyph targets on the base view
+    assert (t[4, :, 0] == none_color).all() and (t[4, :, 2] == none_glyph).all()
+
+
+def test_caption_lists_objects_left_to_right():
+    objects = [
+        {"shape": "square", "color": "blue", "glyph": None, "box": [100, 0, 120, 20]},
+        {"shape": "circle", "color": "red", "glyph": "7", "box": [0, 0, 20, 20]},
+    ]
+    assert caption(objects) == "red circle 7, blue square"
+
+
+def test_extra_turns_are_consistent_with_the_scene():
+    objects = [
+        {"shape": "circle", "color": "red", "glyph": "7", "box": [0, 0, 1, 1]},
+        {"shape": "circle", "color": "blue", "glyph": None, "box": [0, 0, 1, 1]},
+        {"shape": "square", "color": "green", "glyph": None, "box": [0, 0, 1, 1]},
+    ]
+    turns = dict(extra_turns(objects, np.random.default_rng(0), 20))
+    assert turns["What is written on the red circle?"] == "7"
+    assert turns["How many circles are there?"] == "2"
+    assert turns["What color is the square?"] == "green"
+    assert "What color is the circle?" not in turns  # two circles: ambiguous, never asked
+
+
+def test_tiny_training_run_and_save_load_round_trip(tmp_path):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.evaluate import predict
+    from tokendrop.training.loop import TrainConfig, train
+    from tokendrop.training.model import ModelConfig
+
+    generate_dataset(tmp_path / "data", 8, seed=0)
+    tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
+    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny,
+                      stage1_steps=3, stage1_batch=4, stage2_steps=4, stage2_batch=4, warmup=1, threads=1)
+    logs: list[str] = []
+    model, processor, _ = train(cfg, log=logs.append)
+    losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]
+    assert losses and all(np.isfinite(losses))
+
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    samples = load_dataset(tmp_path / "data", limit=2)
+    inputs = processor(text=[format_prompt(samples[0].question)], images=[samples[0].load_image()], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    assert predict(loaded, loaded_processor, samples) == predict(model, processor, samples)
+    assert predict(loaded, loaded_processor, samples, mode="base_only") is not None
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped yet")
+def test_shipped_model_loads_offline_and_answers_in_format(tmp_path):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.evaluate import evaluate
+
+    size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    assert size < 25 * 2**20
+    model = LlavaNextForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    assert model.config.text_config.num_hidden_layers >= 8
+    generate_dataset(tmp_path, 40, seed=9090)  # a seed used neither for training nor for validation
+    result = evaluate(model, processor, load_dataset(tmp_path), batch_size=20)
+    # Answers are one word of the task's vocabulary (the model learned the format and the priors).
+    vocab = {"yes", "no", "1", "2", "3", "4", "5", "6", "7", "8", "9", "red", "green", "blue", "yellow", "purple"}
+    assert sum(p in vocab for p in result["predictions"]) >= 36, result["predictions"]
+    # Chance is about 0.29 overall (glyph 1/8, color 1/5, count 1/3, exists 1/2). The shipped model
+    # (docs/training_recipe.md) reaches only 0.36 on the held-out split, so this checks "not broken";
+    # raise the bar to ~0.6 once a model meeting the accuracy targets is shipped.
+    assert result["overall"] >= 0.25, result
+
+
+def test_tiny_training_run_with_pyramiddrop(tmp_path):
+    from tokendrop.data import generate_dataset
+    from tokendrop.training.loop import TrainConfig, train
+    from tokendrop.training.model import ModelConfig
+
+    generate_dataset(tmp_path / "data", 4, seed=0)
+    tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=4, t_heads=2, t_mlp=64)
+    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, pdrop=True,
+                      stage1_steps=1, stage1_batch=2, stage2_steps=3, stage2_batch=2, warmup=1, threads=1)
+    logs: list[str] = []
+    model, _, _ = train(cfg, log=logs.append)
+    losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]
+    assert losses and all(np.isfinite(losses))
+    assert "forward" not in vars(model.model.language_model), "PyramidDrop removed after training"
