@@ -153,3 +153,12 @@ def test_tiny_training_run_with_pyramiddrop(tmp_path):
     losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]
     assert losses and all(np.isfinite(losses))
     assert "forward" not in vars(model.model.language_model), "PyramidDrop removed after training"
+
+
+def test_chat_template_writes_the_training_prompt():
+    from tokendrop.loading import format_prompt as model_prompt
+    from tokendrop.training.model import build_processor, train_tokenizer
+
+    processor = build_processor(train_tokenizer(["Q: what colour is it? A: red"]))
+    assert model_prompt(processor, " What is written on the purple triangle? ") == format_prompt(
+        "What is written on the purple triangle?") == "<image>\nQ: What is written on the purple triangle? A:"

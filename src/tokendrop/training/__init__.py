@@ -13,9 +13,18 @@ PROMPT_TEMPLATE = "<image>\nQ: {question} A:"
 ANSWER_TEMPLATE = " {answer}"  # followed by the eos token "</s>"
 
 
+#: The same prompt as a chat template, saved with the processor so that `apply_chat_template`
+#: (what `tokendrop run` / `eval` use for any model) writes exactly PROMPT_TEMPLATE.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- for part in message['content'] if part['type'] == 'image' -%}"
+    "{{ '<image>\\n' }}{%- endfor -%}Q: {% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] | trim }}"
+    "{% endfor %} A:{%- endfor -%}"
+)
+
+
 def format_prompt(question: str) -> str:
     """The model's prompt for ``question`` (with its single ``<image>`` placeholder)."""
     return PROMPT_TEMPLATE.format(question=question.strip())
 
 
-__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "format_prompt"]
+__all__ = ["PROMPT_TEMPLATE", "ANSWER_TEMPLATE", "CHAT_TEMPLATE", "format_prompt"]

@@ -12,6 +12,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tokendrop.training import CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 PATCH = 14
 
@@ -93,6 +95,7 @@ def build_processor(tokenizer, tile: int = 112):
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
