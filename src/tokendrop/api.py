@@ -80,7 +80,8 @@ def apply(model, processor=None, *methods) -> Handle:
     """Patch `model` (and `processor`) in place with one pre-LLM and/or one in-LLM method.
 
     Args:
-        model: a stock `LlavaNextForConditionalGeneration` or `LlavaForConditionalGeneration`.
+        model: a stock `LlavaNextForConditionalGeneration` or `LlavaForConditionalGeneration`
+            (all methods), or `LlavaOnevisionForConditionalGeneration` (in-LLM methods only).
         processor: the model's processor; required by pre-LLM methods, which change how many
             `<image>` placeholders it writes. May be None for in-LLM methods alone.
         methods: e.g. `td.HiRED(budget=0.2)`, `td.PyramidDrop()`, or both.
