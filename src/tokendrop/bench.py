@@ -23,7 +23,6 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +34,6 @@ from tokendrop.registry import build_methods, needs_budget
 RSS_INTERVAL = 0.002
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 TIMED = ("vision_ms", "prefill_ms", "decode_ms", "e2e_ms", "tokens_per_s", "peak_mem_bytes", "preprocess_ms")
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "model"
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
 
 
@@ -49,23 +47,16 @@ def load_model(model: str | None = None, arch: str | None = None, layers: int | 
         return _arch_model(arch, layers, vision_layers, seed)
     if layers is not None or vision_layers is not None:
         raise ValueError("layers / vision_layers only apply with arch")
-    if model is None and (DEFAULT_MODEL_DIR / "config.json").is_file():
-        model = str(DEFAULT_MODEL_DIR)
+    from tokendrop.loading import bundled_model_path, load_model as load_pretrained
+
+    if model is None and bundled_model_path() is not None:
+        model = str(bundled_model_path())
     if model is None:
         from tokendrop.tiny import tiny_llava_next
 
         m, p = tiny_llava_next(seed=seed)
         return m, p, "tiny_llava_next() (random; the bundled model is not installed yet)"
-    return _pretrained(model) + (f"from_pretrained({model!r})",)
-
-
-def _pretrained(path: str):
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(path)
-    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
-    model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return model, AutoProcessor.from_pretrained(path)
+    return load_pretrained(model) + (f"from_pretrained({model!r})",)
 
 
 def _arch_model(arch: str, layers, vision_layers, seed):

@@ -59,8 +59,6 @@ def parse_methods(text: str, budget: float, alpha: float) -> dict:
 
 def load_model(spec: str | None):
     """(model, processor, description) for --model; the bundled model or the tiny one by default."""
-    import torch
-
     from tokendrop.cli import UsageError
 
     bundled = ASSETS / "model"
@@ -75,14 +73,13 @@ def load_model(spec: str | None):
 
         model, processor = tiny_llava_next()
         return model, processor, "tiny random LLaVA-NeXT"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from tokendrop.loading import load_model as load_pretrained
 
     if Path(spec).expanduser().is_absolute() or spec.startswith(".") or Path(spec).exists():
         if not (Path(spec).expanduser() / "config.json").is_file():
             raise UsageError(f"--model {spec} is not a model folder (no config.json there)")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained(spec)
+        model, processor = load_pretrained(spec)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {spec!r}: {reason}") from err
