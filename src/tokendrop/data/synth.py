@@ -5,9 +5,10 @@ background (noise, faint lines, faint boxes); exactly one shape carries a small 
 Image sizes follow the five LLaVA-NeXT grid layouts (1x2, 2x1, 2x2, 1x3, 3x1 tiles of ``TILE``
 pixels), scaled by 1.0-1.5 and stretched a little along their long side, so the anyres grid varies.
 
-The glyph is drawn about 8x11 pixels tall *at tile resolution*: readable in the high-resolution
-tiles, but squashed to about 4x5 pixels (2x2 grids) or a third of its width or height (1x3, 3x1)
-in the base image, which is the whole image resized to a single tile.
+The glyph is drawn about 8.5x12 pixels *at tile resolution* (a 5x7 bitmap, 1.6-1.8 pixels per
+cell): readable in the high-resolution tiles, but squashed to under one pixel per stroke (2x2
+grids: about 4x6 pixels) or a third of its width or height (1x3, 3x1) in the base image,
+which is the whole image resized to a single tile.
 
 Question types (one-word answers, balanced by construction):
     glyph   "What is written on the red circle?"  -> one of ``GLYPHS`` (uniform), needs detail
@@ -68,7 +69,7 @@ GLYPHS = tuple(_BITMAPS)
 
 # Sizes in tile-resolution pixels (multiplied by the image's scale factor when drawn).
 _RADIUS = (15.0, 23.0)  # object half-size
-_GLYPH_CELL = (1.3, 1.45)  # bitmap cell size -> glyph about 7x10 pixels
+_GLYPH_CELL = (1.6, 1.8)  # bitmap cell size -> glyph about 8.5x12 pixels
 _GAP = 6.0  # minimum free space between two objects
 _SCALE = (1.0, 1.5)  # image size / grid size
 _STRETCH = (1.0, 1.15)  # extra length along the long side of 1x3 / 3x1 images
@@ -82,9 +83,13 @@ class SceneObject:
     color: str
     glyph: str | None = None
     box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    glyph_box: tuple[float, float, float, float] | None = None  # where the glyph's ink was pasted
 
     def to_json(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "glyph": self.glyph, "box": [round(v, 1) for v in self.box]}
+        out = {"shape": self.shape, "color": self.color, "glyph": self.glyph, "box": [round(v, 1) for v in self.box]}
+        if self.glyph_box is not None:
+            out["glyph_box"] = [round(v, 1) for v in self.glyph_box]
+        return out
 
 
 @dataclass
@@ -247,7 +252,7 @@ def _glyph_center(obj: SceneObject) -> tuple[float, float]:
 
 
 def _draw_glyph(rng: np.random.Generator, image: Image.Image, obj: SceneObject, rgb: tuple, scale: float) -> None:
-    """Paste the 5x7 bitmap of ``obj.glyph``, upscaled to about 8x12 tile pixels, in a contrasting ink."""
+    """Paste the 5x7 bitmap of ``obj.glyph``, upscaled to about 8.5x12 tile pixels, in a contrasting ink; sets ``obj.glyph_box``."""
     bitmap = np.array([[255 if c == "#" else 0 for c in row] for row in _BITMAPS[obj.glyph]], dtype=np.uint8)
     cell = float(rng.uniform(*_GLYPH_CELL)) * scale
     w, h = max(3, round(5 * cell)), max(4, round(7 * cell))
@@ -256,7 +261,9 @@ def _draw_glyph(rng: np.random.Generator, image: Image.Image, obj: SceneObject, 
     luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
     ink = (15, 15, 15) if luminance > 120 else (250, 250, 250)
     cx, cy = _glyph_center(obj)
-    image.paste(Image.new("RGB", (w, h), ink), (int(round(cx - w / 2)), int(round(cy - h / 2))), mask)
+    x, y = int(round(cx - w / 2)), int(round(cy - h / 2))
+    image.paste(Image.new("RGB", (w, h), ink), (x, y), mask)
+    obj.glyph_box = (float(x), float(y), float(x + w), float(y + h))
 
 
 def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -277,6 +284,38 @@ def render(rng: np.random.Generator, plan: Plan, grid: tuple[int, int]) -> Image
         if obj.glyph:
             _draw_glyph(rng, image, obj, rgb, scale)
     return image
+
+
+_SHEET_RADIUS = (9.0, 14.0)  # small objects: many glyphs per tile
+
+
+def glyph_sheet(rng: np.random.Generator, size: int = TILE, n_objects: int = 10) -> tuple[Image.Image, list[SceneObject]]:
+    """A ``size`` x ``size`` tile crowded with small glyph-carrying shapes, drawn like the scenes.
+
+    Not a VQA sample: dense glyph-reading material for pre-training a vision tower (every object
+    carries a glyph, drawn at the scenes' tile-resolution size). Returns the image and its objects
+    (``box`` and ``glyph_box`` in its pixels); fewer than ``n_objects`` if they do not all fit.
+    """
+    image = _background(rng, size, size)
+    draw = ImageDraw.Draw(image)
+    _clutter(rng, draw, size, size)
+    objects: list[SceneObject] = []
+    for _attempt in range(4 * n_objects):
+        if len(objects) == n_objects:
+            break
+        r = float(rng.uniform(*_SHEET_RADIUS))
+        cx, cy = rng.uniform(r, size - r, size=2)
+        if any(math.hypot(cx - (o.box[0] + o.box[2]) / 2, cy - (o.box[1] + o.box[3]) / 2) < r + (o.box[2] - o.box[0]) / 2 + 2
+               for o in objects):
+            continue
+        color = tuple(COLORS)[int(rng.integers(len(COLORS)))]
+        obj = SceneObject(SHAPES[int(rng.integers(len(SHAPES)))], color, GLYPHS[int(rng.integers(len(GLYPHS)))],
+                          (float(cx) - r, float(cy) - r, float(cx) + r, float(cy) + r))
+        rgb = _jitter(rng, COLORS[color])
+        _draw_shape(draw, obj, rgb)
+        _draw_glyph(rng, image, obj, rgb, 1.0)
+        objects.append(obj)
+    return image, objects
 
 
 # ----------------------------------------------------------------------------- samples and files
