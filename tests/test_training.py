@@ -54,16 +54,21 @@ def test_view_targets_place_objects_in_their_tiles():
     assert mask[0, glyph_cols].sum() == 0 and mask[1:, glyph_cols].min() == 1  # no glyph target on the base
 
 
-def test_patch_targets_mark_object_cores_and_the_glyph_patch():
-    objects = [{"shape": "circle", "color": "red", "glyph": "7", "box": [20, 20, 60, 60]}]  # 2x2 grid, top-left
+def test_patch_targets_mark_object_cores_and_the_glyph_patches():
+    objects = [{"shape": "circle", "color": "red", "glyph": "7", "box": [20, 20, 60, 60],  # 2x2 grid, top-left
+                "glyph_box": [34, 32, 46, 48]}]
     t = patch_targets(objects, 224, 224, 112)  # (V, 64, 3)
     assert t.shape == (5, 64, 3)
     none_color, none_glyph = len(PATCH_FIELDS["color"]) - 1, len(PATCH_FIELDS["glyph"]) - 1
     red, seven = PATCH_FIELDS["color"].index("red"), PATCH_FIELDS["glyph"].index("7")
     top_left = t[1].reshape(8, 8, 3)
     assert top_left[2, 2, 0] == red and top_left[0, 0, 0] == none_color  # patch centre (35, 35) vs (7, 7)
-    assert top_left[2, 2, 2] == seven  # glyph centre (40, 40) lies in patch row 2, col 2
-    assert (t[1, :, 2] == seven).sum() == 1 and (t[1, :, 2] == -100).sum() == 8  # its neighbours ignored
+    # Patch (row, col) covers pixels [14 row, 14 row + 14) x [14 col, 14 col + 14); share of the glyph box:
+    # (2,2) 8/12 * 10/16 = 0.42, (2,3) 4/12 * 10/16 = 0.21, (3,2) 8/12 * 6/16 = 0.25: glyph; (3,3) 0.125: ignored.
+    assert top_left[2, 2, 2] == seven and top_left[2, 3, 2] == seven and top_left[3, 2, 2] == seven
+    assert top_left[3, 3, 2] == -100
+    assert (t[1, :, 2] == seven).sum() == 3 and (t[1, :, 2] == -100).sum() == 1
+    assert (t[2:, :, 2] == seven).sum() == 0  # the other tiles do not hold the glyph
     assert (t[0, :, 2] == -100).all()  # no glyph targets on the base view
     assert (t[4, :, 0] == none_color).all() and (t[4, :, 2] == none_glyph).all()
 
@@ -93,7 +98,7 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.evaluate import predict
+    from tokendrop.evaluation.harness import Config, evaluate
     from tokendrop.training.loop import TrainConfig, train
     from tokendrop.training.model import ModelConfig
 
@@ -112,8 +117,10 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     inputs = processor(text=[format_prompt(samples[0].question)], images=[samples[0].load_image()], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
-    assert predict(loaded, loaded_processor, samples) == predict(model, processor, samples)
-    assert predict(loaded, loaded_processor, samples, mode="base_only") is not None
+    configs = [Config("none"), Config("base-only")]
+    answers = [[r["predictions"] for r in evaluate(m, p, samples, configs, progress=False)]
+               for m, p in ((loaded, loaded_processor), (model, processor))]
+    assert answers[0] == answers[1]
 
 
 @pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped yet")
@@ -121,7 +128,7 @@ def test_shipped_model_loads_offline_and_answers_in_format(tmp_path):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.evaluate import evaluate
+    from tokendrop.evaluation.harness import Config, evaluate
 
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
     assert size < 25 * 2**20
@@ -129,7 +136,9 @@ def test_shipped_model_loads_offline_and_answers_in_format(tmp_path):
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     assert model.config.text_config.num_hidden_layers >= 8
     generate_dataset(tmp_path, 40, seed=9090)  # a seed used neither for training nor for validation
-    result = evaluate(model, processor, load_dataset(tmp_path), batch_size=20)
+    (result,) = evaluate(model, processor, load_dataset(tmp_path), [Config("none")], batch_size=20, progress=False)
+    result["predictions"] = [p["prediction"] for p in result["predictions"]]
+    result["overall"] = result["metrics"]["exact_match"]
     # Answers are one word of the task's vocabulary (the model learned the format and the priors).
     vocab = {"yes", "no", "1", "2", "3", "4", "5", "6", "7", "8", "9", "red", "green", "blue", "yellow", "purple"}
     assert sum(p in vocab for p in result["predictions"]) >= 36, result["predictions"]
@@ -162,3 +171,72 @@ def test_chat_template_writes_the_training_prompt():
     processor = build_processor(train_tokenizer(["Q: what colour is it? A: red"]))
     assert model_prompt(processor, " What is written on the purple triangle? ") == format_prompt(
         "What is written on the purple triangle?") == "<image>\nQ: What is written on the purple triangle? A:"
+
+
+def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
+    from tokendrop.data import generate_dataset
+    from tokendrop.training.loop import TrainConfig, train
+    from tokendrop.training.model import ModelConfig
+
+    generate_dataset(tmp_path / "data", 6, seed=0)
+    tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
+    ckpt = tmp_path / "stage1.pt"
+
+    def run(out):
+        cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / out), model=tiny, stage1_checkpoint=str(ckpt),
+                          stage1_steps=2, stage1_batch=3, stage2_steps=2, stage2_batch=3, warmup=1, threads=1)
+        logs: list[str] = []
+        model, _, _ = train(cfg, log=logs.append)
+        return model, logs
+
+    first, logs1 = run("a")
+    assert ckpt.is_file() and not any("loaded" in line for line in logs1)
+    second, logs2 = run("b")
+    assert any("stage1 loaded" in line for line in logs2)
+    assert not any(line.startswith("stage1 step") for line in logs2)  # stage 1 did not run again
+    for (name, p1), p2 in zip(first.state_dict().items(), second.state_dict().values()):
+        # Same stage 1, same stage-2 batches. Not bitwise: a loaded tower sits at other addresses, and
+        # the kernels' vectorised paths round the last bit differently (~3e-6 after two Adam steps of 1e-3).
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-4, msg=name)
+
+
+def test_glyph_sheets_are_seeded_and_label_every_glyph():
+    from tokendrop.data.synth import GLYPHS, glyph_sheet
+    from tokendrop.training.targets import sheet_targets
+
+    image, objects = glyph_sheet(np.random.default_rng(5), 112)
+    again, _ = glyph_sheet(np.random.default_rng(5), 112)
+    assert image.size == (112, 112) and np.array_equal(np.asarray(image), np.asarray(again))
+    assert len(objects) >= 6 and all(o.glyph in GLYPHS and o.glyph_box is not None for o in objects)
+    labels = sheet_targets(objects, 112)  # (64,)
+    assert labels.shape == (64,)
+    for o in objects:  # the patch holding a glyph box's centre holds >= 1/4 of the box: labelled with it
+        x0, y0, x1, y1 = o.glyph_box
+        i, j = int((y0 + y1) / 2 // 14), int((x0 + x1) / 2 // 14)
+        assert labels[i * 8 + j] == GLYPHS.index(o.glyph)
+    assert (labels == len(GLYPHS)).sum() > 20  # most patches hold no glyph
+
+
+def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
+    from tokendrop.training.batches import encode_sheets
+    from tokendrop.training.loop import VisionHeads
+    from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["<image>\nQ: What is written on the red circle? A: 7"], 300)
+    model = build_model(ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2,
+                                    t_mlp=64), tok)
+    processor = build_processor(tok, 112)
+    sheets = encode_sheets(processor.image_processor, np.random.default_rng(0), 4, 112)
+    assert sheets["pixel_values"].shape == (4, 3, 112, 112) and sheets["glyph_targets"].shape == (4, 64)
+    head = VisionHeads(32)
+    opt = torch.optim.Adam(list(model.model.vision_tower.parameters()) + list(head.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        hidden = model.model.vision_tower(sheets["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        loss = head.sheet_loss(hidden, sheets["glyph_targets"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="a very small model (smoke tests)")
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (load with dtype=torch.float32)")
     p.add_argument("--pdrop", action="store_true", help="train stage 2 with PyramidDrop (td.PyramidDrop()) patched in")
+    p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
 def _config(args):
@@ -61,6 +62,7 @@ def _config(args):
         minutes=args.minutes,
         threads=args.threads,
         pdrop=args.pdrop,
+        stage1_checkpoint=args.stage1_checkpoint,
     )
 
 
@@ -69,17 +71,17 @@ def _log(message: str) -> None:
 
 
 def _validate(model, processor, val_dir: str, n: int) -> dict:
+    """Exact match on the first ``n`` validation questions: stock, and with the base image's tokens only."""
     from tokendrop.data import load_dataset
-    from tokendrop.training.evaluate import evaluate
+    from tokendrop.evaluation.harness import Config, evaluate
 
     samples = load_dataset(val_dir, limit=n)
     report = {}
-    for mode in ("vanilla", "base_only"):
-        result = evaluate(model, processor, samples, mode=mode)
-        result.pop("predictions")
-        report[mode] = result
-        by_type = " ".join(f"{t} {v:.3f}" for t, v in result["by_type"].items())
-        _log(f"val {mode:9s} overall {result['overall']:.3f} ({by_type}) n={result['n']}")
+    for record in evaluate(model, processor, samples, [Config("none"), Config("base-only")], progress=False):
+        record.pop("predictions")
+        report[record["method"]] = record
+        by_type = " ".join(f"{t} {v['exact_match']:.3f}" for t, v in record["by_type"].items())
+        _log(f"val {record['method']:9s} overall {record['metrics']['exact_match']:.3f} ({by_type}) n={record['n']}")
     return report
 
 

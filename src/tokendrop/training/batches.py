@@ -11,7 +11,7 @@ import torch
 
 from tokendrop.data.dataset import Sample
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
-from tokendrop.training.targets import CAPTION_QUESTION, caption, extra_turns, patch_targets, view_targets
+from tokendrop.training.targets import CAPTION_QUESTION, caption, extra_turns, patch_targets, sheet_targets, view_targets
 
 IGNORE = -100
 
@@ -118,3 +118,21 @@ def encode_views(image_processor, samples: list[Sample], tile: int) -> dict:
         "mask": torch.cat(masks),
         "patch_targets": torch.cat(patches),
     }
+
+
+def encode_sheets(image_processor, rng: np.random.Generator, n: int, tile: int) -> dict:
+    """``n`` fresh glyph sheets (``tokendrop.data.synth.glyph_sheet``), normalised like the processor's views.
+
+    Returns ``pixel_values`` (n, 3, tile, tile) and ``glyph_targets`` (n, N) patch classes.
+    """
+    from tokendrop.data.synth import glyph_sheet
+
+    mean = torch.tensor(image_processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(3, 1, 1)
+    pixels, labels = [], []
+    for _ in range(n):
+        image, objects = glyph_sheet(rng, tile)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) * image_processor.rescale_factor
+        pixels.append((x - mean) / std)  # (3, tile, tile)
+        labels.append(torch.from_numpy(sheet_targets(objects, tile)))
+    return {"pixel_values": torch.stack(pixels), "glyph_targets": torch.stack(labels)}

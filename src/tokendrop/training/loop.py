@@ -27,7 +27,7 @@ import tokendrop as td
 from tokendrop.data.dataset import Sample, load_dataset
 from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE
-from tokendrop.training.batches import collate, encode_example, encode_views
+from tokendrop.training.batches import collate, encode_example, encode_sheets, encode_views
 from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
 from tokendrop.training.targets import CAPTION_QUESTION, LABELS, PATCH_FIELDS, caption
 
@@ -43,13 +43,15 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     stage1_steps: int = 350
-    stage1_batch: int = 24  # images per step (each gives 3-5 views)
+    stage1_batch: int = 16  # images per step (each gives 3-5 views)
+    sheets: int = 32  # glyph sheets per stage-1 step (dense glyph-reading material, tokendrop.data.synth.glyph_sheet)
     stage1_lr: float = 1e-3
     stage2_steps: int = 760
     stage2_batch: int = 8
     stage2_lr: float = 1e-3
-    vision_lr_scale: float = 0.3  # stage-2 learning rate of the vision tower, relative
-    aux_weight: float = 0.5  # weight of the [CLS] loss in stage 2
+    vision_lr_scale: float = 0.0  # stage-2 learning rate of the vision tower, relative (0: frozen, no backward)
+    aux_weight: float = 0.5  # weight of the stage-1 losses in stage 2 (when the tower trains)
+    align_weight: float = 1.0  # weight of the projector's word-alignment loss in stage 2
     extra_turns: int = 5  # derived question/answer turns appended to each training sequence
     caption: bool = True  # a "What is in the image?" turn listing the objects left to right
     warmup: int = 50
@@ -60,12 +62,13 @@ class TrainConfig:
     minutes: float | None = None  # wall-clock budget: stages run by time instead of by step count
     stage1_share: float = 0.25  # share of ``minutes`` given to stage 1
     pdrop: bool = False  # stage 2 with PyramidDrop (tokendrop.PyramidDrop(), default schedule) patched in
+    stage1_checkpoint: str | None = None  # file: load stage 1 from it if it exists, else save stage 1 to it
 
     def __post_init__(self):
         for name in ("stage1_batch", "stage2_batch", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stage1_steps", "stage2_steps", "extra_turns", "warmup"):
+        for name in ("stage1_steps", "stage2_steps", "extra_turns", "warmup", "sheets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.minutes is not None and self.minutes <= 0:
@@ -120,6 +123,9 @@ def cls_loss(head: torch.nn.Module, pooled: torch.Tensor, targets: torch.Tensor,
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+_NONE_WEIGHT = 0.1  # weight of the glyph field's "none" class: about 60 of a tile's 64 patches hold no glyph
+
+
 class VisionHeads(torch.nn.Module):
     """Training-only heads on the vision tower: [CLS] multi-label and per-patch classes (not saved in the model)."""
 
@@ -128,6 +134,9 @@ class VisionHeads(torch.nn.Module):
         self.cls = torch.nn.Linear(width, len(LABELS))
         self.sizes = [len(v) for v in PATCH_FIELDS.values()]
         self.patch = torch.nn.Linear(width, sum(self.sizes))
+        glyph_weight = torch.ones(len(PATCH_FIELDS["glyph"]))
+        glyph_weight[-1] = _NONE_WEIGHT
+        self.register_buffer("glyph_weight", glyph_weight, persistent=False)
 
     def loss(self, pooled: torch.Tensor, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """([CLS] loss, patch loss). pooled (T, Dv) [CLS] outputs, hidden (T, 1 + N, Dv) the feature layer."""
@@ -135,9 +144,44 @@ class VisionHeads(torch.nn.Module):
         feats = hidden[:, 1:]  # (T, N, Dv): what the LM sees
         logits = self.patch(feats).split(self.sizes, dim=-1)  # 3 x (T, N, C)
         target = batch["patch_targets"]  # (T, N, 3)
-        losses = [F.cross_entropy(lg.flatten(0, 1), target[..., k].flatten(), ignore_index=-100)
+        weights = (None, None, self.glyph_weight)  # PATCH_FIELDS order: colour, shape, glyph
+        losses = [F.cross_entropy(lg.flatten(0, 1), target[..., k].flatten(), weight=weights[k], ignore_index=-100)
                   for k, lg in enumerate(logits)]
         return cls, sum(losses) / len(losses)
+
+    def sheet_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Glyph classification on every patch of glyph sheets. hidden (S, 1 + N, Dv), targets (S, N)."""
+        glyph = self.patch(hidden[:, 1:]).split(self.sizes, dim=-1)[2]  # (S, N, C)
+        return F.cross_entropy(glyph.flatten(0, 1), targets.flatten(), weight=self.glyph_weight, ignore_index=-100)
+
+
+def word_ids(tokenizer) -> list[torch.Tensor]:
+    """Token id of each class word of each ``PATCH_FIELDS`` field ("none" excluded), as it follows a space."""
+    out = []
+    for values in PATCH_FIELDS.values():
+        ids = [tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in values[:-1]]
+        if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+            raise ValueError(f"every class word must be its own token, got {dict(zip(values, ids))}")
+        out.append(torch.tensor([i[0] for i in ids]))
+    return out
+
+
+def align_loss(projected: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor, ids: list[torch.Tensor]):
+    """Word alignment of the projector's output (the role of LLaVA's feature-alignment stage).
+
+    Each object patch's projected feature, scored against the (tied) word embeddings of the colours,
+    shapes and glyphs, must pick its own colour, shape and glyph word: cross-entropy within each
+    field. projected (T, N, D), embeddings (vocab, D), targets (T, N, 3) patch classes (-100 ignored,
+    the last class of a field = "none", not aligned).
+    """
+    losses = []
+    for k, field_ids in enumerate(ids):
+        target = targets[..., k]
+        keep = (target >= 0) & (target < len(field_ids))  # object / glyph patches only
+        if keep.any():
+            logits = projected[keep] @ embeddings[field_ids].T  # (M, C)
+            losses.append(F.cross_entropy(logits, target[keep]))
+    return sum(losses) / max(1, len(losses))
 
 
 class _Batches:
@@ -160,28 +204,38 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def train_vision(model, head, image_processor, cfg: TrainConfig, batches: _Batches, log: Callable) -> int:
-    """Stage 1: [CLS] multi-label pre-training of the vision tower alone; returns the steps taken."""
+def train_vision(model, head, image_processor, cfg: TrainConfig, batches: _Batches, log: Callable,
+                 sheet_rng: np.random.Generator | None = None) -> int:
+    """Stage 1: the vision tower alone, on scenes ([CLS] multi-label + per-patch classes) and glyph
+    sheets (per-patch glyph classes); returns the steps taken."""
     tower = model.model.vision_tower
     params = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=cfg.weight_decay)
     tower.train()
+    sheet_rng = sheet_rng if sheet_rng is not None else np.random.default_rng((cfg.seed, 3))
     seconds = None if cfg.minutes is None else cfg.minutes * 60 * cfg.stage1_share
     schedule = _Schedule(cfg.stage1_steps, seconds, cfg.warmup, cfg.stage1_lr)
+    layer = model.config.vision_feature_layer
     step = 0
     while not schedule.done(step):
         _set_lr(optimizer, schedule.lr(step))
         batch = encode_views(image_processor, batches.next(), cfg.model.tile)
-        out = tower(pixel_values=batch["pixel_values"], output_hidden_states=True)
-        cls, patch = head.loss(out.pooler_output, out.hidden_states[model.config.vision_feature_layer], batch)
-        loss = cls + patch
+        pixel_values, n_views = batch["pixel_values"], batch["pixel_values"].shape[0]
+        if cfg.sheets:
+            sheets = encode_sheets(image_processor, sheet_rng, cfg.sheets, cfg.model.tile)
+            pixel_values = torch.cat([pixel_values, sheets["pixel_values"]])
+        out = tower(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[layer]
+        cls, patch = head.loss(out.pooler_output[:n_views], hidden[:n_views], batch)
+        sheet = head.sheet_loss(hidden[n_views:], sheets["glyph_targets"]) if cfg.sheets else torch.zeros(())
+        loss = cls + patch + sheet
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % cfg.log_every == 0:
             log(f"stage1 step {step:5d} lr {schedule.lr(step):.2e} cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} "
-                f"views {batch['pixel_values'].shape[0]} elapsed {time.perf_counter() - schedule.start:7.1f}s")
+                f"sheet_loss {sheet.item():.4f} views {n_views} elapsed {time.perf_counter() - schedule.start:7.1f}s")
         step += 1
     log(f"stage1 done: {step} steps in {time.perf_counter() - schedule.start:.1f}s")
     return step
@@ -191,10 +245,9 @@ def _stage2_optimizer(model, head, cfg: TrainConfig) -> torch.optim.AdamW:
     vision = list(model.model.vision_tower.parameters()) + list(head.parameters())
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
-    groups = [
-        {"params": rest, "lr_scale": 1.0},
-        {"params": vision, "lr_scale": cfg.vision_lr_scale},
-    ]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if cfg.vision_lr_scale > 0:
+        groups.append({"params": vision, "lr_scale": cfg.vision_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
 
 
@@ -206,12 +259,21 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
     optimizer = _stage2_optimizer(model, head, cfg)
     captured: dict = {}
     layer = model.config.vision_feature_layer
+    ids = word_ids(processor.tokenizer)
 
     def grab(module, args, out):  # read now: LLaVA-NeXT later replaces out.pooler_output in place
         captured["tower"] = (out.pooler_output, out.hidden_states[layer])
 
-    hook = model.model.vision_tower.register_forward_hook(grab)
+    def grab_projected(module, args, out):  # (T, N, D): every view's patches, before unpadding and packing
+        captured["projected"] = out
+
+    tower = model.model.vision_tower
+    frozen = cfg.vision_lr_scale == 0
+    hooks = [model.model.multi_modal_projector.register_forward_hook(grab_projected)]
+    if not frozen:
+        hooks.append(tower.register_forward_hook(grab))
     model.train()
+    tower.requires_grad_(not frozen)  # frozen: no autograd graph through the tower at all
     schedule = _Schedule(cfg.stage2_steps, seconds, cfg.warmup, cfg.stage2_lr)
     step = 0
     pdrop = td.apply(model, processor, td.PyramidDrop()) if cfg.pdrop else None  # the same stock forward below
@@ -221,20 +283,23 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption) for s in batches.next()]
             batch = collate(examples, processor.tokenizer.pad_token_id)
             lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
-            cls, patch = head.loss(*captured.pop("tower"), batch)
-            aux = cls + patch
-            loss = lm_loss + cfg.aux_weight * aux
+            cls, patch = head.loss(*captured.pop("tower"), batch) if not frozen else (torch.zeros(()),) * 2
+            align = align_loss(captured.pop("projected"), model.get_input_embeddings().weight, batch["patch_targets"], ids)
+            loss = lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             if step % cfg.log_every == 0:
                 log(f"stage2 step {step:5d} lr {schedule.lr(step):.2e} lm_loss {lm_loss.item():.4f} "
-                    f"cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} seq {batch['labels'].shape[1]} "
+                    f"cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} align_loss {align.item():.4f} "
+                    f"seq {batch['labels'].shape[1]} "
                     f"elapsed {time.perf_counter() - schedule.start:7.1f}s")
             step += 1
     finally:
-        hook.remove()
+        tower.requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
         if pdrop is not None:
             pdrop.remove()
     log(f"stage2 done: {step} steps in {time.perf_counter() - schedule.start:.1f}s")
@@ -258,10 +323,15 @@ def save(model, processor, out_dir: str | Path, cfg: TrainConfig, extra: dict) -
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
-    """Run both stages and save the model; returns (model, processor, seconds)."""
+    """Run both stages and save the model; returns (model, processor, seconds).
+
+    With ``cfg.stage1_checkpoint`` naming an existing file, stage 1 is loaded from it instead of
+    run (the vision tower and its training heads); otherwise stage 1 runs and is saved there. Each
+    stage draws its data order from its own generator, so two runs that share a stage-1
+    checkpoint see the same stage-2 batches (e.g. vanilla vs ``pdrop``).
+    """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     start = time.perf_counter()
     samples = load_dataset(cfg.train_dir)
     if "objects" not in samples[0].meta:
@@ -272,17 +342,31 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
     head = VisionHeads(cfg.model.v_hidden)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{len(samples)} training samples, vocab {len(tokenizer)}, {n_params / 1e6:.2f}M parameters")
-    batches1 = _Batches(samples, cfg.stage1_batch, rng)
-    steps1 = train_vision(model, head, processor.image_processor, cfg, batches1, log)
-    batches2 = _Batches(samples, cfg.stage2_batch, rng)
+    checkpoint = Path(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.model.vision_tower.load_state_dict(state["tower"])
+        head.load_state_dict(state["head"])
+        steps1 = int(state["steps"])
+        log(f"stage1 loaded from {checkpoint} ({steps1} steps)")
+    else:
+        batches1 = _Batches(samples, cfg.stage1_batch, np.random.default_rng((cfg.seed, 1)))
+        steps1 = train_vision(model, head, processor.image_processor, cfg, batches1, log)
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"tower": model.model.vision_tower.state_dict(), "head": head.state_dict(), "steps": steps1},
+                       checkpoint)
+    rng2 = np.random.default_rng((cfg.seed, 2))
+    batches2 = _Batches(samples, cfg.stage2_batch, rng2)
     budget2 = None
     if cfg.minutes is not None:  # what is left of the budget, minus a margin for saving
         budget2 = max(1.0, cfg.minutes * 60 - (time.perf_counter() - start) - _SAVE_MARGIN)
-    steps2 = train_vlm(model, head, processor, cfg, batches2, rng, log, seconds=budget2)
+    start2 = time.perf_counter()
+    steps2 = train_vlm(model, head, processor, cfg, batches2, rng2, log, seconds=budget2)
     model.eval()
     seconds = time.perf_counter() - start
-    done = {"train_seconds": round(seconds, 1), "parameters": n_params, "stage1_steps_done": steps1,
-            "stage2_steps_done": steps2}
+    done = {"train_seconds": round(seconds, 1), "stage2_seconds": round(time.perf_counter() - start2, 1),
+            "parameters": n_params, "stage1_steps_done": steps1, "stage2_steps_done": steps2}
     save(model, processor, cfg.out_dir, cfg, done)
     log(f"saved to {cfg.out_dir} after {seconds / 60:.1f} min")
     return model, processor, seconds

@@ -162,8 +162,9 @@ def patch_targets(objects: list[dict], height: int, width: int, tile: int, patch
     """Class index per patch of every view for colour, shape and glyph (``PATCH_FIELDS`` order).
 
     A patch whose centre lies in an object's core gets its colour and shape, near an object's edge
-    it is ignored (-100), elsewhere "none". The glyph class goes to the patch holding the glyph
-    centre in each tile (its 8 neighbours are ignored); the base view gets no glyph targets.
+    it is ignored (-100), elsewhere "none". In each tile, every patch holding at least
+    ``_GLYPH_SHARE`` of the glyph's ink box gets the glyph class, patches touching less of it are
+    ignored; the base view gets no glyph targets (the glyph is too small to read there).
 
     Returns:
         (V, N, 3) int64 array, V views (base first), N = (tile // patch) ** 2 patches.
@@ -184,15 +185,43 @@ def patch_targets(objects: list[dict], height: int, width: int, tile: int, patch
         out[..., 0][core] = list(COLORS).index(obj["color"])
         out[..., 1][core] = SHAPES.index(obj["shape"])
         if obj.get("glyph"):
-            gy_img = cy + (y1 - y0) * 0.12 if obj["shape"] == "triangle" else cy
-            gx_c, gy_c = cx * sx + px, gy_img * sy + py  # canvas pixels
-            r, c = int(gy_c // tile), int(gx_c // tile)
-            if 0 <= r < rows and 0 <= c < cols:
-                v = 1 + r * cols + c
-                i, j = int((gy_c - r * tile) // patch), int((gx_c - c * tile) // patch)
-                for di in (-1, 0, 1):
-                    for dj in (-1, 0, 1):
-                        if 0 <= i + di < side and 0 <= j + dj < side:
-                            out[v, (i + di) * side + (j + dj), 2] = IGNORE
-                out[v, i * side + j, 2] = GLYPHS.index(obj["glyph"])
+            gx0, gy0, gx1, gy1 = obj.get("glyph_box") or _approx_glyph_box(obj)
+            box = (gx0 * sx + px, gy0 * sy + py, gx1 * sx + px, gy1 * sy + py)  # canvas pixels
+            for r in range(rows):
+                for c in range(cols):
+                    local = (box[0] - c * tile, box[1] - r * tile, box[2] - c * tile, box[3] - r * tile)
+                    mark_glyph(out[1 + r * cols + c, :, 2], local, GLYPHS.index(obj["glyph"]), side, patch)
     return out
+
+
+def mark_glyph(labels: np.ndarray, box: tuple, glyph: int, side: int, patch: int) -> None:
+    """Glyph class ``glyph`` on the patches of one view holding >= ``_GLYPH_SHARE`` of the glyph box
+    (view pixels), ignore (-100) on patches holding less of it. labels (side * side,) in place."""
+    for i in range(max(0, int(box[1] // patch)), min(side, int(box[3] // patch) + 1)):
+        for j in range(max(0, int(box[0] // patch)), min(side, int(box[2] // patch) + 1)):
+            share = _overlap(box, (j * patch, i * patch, (j + 1) * patch, (i + 1) * patch))
+            if share >= _GLYPH_SHARE:
+                labels[i * side + j] = glyph
+            elif share > 0:
+                labels[i * side + j] = IGNORE
+
+
+def sheet_targets(objects: list, size: int, patch: int = 14) -> np.ndarray:
+    """Glyph class per patch of a ``glyph_sheet`` (one view): (N,) int64, "none" = len(GLYPHS)."""
+    side = size // patch
+    labels = np.full(side * side, len(GLYPHS), dtype=np.int64)
+    for obj in objects:
+        mark_glyph(labels, obj.glyph_box, GLYPHS.index(obj.glyph), side, patch)
+    return labels
+
+
+_GLYPH_SHARE = 0.2  # share of the glyph's ink box a patch must hold to be labelled with the glyph
+
+
+def _approx_glyph_box(obj: dict) -> tuple[float, float, float, float]:
+    """Glyph box for data written before ``glyph_box`` was recorded: 5x7 cells of 1.7 px, scaled like the object."""
+    x0, y0, x1, y1 = obj["box"]
+    scale = (x1 - x0) / 38.0  # _RADIUS mean (19) * 2 at scale 1
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + ((y1 - y0) * 0.12 if obj["shape"] == "triangle" else 0.0)
+    w, h = 5 * 1.7 * scale, 7 * 1.7 * scale
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
