@@ -62,3 +62,28 @@ def test_eval_bad_arguments_exit_2(tiny_folder, dataset, capsys, argv, message):
     args = ["eval", "--data", str(dataset), "--model", str(folder), "--limit", "1", "--no-progress"]
     assert main(args + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_pads_on_the_left_whatever_the_processor_says(tiny_folder, dataset, monkeypatch):
+    # Batched greedy generation must continue each row from its own last token: with right padding
+    # the short rows would generate after their pad tokens.
+    from tokendrop.data import load_dataset
+    from tokendrop.evaluation.harness import evaluate
+    from tokendrop.loading import load_model
+
+    folder, _ = tiny_folder
+    model, processor = load_model(str(folder))
+    processor.tokenizer.padding_side = "right"
+    samples = load_dataset(dataset)[:3]
+    assert len({s.load_image().size for s in samples}) > 1  # different prompt lengths: padding needed
+    last_columns = []
+    generate = model.generate
+
+    def spy(**inputs):
+        last_columns.append(inputs["attention_mask"][:, -1].tolist())
+        return generate(**inputs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    evaluate(model, processor, samples, [Config("none")], batch_size=3, max_new_tokens=2, progress=False)
+    assert last_columns == [[1, 1, 1]]  # every row ends with a real token
+    assert processor.tokenizer.padding_side == "right"  # restored

@@ -57,13 +57,18 @@ def evaluate(model, processor, samples: list[Sample], configs: list[Config], met
     scorers = {name: get_metric(name) for name in metrics}
     bar = tqdm(total=len(configs) * len(samples), disable=not progress, unit="q", desc="eval")
     records = []
-    for config in configs:
-        bar.set_postfix_str(config.label)
-        start = time.perf_counter()
-        answers, visual, equivalent = run_config(model, processor, samples, config, batch_size, max_new_tokens,
-                                                 method_args or {}, bar)
-        records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start))
-    bar.close()
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
+    try:
+        for config in configs:
+            bar.set_postfix_str(config.label)
+            start = time.perf_counter()
+            answers, visual, equivalent = run_config(model, processor, samples, config, batch_size, max_new_tokens,
+                                                     method_args or {}, bar)
+            records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start))
+    finally:
+        processor.tokenizer.padding_side = side
+        bar.close()
     return records
 
 
