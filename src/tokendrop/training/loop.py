@@ -1,13 +1,14 @@
-"""Two-stage training of the default model, as plain PyTorch loops.
+"""Two-stage training of the default model, as plain PyTorch loops (recipe: docs/training_recipe.md).
 
-Stage 1 (vision): the CLIP tower alone learns multi-label prediction from its [CLS] output
-(``pooler_output`` = post_layernorm(CLS)) of which shapes, colours, (colour, shape) pairs and glyphs
-are visible, on the base image and on every anyres tile. A tile's [CLS] thus has to attend to the
-glyph in that tile: the meaning HiRED relies on when it ranks tokens by [CLS] attention.
+Stage 1 (vision): the CLIP tower alone, on scene views and glyph sheets. Multi-label prediction from
+its [CLS] output (``pooler_output`` = post_layernorm(CLS)) of which shapes, colours, (colour, shape)
+pairs and glyphs are visible, on the base image and on every anyres tile: a tile's [CLS] has to
+attend to the glyph in that tile, the meaning HiRED relies on when it ranks tokens by [CLS]
+attention. Per-patch colour / shape / glyph classes on the feature layer the LM receives.
 
 Stage 2 (VLM): the stock ``model(**inputs, labels=labels)`` forward, LM loss on answer tokens only
-(labels -100 elsewhere), plus the stage-1 [CLS] loss as an auxiliary, read from the vision tower's
-output through a forward hook (no second vision pass).
+(labels -100 elsewhere), plus a word-alignment loss on the projector's output; the tower is frozen
+by default.
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ def _stage2_optimizer(model, head, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, log: Callable, seconds=None) -> int:
-    """Stage 2: the stock LLaVA-NeXT forward with LM loss on answers + the auxiliary [CLS] loss.
+    """Stage 2: the stock LLaVA-NeXT forward with LM loss on answers + the projector's word alignment
+    (+ the stage-1 losses as auxiliaries when the tower trains, ``cfg.vision_lr_scale > 0``).
 
     Returns the steps taken; ``seconds`` (a wall-clock budget) replaces ``cfg.stage2_steps`` when given.
     """
