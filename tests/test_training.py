@@ -123,8 +123,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     assert answers[0] == answers[1]
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped yet")
-def test_shipped_model_loads_offline_and_answers_in_format(tmp_path):
+@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped in this checkout")
+def test_shipped_model_loads_offline_and_beats_chance_widely(tmp_path):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from tokendrop.data import generate_dataset, load_dataset
@@ -132,20 +132,15 @@ def test_shipped_model_loads_offline_and_answers_in_format(tmp_path):
 
     size = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
     assert size < 25 * 2**20
-    model = LlavaNextForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = LlavaNextForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)  # local files only
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     assert model.config.text_config.num_hidden_layers >= 8
     generate_dataset(tmp_path, 40, seed=9090)  # a seed used neither for training nor for validation
     (result,) = evaluate(model, processor, load_dataset(tmp_path), [Config("none")], batch_size=20, progress=False)
-    result["predictions"] = [p["prediction"] for p in result["predictions"]]
-    result["overall"] = result["metrics"]["exact_match"]
-    # Answers are one word of the task's vocabulary (the model learned the format and the priors).
-    vocab = {"yes", "no", "1", "2", "3", "4", "5", "6", "7", "8", "9", "red", "green", "blue", "yellow", "purple"}
-    assert sum(p in vocab for p in result["predictions"]) >= 36, result["predictions"]
-    # Chance is about 0.29 overall (glyph 1/8, color 1/5, count 1/3, exists 1/2). The shipped model
-    # (docs/training_recipe.md) reaches only 0.36 on the held-out split, so this checks "not broken";
-    # raise the bar to ~0.6 once a model meeting the accuracy targets is shipped.
-    assert result["overall"] >= 0.25, result
+    # Chance: overall about 0.29 (glyph 1/8, colour 1/5, count 1/3, exists 1/2). The shipped model scores
+    # about 0.6 overall and 0.8 on glyphs on 200 validation questions (docs/training_recipe.md).
+    assert result["metrics"]["exact_match"] >= 0.45, result["by_type"]
+    assert result["by_type"]["glyph"]["exact_match"] >= 0.5, result["by_type"]
 
 
 def test_tiny_training_run_with_pyramiddrop(tmp_path):

@@ -43,11 +43,11 @@ class TrainConfig:
     out_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
-    stage1_steps: int = 350
+    stage1_steps: int = 850
     stage1_batch: int = 16  # images per step (each gives 3-5 views)
     sheets: int = 32  # glyph sheets per stage-1 step (dense glyph-reading material, tokendrop.data.synth.glyph_sheet)
     stage1_lr: float = 1e-3
-    stage2_steps: int = 760
+    stage2_steps: int = 2650
     stage2_batch: int = 8
     stage2_lr: float = 1e-3
     vision_lr_scale: float = 0.0  # stage-2 learning rate of the vision tower, relative (0: frozen, no backward)

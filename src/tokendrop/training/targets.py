@@ -141,6 +141,7 @@ def extra_turns(objects: list[dict], rng: np.random.Generator, k: int) -> list[t
 PATCH_FIELDS = {"color": tuple(COLORS) + ("none",), "shape": SHAPES + ("none",), "glyph": GLYPHS + ("none",)}
 IGNORE = -100
 _CORE, _EDGE = 0.7, 1.05  # inside this share of an object's half-size: the object; up to _EDGE: ignored
+_GLYPH_SHARE = 0.2  # share of the glyph's ink box a patch must hold to be labelled with the glyph
 
 
 def _patch_centres(height: int, width: int, tile: int, patch: int) -> np.ndarray:
@@ -185,7 +186,9 @@ def patch_targets(objects: list[dict], height: int, width: int, tile: int, patch
         out[..., 0][core] = list(COLORS).index(obj["color"])
         out[..., 1][core] = SHAPES.index(obj["shape"])
         if obj.get("glyph"):
-            gx0, gy0, gx1, gy1 = obj.get("glyph_box") or _approx_glyph_box(obj)
+            if "glyph_box" not in obj:
+                raise ValueError(f"object {obj} has a glyph but no 'glyph_box': regenerate the data with tokendrop data")
+            gx0, gy0, gx1, gy1 = obj["glyph_box"]
             box = (gx0 * sx + px, gy0 * sy + py, gx1 * sx + px, gy1 * sy + py)  # canvas pixels
             for r in range(rows):
                 for c in range(cols):
@@ -214,14 +217,3 @@ def sheet_targets(objects: list, size: int, patch: int = 14) -> np.ndarray:
         mark_glyph(labels, obj.glyph_box, GLYPHS.index(obj.glyph), side, patch)
     return labels
 
-
-_GLYPH_SHARE = 0.2  # share of the glyph's ink box a patch must hold to be labelled with the glyph
-
-
-def _approx_glyph_box(obj: dict) -> tuple[float, float, float, float]:
-    """Glyph box for data written before ``glyph_box`` was recorded: 5x7 cells of 1.7 px, scaled like the object."""
-    x0, y0, x1, y1 = obj["box"]
-    scale = (x1 - x0) / 38.0  # _RADIUS mean (19) * 2 at scale 1
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + ((y1 - y0) * 0.12 if obj["shape"] == "triangle" else 0.0)
-    w, h = 5 * 1.7 * scale, 7 * 1.7 * scale
-    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
