@@ -235,3 +235,31 @@ def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_align_loss_prefers_the_patch_words_and_skips_none_and_ignored_patches():
+    from tokendrop.training.loop import align_loss
+    from tokendrop.training.targets import PATCH_FIELDS
+
+    torch.manual_seed(0)
+    vocab, dim = 40, 16
+    embeddings = torch.nn.functional.normalize(torch.randn(vocab, dim), dim=-1) * 4
+    ids = [torch.arange(0, 5), torch.arange(10, 14), torch.arange(20, 28)]  # colour, shape, glyph word ids
+    targets = torch.tensor([[[2, 1, 7], [len(PATCH_FIELDS["color"]) - 1, 4, -100], [-100, -100, 8]]])  # (1, 3, 3)
+    right = (embeddings[2] + embeddings[11] + embeddings[27]).expand(1, 3, dim)  # patch 0's words everywhere
+    wrong = (embeddings[0] + embeddings[13] + embeddings[20]).expand(1, 3, dim)
+    assert align_loss(right, embeddings, targets, ids) < 0.5 < align_loss(wrong, embeddings, targets, ids)
+    # Patches 1 and 2 carry only "none" classes or -100: changing their features changes nothing.
+    moved = right.clone()
+    moved[0, 1:] = torch.randn(2, dim)
+    torch.testing.assert_close(align_loss(moved, embeddings, targets, ids), align_loss(right, embeddings, targets, ids))
+
+
+def test_word_ids_are_one_token_per_class_word():
+    from tokendrop.training.loop import tokenizer_corpus, word_ids
+    from tokendrop.training.model import train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus([]), 512)
+    colour, shape, glyph = word_ids(tok)
+    assert len(colour) == 5 and len(shape) == 4 and len(glyph) == 8
+    assert tok.decode(colour[:1]) == " red" and tok.decode(glyph[-1:]) == " 9"
