@@ -324,6 +324,19 @@ def save(model, processor, out_dir: str | Path, cfg: TrainConfig, extra: dict) -
     (out / "training_args.json").write_text(json.dumps(args, indent=2) + "\n")
 
 
+def build(cfg: TrainConfig, samples: list[Sample]) -> tuple:
+    """(processor, model, vision heads) of a fresh run: tokenizer trained on ``samples``, random weights."""
+    tokenizer = train_tokenizer(tokenizer_corpus(samples), cfg.model.vocab_size)
+    return build_processor(tokenizer, cfg.model.tile), build_model(cfg.model, tokenizer), VisionHeads(cfg.model.v_hidden)
+
+
+def load_stage1(model, head: VisionHeads, state: dict) -> int:
+    """Put a stage-1 checkpoint (``tower``, ``head``, ``steps``) into ``model`` and ``head``; returns its steps."""
+    model.model.vision_tower.load_state_dict(state["tower"])
+    head.load_state_dict(state["head"])
+    return int(state["steps"])
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
     """Run both stages and save the model; returns (model, processor, seconds).
 
@@ -338,18 +351,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
     samples = load_dataset(cfg.train_dir)
     if "objects" not in samples[0].meta:
         raise ValueError(f"{cfg.train_dir}: training needs synthetic data with 'objects' (tokendrop data)")
-    tokenizer = train_tokenizer(tokenizer_corpus(samples), cfg.model.vocab_size)
-    processor = build_processor(tokenizer, cfg.model.tile)
-    model = build_model(cfg.model, tokenizer)
-    head = VisionHeads(cfg.model.v_hidden)
+    processor, model, head = build(cfg, samples)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{len(samples)} training samples, vocab {len(tokenizer)}, {n_params / 1e6:.2f}M parameters")
+    log(f"{len(samples)} training samples, vocab {len(processor.tokenizer)}, {n_params / 1e6:.2f}M parameters")
     checkpoint = Path(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else None
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.model.vision_tower.load_state_dict(state["tower"])
-        head.load_state_dict(state["head"])
-        steps1 = int(state["steps"])
+        steps1 = load_stage1(model, head, torch.load(checkpoint, map_location="cpu", weights_only=True))
         log(f"stage1 loaded from {checkpoint} ({steps1} steps)")
     else:
         batches1 = _Batches(samples, cfg.stage1_batch, np.random.default_rng((cfg.seed, 1)))

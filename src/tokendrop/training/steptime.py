@@ -19,19 +19,14 @@ import numpy as np
 import torch
 
 from tokendrop.data.dataset import load_dataset
-from tokendrop.training.loop import TrainConfig, VisionHeads, _Batches, tokenizer_corpus, train_vlm
-from tokendrop.training.model import build_model, build_processor, train_tokenizer
+from tokendrop.training.loop import TrainConfig, _Batches, build, load_stage1, train_vlm
 
 
 def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: int) -> float:
     """Seconds for ``steps`` stage-2 steps of a fresh model with ``checkpoint``'s vision tower."""
     torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(tokenizer_corpus(samples), cfg.model.vocab_size)
-    processor = build_processor(tokenizer, cfg.model.tile)
-    model = build_model(cfg.model, tokenizer)
-    head = VisionHeads(cfg.model.v_hidden)
-    model.model.vision_tower.load_state_dict(checkpoint["tower"])
-    head.load_state_dict(checkpoint["head"])
+    processor, model, head = build(cfg, samples)
+    load_stage1(model, head, checkpoint)
     rng = np.random.default_rng((cfg.seed, 2))
     block = TrainConfig(**{**cfg.__dict__, "pdrop": pdrop, "stage2_steps": steps, "log_every": 10**9})
     start = time.perf_counter()
