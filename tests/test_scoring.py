@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokendrop.scoring import cls_attention_row, query_attention_row
+from tokendrop.scoring import cls_attention_row, query_attention_row, query_attention_rows
 
 
 def test_cls_row_equals_eager_output_attentions():
@@ -50,6 +50,9 @@ def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
         several[0, [4, 9]] = True
         several[1, [6, 7, 9]] = True
         rows = query_attention_row(layer, hidden, rope, several, key_mask=mask)
+        per_head = query_attention_rows(layer, hidden, rope, torch.tensor([[4, 9], [6, 9]]), key_mask=mask)
+    torch.testing.assert_close(per_head[0], captured["weights"][0][:, [4, 9]], atol=1e-6, rtol=1e-5)  # (H, Q, L)
+    torch.testing.assert_close(per_head[1], captured["weights"][1][:, [6, 9]], atol=1e-6, rtol=1e-5)
     weights = captured["weights"].mean(dim=1)  # (B, L, L) mean over heads
     torch.testing.assert_close(row, weights[:, -1], atol=1e-6, rtol=1e-5)
     assert row[1, :3].abs().max() == 0  # padding gets nothing

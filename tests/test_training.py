@@ -92,6 +92,52 @@ def test_extra_turns_are_consistent_with_the_scene():
     assert turns["How many circles are there?"] == "2"
     assert turns["What color is the square?"] == "green"
     assert "What color is the circle?" not in turns  # two circles: ambiguous, never asked
+    for seed in range(20):  # the "no" existence question is a near miss, as in the data: a shape in the scene
+        turns = dict(extra_turns(objects, np.random.default_rng(seed), 20))
+        (question,) = [q for q, a in turns.items() if a == "no"]
+        assert question.split()[-1].rstrip("?") in ("circle", "square"), question
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped in this checkout")
+def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path):
+    from transformers import AutoProcessor
+
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.batches import IGNORE, encode_example
+    from tokendrop.training.targets import CAPTION_QUESTION, focus, focus_mask
+
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    tok = processor.tokenizer
+    generate_dataset(tmp_path, 6, seed=4)
+    for sample in load_dataset(tmp_path):
+        example = encode_example(processor, sample, np.random.default_rng(0), 5, 112, with_caption=True)
+        ids, labels = example["input_ids"], example["labels"]
+        text = tok.decode(ids)
+        assert text.rstrip("</s>").endswith(caption(sample.meta["objects"]))  # the caption is the last turn
+        assert text.index(CAPTION_QUESTION) > text.rindex("?", 0, text.index(CAPTION_QUESTION) - 1)
+        starts = [i for i in range(1, len(ids)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]  # answer spans
+        assert len(example["focus"]) == len(starts) - 1  # every templated turn (here: all but the caption)
+        assert tok.decode(ids[: example["focus"][0][0] + 1]).endswith(sample.question + " A:")
+        for (pos, mask), start in zip(example["focus"], starts):
+            assert pos == start - 1  # the token whose logits predict the answer
+            question = tok.decode(ids[:pos + 1]).rsplit("Q:", 1)[1].removesuffix(" A:").strip()
+            expected = focus_mask(example["patch_targets"].numpy(), *focus(question))
+            assert mask.any() and np.array_equal(mask.numpy(), expected)
+
+
+def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
+    from tokendrop.training.loop import ground_loss
+
+    target = torch.zeros(1, 2, 10, dtype=torch.bool)
+    target[0, 0, 2:4] = True
+    target[0, 1, 5] = True
+    valid = torch.tensor([[True, False]])
+    uniform = torch.full((1, 2, 10), 0.1)
+    sharp = torch.zeros(1, 2, 10)
+    sharp[0, 0, 3] = 1.0
+    assert ground_loss(sharp, target, valid).item() == pytest.approx(0.0, abs=1e-6)
+    assert ground_loss(uniform, target, valid).item() == pytest.approx(-np.log(0.2), rel=1e-5)  # 2 of 10 keys
+    assert ground_loss(uniform, target, torch.tensor([[True, True]])).item() == pytest.approx((-np.log(0.2) - np.log(0.1)) / 2, rel=1e-5)
 
 
 def test_tiny_training_run_and_save_load_round_trip(tmp_path):
@@ -104,12 +150,14 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
 
     generate_dataset(tmp_path / "data", 8, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
-    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny,
+    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, ground_layer=1,
                       stage1_steps=3, stage1_batch=4, stage2_steps=4, stage2_batch=4, warmup=1, threads=1)
     logs: list[str] = []
     model, processor, _ = train(cfg, log=logs.append)
     losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]
     assert losses and all(np.isfinite(losses))
+    grounding = [float(line.split("ground_loss ")[1].split()[0]) for line in logs if "ground_loss" in line]
+    assert grounding and all(0 < g < 20 for g in grounding)
 
     loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model", dtype=torch.float32)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "model")
@@ -179,7 +227,7 @@ def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
 
     def run(out):
         cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / out), model=tiny, stage1_checkpoint=str(ckpt),
-                          stage1_steps=2, stage1_batch=3, stage2_steps=2, stage2_batch=3, warmup=1, threads=1)
+                          ground_layer=1, stage1_steps=2, stage1_batch=3, stage2_steps=2, stage2_batch=3, warmup=1, threads=1)
         logs: list[str] = []
         model, _, _ = train(cfg, log=logs.append)
         return model, logs
@@ -263,3 +311,53 @@ def test_word_ids_are_one_token_per_class_word():
     colour, shape, glyph = word_ids(tok)
     assert len(colour) == 5 and len(shape) == 4 and len(glyph) == 8
     assert tok.decode(colour[:1]) == " red" and tok.decode(glyph[-1:]) == " 9"
+
+
+def test_image_token_patches_follow_the_stock_packing(next_model, images):
+    """The patch shown by each image token (from the model's own pack_image_features) matches the
+    adapter's independent geometry (base raster, then the unpadded canvas row by row)."""
+    from conftest import PROMPTS
+
+    from tokendrop.adapters.llava_next import LlavaNextAdapter
+    from tokendrop.training.loop import image_token_patches
+
+    model, processor = next_model
+    processor.tokenizer.padding_side = "right"
+    try:
+        inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    adapter = LlavaNextAdapter(model)
+    n = adapter.grid ** 2
+    views = [adapter.layout(s).num_partitions for s in inputs["image_sizes"].tolist()]
+    patch = image_token_patches(model, inputs["input_ids"], inputs["image_sizes"], views)  # (B, L)
+    for b, size in enumerate(inputs["image_sizes"].tolist()):
+        layout = adapter.layout(size)
+        features = torch.zeros(layout.num_partitions, n, model.config.vision_config.hidden_size)
+        keep = [torch.arange(n)] * layout.num_partitions
+        _, where = adapter.pack(features, keep, layout, newlines=True)  # (K, 3) partition, row, col
+        expected = where[:, 0] * n + where[:, 1] * adapter.grid + where[:, 2]
+        image = inputs["input_ids"][b] == model.config.image_token_id
+        assert torch.equal(patch[b][patch[b] >= 0], expected)
+        assert ((patch[b] >= 0) <= image).all()  # only image tokens show patches
+        assert int(image.sum()) - int((patch[b] >= 0).sum()) == layout.crop[1] - layout.crop[0]  # one newline per canvas row
+
+
+def test_focus_mask_picks_the_objects_a_question_is_about():
+    from tokendrop.training.targets import focus, focus_mask
+
+    objects = [
+        {"shape": "circle", "color": "red", "glyph": None, "box": [10, 10, 50, 50]},
+        {"shape": "square", "color": "blue", "glyph": None, "box": [120, 10, 160, 50]},
+        {"shape": "square", "color": "green", "glyph": None, "box": [170, 60, 210, 100]},
+    ]
+    classes = patch_targets(objects, 112, 224, 112)  # (V, N, 3), 1x2 grid
+    squares = focus_mask(classes, *focus("How many squares are there?"))
+    assert focus("How many squares are there?") == (None, "square") and focus("What is in the image?") is None
+    assert squares.any() and not squares[classes[..., 1] != 1].any()  # SHAPES: circle, square, ...
+    blue = focus_mask(classes, *focus("Is there a blue square?"))
+    assert blue.any() and (blue <= squares).all() and (classes[..., 0][blue] == 2).all()  # COLORS: red, green, blue, ...
+    near = focus_mask(classes, *focus("Is there a red square?"))  # absent: the squares are the near misses
+    assert (near == squares).all()
+    circle = focus_mask(classes, *focus("What color is the circle?"))
+    assert circle.any() and not (circle & squares).any()

@@ -50,34 +50,54 @@ def query_attention_row(
         layer: a decoder layer with `input_layernorm` and `self_attn.{q,k}_proj` (Llama, Mistral,
             Qwen2, ...); grouped-query attention is handled by repeating keys per group.
         hidden_states: (B, L, D) the layer's input.
-        position_embeddings: (cos, sin), each (B, L, hd): the RoPE tables of the current positions.
+        position_embeddings: (cos, sin), each (B or 1, L, hd): the RoPE tables of the current positions.
         query_mask: (B, L) bool, the query tokens of every sample (at least one each).
         key_mask: (B, L) bool, keys that may be attended to (False for padding); causal masking
             (keys after each query) is applied on top.
     Returns:
         (B, L) fp32 attention over keys, averaged over heads and queries; rows sum to 1.
     """
+    Q = int(query_mask.sum(dim=1).max())
+    q_index = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :Q]  # (B, Q) queries first
+    q_valid = query_mask.gather(1, q_index)  # (B, Q)
+    rows = query_attention_rows(layer, hidden_states, position_embeddings, q_index, key_mask).mean(dim=1)  # (B, Q, L)
+    weights = q_valid.float() / q_valid.sum(dim=1, keepdim=True)  # (B, Q)
+    return (rows * weights[..., None]).sum(dim=1)
+
+
+def query_attention_rows(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-head softmax attention rows of chosen query positions in a Llama-style decoder layer.
+
+    Differentiable (training uses it to supervise where an answer looks).
+
+    Args:
+        layer, hidden_states, position_embeddings, key_mask: as in `query_attention_row`.
+        query_index: (B, Q) long positions of the queries (any valid position for unused slots).
+    Returns:
+        (B, H, Q, L) fp32 rows, each summing to 1 over the keys it may see (causal and ``key_mask``).
+    """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_states)  # (B, L, D)
     B, L, D = x.shape
-    hd = attn.head_dim
-    Q = int(query_mask.sum(dim=1).max())
-    q_index = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :Q]  # (B, Q) queries first
-    q_valid = query_mask.gather(1, q_index)  # (B, Q)
-    x_q = x.gather(1, q_index[..., None].expand(-1, -1, D))  # (B, Q, D)
+    Q, hd = query_index.shape[1], attn.head_dim
+    x_q = x.gather(1, query_index[..., None].expand(-1, -1, D))  # (B, Q, D)
     q = attn.q_proj(x_q).view(B, Q, -1, hd).transpose(1, 2)  # (B, Hq, Q, hd)
     k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
-    cos, sin = position_embeddings
-    pick = q_index[..., None].expand(-1, -1, cos.shape[-1])
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # a batch of 1 when positions are shared
+    pick = query_index[..., None].expand(-1, -1, cos.shape[-1])
     q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, pick), sin.gather(1, pick))
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, L, hd)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, Hq, Q, L)
-    allowed = torch.arange(L, device=x.device)[None, None, :] <= q_index[..., None]  # (B, Q, L) causal
+    allowed = torch.arange(L, device=x.device)[None, None, :] <= query_index[..., None]  # (B, Q, L) causal
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
-    rows = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # (B, Q, L)
-    weights = q_valid.float() / q_valid.sum(dim=1, keepdim=True)  # (B, Q)
-    return (rows * weights[..., None]).sum(dim=1)
+    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="a very small model (smoke tests)")
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (load with dtype=torch.float32)")
     p.add_argument("--pdrop", action="store_true", help="train stage 2 with PyramidDrop (td.PyramidDrop()) patched in")
+    p.add_argument("--ground-weight", type=float, default=0.5,
+                   help="stage-2 grounding loss weight: an LM attention head must look at what each question is about (0: off)")
     p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
@@ -44,11 +46,14 @@ def _config(args):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.minutes is not None and args.minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
+    if args.ground_weight < 0:
+        raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     model = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else ModelConfig()
+    ground_layer = min(TrainConfig.ground_layer, model.t_layers - 1)  # the tiny LM has 2 layers
     return TrainConfig(
         train_dir=args.data,
         out_dir=args.out,
@@ -62,6 +67,8 @@ def _config(args):
         minutes=args.minutes,
         threads=args.threads,
         pdrop=args.pdrop,
+        ground_weight=args.ground_weight,
+        ground_layer=ground_layer,
         stage1_checkpoint=args.stage1_checkpoint,
     )
 

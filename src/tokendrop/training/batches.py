@@ -11,7 +11,16 @@ import torch
 
 from tokendrop.data.dataset import Sample
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
-from tokendrop.training.targets import CAPTION_QUESTION, caption, extra_turns, patch_targets, sheet_targets, view_targets
+from tokendrop.training.targets import (
+    CAPTION_QUESTION,
+    caption,
+    extra_turns,
+    focus,
+    focus_mask,
+    patch_targets,
+    sheet_targets,
+    view_targets,
+)
 
 IGNORE = -100
 
@@ -31,39 +40,49 @@ def _turn_ids(tokenizer, question: str) -> list[int]:
 def encode_example(
     processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False
 ) -> dict:
-    """One training example: the sample's question first, then (optionally) a caption turn, then
-    ``n_extra`` derived turns.
+    """One training example: the sample's question first, then ``n_extra`` derived turns, then
+    (optionally) a caption turn. The caption comes last so that no question can be answered by
+    reading it: every answer has to come from the image.
 
     Returns a dict with ``input_ids``/``labels`` (L,) lists, ``pixel_values`` (V, 3, tile, tile),
-    ``image_size`` (height, width) and the [CLS] ``targets``/``mask`` (V, K).
+    ``image_size`` (height, width), the [CLS] ``targets``/``mask`` (V, K), ``patch_targets``
+    (V, N, 3) and ``focus``: for every templated question, (position of the token that predicts its
+    answer, (V, N) bool mask of the patches that answer is about).
     """
     image = sample.load_image()
     enc = processor(text=[format_prompt(sample.question)], images=[image], return_tensors="pt")
     tok = processor.tokenizer
     ids = enc["input_ids"][0].tolist()
     labels = [IGNORE] * len(ids)
-    answer = _answer_ids(tok, sample.answer)
-    ids, labels = ids + answer, labels + answer
     objects = sample.meta.get("objects") or []
-    turns = [(CAPTION_QUESTION, caption(objects))] if objects and with_caption else []
+    turns = [(sample.question, sample.answer)]
     if objects and n_extra:
-        turns += extra_turns(objects, rng, n_extra)
-    if turns:
-        for question, reply in turns:
-            if question == sample.question:
-                continue
-            turn, answer = _turn_ids(tok, question), _answer_ids(tok, reply)
-            ids, labels = ids + turn + answer, labels + [IGNORE] * len(turn) + answer
+        turns += [t for t in extra_turns(objects, rng, n_extra) if t[0] != sample.question]
+    if objects and with_caption:
+        turns.append((CAPTION_QUESTION, caption(objects)))
+    classes = patch_targets(objects, image.height, image.width, tile) if objects else None
+    focus_list = []
+    for k, (question, reply) in enumerate(turns):
+        prompt = [] if k == 0 else _turn_ids(tok, question)  # the first prompt is already in ids
+        answer = _answer_ids(tok, reply)
+        ids, labels = ids + prompt, labels + [IGNORE] * len(prompt)
+        about = focus(question) if classes is not None else None
+        if about is not None:
+            mask = focus_mask(classes, *about)
+            if mask.any():
+                focus_list.append((len(ids) - 1, torch.from_numpy(mask)))
+        ids, labels = ids + answer, labels + answer
     example = {
         "input_ids": ids,
         "labels": labels,
         "pixel_values": enc["pixel_values"][0],  # (Vmax=V, 3, tile, tile): one image, no padding
         "image_size": (image.height, image.width),
+        "focus": focus_list,
     }
     if objects:
         targets, mask = view_targets(objects, image.height, image.width, tile)
         example["targets"], example["mask"] = torch.from_numpy(targets), torch.from_numpy(mask)
-        example["patch_targets"] = torch.from_numpy(patch_targets(objects, image.height, image.width, tile))
+        example["patch_targets"] = torch.from_numpy(classes)
     return example
 
 
@@ -90,6 +109,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             "image_sizes": torch.tensor([e["image_size"] for e in examples]),
         },
         "labels": labels,
+        "focus": [e.get("focus", []) for e in examples],  # per example: [(answer-predicting position, (V, N) mask)]
     }
     if all("targets" in e for e in examples):
         batch["targets"] = torch.cat([e["targets"] for e in examples])  # (T, K), views in tower order

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import tokendrop as td
 from tokendrop.data.dataset import Sample, load_dataset
 from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
+from tokendrop.scoring import query_attention_rows
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE
 from tokendrop.training.batches import collate, encode_example, encode_sheets, encode_views
 from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
@@ -54,7 +55,10 @@ class TrainConfig:
     aux_weight: float = 0.5  # weight of the stage-1 losses in stage 2 (when the tower trains)
     align_weight: float = 1.0  # weight of the projector's word-alignment loss in stage 2
     extra_turns: int = 5  # derived question/answer turns appended to each training sequence
-    caption: bool = True  # a "What is in the image?" turn listing the objects left to right
+    caption: bool = True  # a "What is in the image?" turn listing the objects left to right (last turn)
+    ground_weight: float = 0.5  # weight of the grounding loss in stage 2 (0: off)
+    ground_layer: int = 3  # LM layer whose attention head ``ground_head`` is grounded
+    ground_head: int = 0
     warmup: int = 50
     weight_decay: float = 0.05
     threads: int = 2
@@ -72,6 +76,12 @@ class TrainConfig:
         for name in ("stage1_steps", "stage2_steps", "extra_turns", "warmup", "sheets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ground_weight < 0:
+            raise ValueError(f"ground_weight must be >= 0, got {self.ground_weight}")
+        if not 0 <= self.ground_layer < self.model.t_layers:
+            raise ValueError(f"ground_layer must be in [0, {self.model.t_layers - 1}] (the LM's layers), got {self.ground_layer}")
+        if not 0 <= self.ground_head < self.model.t_heads:
+            raise ValueError(f"ground_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.ground_head}")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0 or None, got {self.minutes}")
         if not 0.0 < self.stage1_share < 1.0:
@@ -185,6 +195,59 @@ def align_loss(projected: torch.Tensor, embeddings: torch.Tensor, targets: torch
     return sum(losses) / max(1, len(losses))
 
 
+def image_token_patches(model, input_ids: torch.Tensor, image_sizes: torch.Tensor, views: list[int]) -> torch.Tensor:
+    """Which patch every image token of each sequence shows: (B, L) long, ``v * N + n`` for patch n
+    of view v (base first), -1 for text and newline tokens.
+
+    Asks the model's own ``pack_image_features`` (unpadding, newlines) to pack patch indices instead
+    of features, so the map is the stock layout by construction. ``views`` = views per image.
+    """
+    base = model.model
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    newline = torch.tensor([-1.0])
+    out = torch.full(input_ids.shape, -1, dtype=torch.long)
+    for b, v in enumerate(views):
+        index = torch.arange(v * n, dtype=torch.float32).view(v, n, 1)  # (V, N, 1): exact in fp32
+        packed = base.pack_image_features([index], image_sizes[b : b + 1], "default", image_newline=newline)[0][0]  # (K, 1)
+        where = (input_ids[b] == model.config.image_token_id).nonzero().squeeze(1)  # (K,)
+        if where.numel() != packed.shape[0]:
+            raise ValueError(f"sequence {b} has {where.numel()} image tokens, the image packs to {packed.shape[0]}")
+        out[b, where] = packed[:, 0].round().long()
+    return out
+
+
+def grounding_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query positions and target keys of the grounding loss.
+
+    Returns ``query`` (B, Q) long (the token predicting each answer), ``target`` (B, Q, L) bool (the
+    image tokens of the patches that answer is about) and ``valid`` (B, Q) bool (unused slots False).
+    """
+    ids = batch["inputs"]["input_ids"]
+    B, L = ids.shape
+    focus = batch["focus"]
+    Q = max(1, max(len(f) for f in focus))
+    query = torch.zeros((B, Q), dtype=torch.long)
+    target = torch.zeros((B, Q, L), dtype=torch.bool)
+    valid = torch.zeros((B, Q), dtype=torch.bool)
+    views = [f[0][1].shape[0] if f else 1 for f in focus]
+    patch = image_token_patches(model, ids, batch["inputs"]["image_sizes"], views)  # (B, L)
+    for b, items in enumerate(focus):
+        for q, (pos, mask) in enumerate(items):
+            flat = mask.flatten()  # (V * N,)
+            query[b, q], valid[b, q] = pos, True
+            target[b, q] = (patch[b] >= 0) & flat[patch[b].clamp(min=0)]
+    return query, target, valid
+
+
+def ground_loss(rows: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass an answer's query puts on the patches the answer is about.
+
+    rows (B, Q, L) softmax rows of one head, target (B, Q, L) bool, valid (B, Q) bool.
+    """
+    mass = (rows * target).sum(dim=-1).clamp(min=1e-6)  # (B, Q)
+    return -(mass.log() * valid).sum() / valid.sum().clamp(min=1)
+
+
 class _Batches:
     """Endless, seeded stream of sample batches (a new permutation each epoch)."""
 
@@ -269,9 +332,18 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
     def grab_projected(module, args, out):  # (T, N, D): every view's patches, before unpadding and packing
         captured["projected"] = out
 
+    def grab_layer_input(module, args, kwargs):  # the grounded layer's input and RoPE tables
+        captured["layer"] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
     tower = model.model.vision_tower
     frozen = cfg.vision_lr_scale == 0
     hooks = [model.model.multi_modal_projector.register_forward_hook(grab_projected)]
+    ground = cfg.ground_weight > 0 and not cfg.pdrop
+    if cfg.ground_weight > 0 and cfg.pdrop:
+        log("grounding loss off: with PyramidDrop the grounded layer sees a shortened sequence")
+    if ground:
+        grounded = model.model.language_model.layers[cfg.ground_layer]
+        hooks.append(grounded.register_forward_pre_hook(grab_layer_input, with_kwargs=True))
     if not frozen:
         hooks.append(tower.register_forward_hook(grab))
     model.train()
@@ -287,7 +359,14 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
             cls, patch = head.loss(*captured.pop("tower"), batch) if not frozen else (torch.zeros(()),) * 2
             align = align_loss(captured.pop("projected"), model.get_input_embeddings().weight, batch["patch_targets"], ids)
-            loss = lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align
+            grounding = torch.zeros(())
+            if ground:
+                hidden, rope = captured.pop("layer")
+                query, target, valid = grounding_targets(model, batch)
+                mask = batch["inputs"]["attention_mask"].bool()
+                rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.ground_head]  # (B, Q, L)
+                grounding = ground_loss(rows, target, valid)
+            loss = lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align + cfg.ground_weight * grounding
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,6 +374,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             if step % cfg.log_every == 0:
                 log(f"stage2 step {step:5d} lr {schedule.lr(step):.2e} lm_loss {lm_loss.item():.4f} "
                     f"cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} align_loss {align.item():.4f} "
+                    f"ground_loss {grounding.item():.4f} "
                     f"seq {batch['labels'].shape[1]} "
                     f"elapsed {time.perf_counter() - schedule.start:7.1f}s")
             step += 1

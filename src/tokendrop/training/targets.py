@@ -7,6 +7,8 @@
    of each (expensive) image forward pass, and a caption turn listing every object from left to
    right (as LLaVA's alignment stage uses captions): dense supervision that makes the language
    model look at each object in turn.
+3. Per-patch classes (colour, shape, glyph) for the tower, the word alignment of the projector,
+   and the grounding of each question: which patches its answer must look at (``focus_mask``).
 """
 
 from __future__ import annotations
@@ -130,10 +132,47 @@ def extra_turns(objects: list[dict], rng: np.random.Generator, k: int) -> list[t
     color, shape = pairs[int(rng.integers(len(pairs)))]
     pool.append((TEMPLATES["exists"].format(color=color, shape=shape), "yes"))
     absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in pairs]
-    color, shape = absent[int(rng.integers(len(absent)))]
+    near = [(c, s) for c, s in absent if any(s == ps for _, ps in pairs)]  # like the data: a near miss
+    color, shape = (near or absent)[int(rng.integers(len(near or absent)))]
     pool.append((TEMPLATES["exists"].format(color=color, shape=shape), "no"))
     order = rng.permutation(len(pool))
     return [pool[int(i)] for i in order[:k]]
+
+
+def _focus_table() -> dict[str, tuple[str | None, str]]:
+    table = {}
+    for s in SHAPES:
+        for c in COLORS:
+            table[TEMPLATES["glyph"].format(color=c, shape=s)] = (c, s)
+            table[TEMPLATES["exists"].format(color=c, shape=s)] = (c, s)
+        table[TEMPLATES["color"].format(shape=s)] = (None, s)
+        table[TEMPLATES["count"].format(shape=s)] = (None, s)
+    return table
+
+
+_FOCUS = _focus_table()
+
+
+def focus(question: str) -> tuple[str | None, str] | None:
+    """The (colour or None, shape) a templated question is about; None for any other question."""
+    return _FOCUS.get(question)
+
+
+def focus_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.ndarray:
+    """The patches an answer about (``color``, ``shape``) must look at: (V, N) bool.
+
+    Patches of objects of that shape (and colour, when given). When the scene has no such object
+    (an existence question answered "no"), the near misses: patches of that shape in any colour,
+    else of that colour on any shape. ``patch_classes`` (V, N, 3) from ``patch_targets``.
+    """
+    is_shape = patch_classes[..., 1] == SHAPES.index(shape)
+    if color is None:
+        return is_shape
+    is_color = patch_classes[..., 0] == list(COLORS).index(color)
+    for mask in (is_shape & is_color, is_shape, is_color):
+        if mask.any():
+            return mask
+    return is_shape
 
 
 # ----------------------------------------------------------------------------- per-patch targets
