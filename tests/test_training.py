@@ -361,3 +361,18 @@ def test_focus_mask_picks_the_objects_a_question_is_about():
     assert (near == squares).all()
     circle = focus_mask(classes, *focus("What color is the circle?"))
     assert circle.any() and not (circle & squares).any()
+
+
+def test_grounding_report_measures_attention_on_the_question_objects(next_model, tmp_path):
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.grounding import grounding_report
+
+    model, processor = next_model
+    generate_dataset(tmp_path, 8, seed=2)
+    report = grounding_report(model, processor, load_dataset(tmp_path), batch=4)  # right-padded training batches
+    assert set(report) == {"glyph", "color", "count", "exists"} and sum(r["n"] for r in report.values()) == 8
+    depth = model.config.text_config.num_hidden_layers
+    for r in report.values():
+        assert 0 < r["share"] < 0.5
+        assert len(r["head_mean"]) == len(r["head"]) == depth
+        assert all(0 <= v <= 1 for v in r["head_mean"] + r["head"])
