@@ -376,3 +376,45 @@ def test_grounding_report_measures_attention_on_the_question_objects(next_model,
         assert 0 < r["share"] < 0.5
         assert len(r["head_mean"]) == len(r["head"]) == depth
         assert all(0 <= v <= 1 for v in r["head_mean"] + r["head"])
+
+
+def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model, images):
+    from conftest import PROMPTS
+
+    from tokendrop.training.loop import image_token_patches, kept_token_patches
+
+    model, processor = next_model
+    image_id, grid = model.config.image_token_id, 8
+    stock = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
+    views = [1 + int(np.prod(np.array(s) // 112)) for s in ((224, 224), (112, 224), (336, 112))]  # 2x2, 1x2, 3x1 grids
+    every = image_token_patches(model, stock["input_ids"], stock["image_sizes"], views)
+    with tokendrop.apply(model, processor, tokendrop.RandomDrop(0.3, seed=1)) as handle:
+        inputs = processor(text=PROMPTS, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**inputs)
+        kept = kept_token_patches(inputs["input_ids"], handle.selections, grid, image_id)
+    for b in range(len(PROMPTS)):
+        all_patches = every[b][every[b] >= 0].tolist()
+        kept_patches = kept[b][kept[b] >= 0].tolist()
+        assert len(kept_patches) == int((inputs["input_ids"][b] == image_id).sum()) < len(all_patches)
+        assert kept_patches == [p for p in all_patches if p in set(kept_patches)]  # a subset, in the stock order
+
+
+def test_tiny_training_run_with_dropped_inputs(tmp_path):
+    from tokendrop.data import generate_dataset
+    from tokendrop.training.loop import TrainConfig, train
+    from tokendrop.training.model import ModelConfig
+
+    generate_dataset(tmp_path / "data", 6, seed=0)
+    tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
+    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, ground_layer=1,
+                      drop_share=1.0, stage1_steps=1, stage1_batch=2, stage2_steps=6, stage2_batch=2, warmup=1,
+                      threads=1, log_every=1)
+    logs: list[str] = []
+    model, processor, _ = train(cfg, log=logs.append)
+    steps = [line for line in logs if "lm_loss" in line and "stage2" in line]
+    assert len(steps) == 6 and all(any(m in line for m in ("HiRED", "RandomDrop", "SpatialDrop")) for line in steps)
+    assert all(np.isfinite(float(line.split(name + " ")[1].split()[0])) for line in steps for name in ("lm_loss", "ground_loss"))
+    assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model.language_model)
+    with pytest.raises(ValueError, match="drop_share"):
+        TrainConfig(train_dir="d", out_dir="o", drop_share=1.5)

@@ -109,6 +109,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             "image_sizes": torch.tensor([e["image_size"] for e in examples]),
         },
         "labels": labels,
+        "views": [e["pixel_values"].shape[0] for e in examples],  # views (base + tiles) of each image
         "focus": [e.get("focus", []) for e in examples],  # per example: [(answer-predicting position, (V, N) mask)]
     }
     if all("targets" in e for e in examples):

@@ -22,7 +22,7 @@ import torch
 from tokendrop.data.dataset import load_dataset
 from tokendrop.scoring import query_attention_rows
 from tokendrop.training.batches import collate, encode_example
-from tokendrop.training.loop import grounding_targets
+from tokendrop.training.loop import batch_token_patches, grounding_targets
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
             examples = [encode_example(processor, s, rng, 0, tile) for s in chunk]
             b = collate(examples, processor.tokenizer.pad_token_id)
             model(**b["inputs"])
-            query, target, valid = grounding_targets(model, b)  # (B, Q), (B, Q, L), (B, Q)
+            query, target, valid = grounding_targets(b, batch_token_patches(model, b))  # (B, Q), (B, Q, L), (B, Q)
             image = b["inputs"]["input_ids"] == model.config.image_token_id  # (B, L)
             mask = b["inputs"]["attention_mask"].bool()
             per_layer = []

@@ -59,6 +59,8 @@ class TrainConfig:
     ground_weight: float = 0.5  # weight of the grounding loss in stage 2 (0: off)
     ground_layer: int = 3  # LM layer whose attention head ``ground_head`` is grounded
     ground_head: int = 0
+    drop_share: float = 0.0  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
+    drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
     weight_decay: float = 0.05
     threads: int = 2
@@ -82,6 +84,12 @@ class TrainConfig:
             raise ValueError(f"ground_layer must be in [0, {self.model.t_layers - 1}] (the LM's layers), got {self.ground_layer}")
         if not 0 <= self.ground_head < self.model.t_heads:
             raise ValueError(f"ground_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.ground_head}")
+        if not 0.0 <= self.drop_share <= 1.0:
+            raise ValueError(f"drop_share must be in [0, 1], got {self.drop_share}")
+        if not 0.0 < self.drop_budget[0] <= self.drop_budget[1] <= 1.0:
+            raise ValueError(f"drop_budget must be (low, high) with 0 < low <= high <= 1, got {self.drop_budget}")
+        if self.drop_share > 0 and self.pdrop:
+            raise ValueError("drop_share > 0 cannot be combined with pdrop (one method per training run)")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0 or None, got {self.minutes}")
         if not 0.0 < self.stage1_share < 1.0:
@@ -216,27 +224,42 @@ def image_token_patches(model, input_ids: torch.Tensor, image_sizes: torch.Tenso
     return out
 
 
-def grounding_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kept_token_patches(input_ids: torch.Tensor, selections: list[torch.Tensor], grid: int, image_token_id: int) -> torch.Tensor:
+    """``image_token_patches`` for a batch encoded under a pre-LLM method (no newline tokens): the
+    handle's ``selections`` (K, 3) (partition, row, col) per image, in packed order. Returns (B, L)."""
+    out = torch.full(input_ids.shape, -1, dtype=torch.long)
+    for b, where in enumerate(selections):
+        pos = (input_ids[b] == image_token_id).nonzero().squeeze(1)  # (K,)
+        if pos.numel() != where.shape[0]:
+            raise ValueError(f"sequence {b} has {pos.numel()} image tokens, the method kept {where.shape[0]}")
+        out[b, pos] = (where[:, 0] * grid + where[:, 1]) * grid + where[:, 2]
+    return out
+
+
+def grounding_targets(batch: dict, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query positions and target keys of the grounding loss.
 
+    ``patch`` (B, L): the patch each image token shows (``image_token_patches`` / ``kept_token_patches``).
     Returns ``query`` (B, Q) long (the token predicting each answer), ``target`` (B, Q, L) bool (the
-    image tokens of the patches that answer is about) and ``valid`` (B, Q) bool (unused slots False).
+    image tokens of the patches that answer is about) and ``valid`` (B, Q) bool (False for unused
+    slots and for answers whose patches were all dropped).
     """
-    ids = batch["inputs"]["input_ids"]
-    B, L = ids.shape
+    B, L = patch.shape
     focus = batch["focus"]
     Q = max(1, max(len(f) for f in focus))
     query = torch.zeros((B, Q), dtype=torch.long)
     target = torch.zeros((B, Q, L), dtype=torch.bool)
-    valid = torch.zeros((B, Q), dtype=torch.bool)
-    views = [f[0][1].shape[0] if f else 1 for f in focus]
-    patch = image_token_patches(model, ids, batch["inputs"]["image_sizes"], views)  # (B, L)
     for b, items in enumerate(focus):
         for q, (pos, mask) in enumerate(items):
             flat = mask.flatten()  # (V * N,)
-            query[b, q], valid[b, q] = pos, True
+            query[b, q] = pos
             target[b, q] = (patch[b] >= 0) & flat[patch[b].clamp(min=0)]
-    return query, target, valid
+    return query, target, target.any(dim=-1)
+
+
+def batch_token_patches(model, batch: dict) -> torch.Tensor:
+    """``image_token_patches`` of a stock training batch (``collate``). Returns (B, L)."""
+    return image_token_patches(model, batch["inputs"]["input_ids"], batch["inputs"]["image_sizes"], batch["views"])
 
 
 def ground_loss(rows: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -315,6 +338,16 @@ def _stage2_optimizer(model, head, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
 
 
+def _drop_method(cfg: TrainConfig, rng: np.random.Generator, step: int):
+    """The pre-LLM method of this step's images (None: all tokens): with probability ``cfg.drop_share``
+    HiRED, RandomDrop or SpatialDrop (equally likely) at a budget uniform in ``cfg.drop_budget``."""
+    if cfg.drop_share == 0 or rng.random() >= cfg.drop_share:
+        return None
+    budget = float(rng.uniform(*cfg.drop_budget))
+    kind = int(rng.integers(3))
+    return (td.HiRED(budget), td.RandomDrop(budget, seed=step), td.SpatialDrop(budget))[kind]
+
+
 def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, log: Callable, seconds=None) -> int:
     """Stage 2: the stock LLaVA-NeXT forward with LM loss on answers + the projector's word alignment
     (+ the stage-1 losses as auxiliaries when the tower trains, ``cfg.vision_lr_scale > 0``).
@@ -351,18 +384,33 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
     schedule = _Schedule(cfg.stage2_steps, seconds, cfg.warmup, cfg.stage2_lr)
     step = 0
     pdrop = td.apply(model, processor, td.PyramidDrop()) if cfg.pdrop else None  # the same stock forward below
+    drop_rng = np.random.default_rng((cfg.seed, 4))  # its own stream: drop_share 0 leaves the run unchanged
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     try:
         while not schedule.done(step):
             _set_lr(optimizer, schedule.lr(step))
-            examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption) for s in batches.next()]
-            batch = collate(examples, processor.tokenizer.pad_token_id)
-            lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
+            method = _drop_method(cfg, drop_rng, step)
+            dropped = td.apply(model, processor, method) if method is not None else None
+            try:  # under a pre-LLM method the processor writes its token count and the encoder drops
+                examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption) for s in batches.next()]
+                batch = collate(examples, processor.tokenizer.pad_token_id)
+                lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
+                selections = dropped.selections if dropped is not None else None
+            finally:
+                if dropped is not None:
+                    dropped.remove()
             cls, patch = head.loss(*captured.pop("tower"), batch) if not frozen else (torch.zeros(()),) * 2
-            align = align_loss(captured.pop("projected"), model.get_input_embeddings().weight, batch["patch_targets"], ids)
+            projected = captured.pop("projected")  # with a method: the last image's kept tokens only
+            align = torch.zeros(())
+            if selections is None:
+                align = align_loss(projected, model.get_input_embeddings().weight, batch["patch_targets"], ids)
             grounding = torch.zeros(())
             if ground:
                 hidden, rope = captured.pop("layer")
-                query, target, valid = grounding_targets(model, batch)
+                ids_ = batch["inputs"]["input_ids"]
+                token_patch = (batch_token_patches(model, batch) if selections is None
+                               else kept_token_patches(ids_, selections, grid, model.config.image_token_id))
+                query, target, valid = grounding_targets(batch, token_patch)
                 mask = batch["inputs"]["attention_mask"].bool()
                 rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.ground_head]  # (B, Q, L)
                 grounding = ground_loss(rows, target, valid)
@@ -375,7 +423,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
                 log(f"stage2 step {step:5d} lr {schedule.lr(step):.2e} lm_loss {lm_loss.item():.4f} "
                     f"cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} align_loss {align.item():.4f} "
                     f"ground_loss {grounding.item():.4f} "
-                    f"seq {batch['labels'].shape[1]} "
+                    f"seq {batch['labels'].shape[1]} {'' if method is None else type(method).__name__ + ' ' + format(method.budget, '.2f') + ' '}"
                     f"elapsed {time.perf_counter() - schedule.start:7.1f}s")
             step += 1
     finally:
