@@ -123,6 +123,19 @@ def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path
             question = tok.decode(ids[:pos + 1]).rsplit("Q:", 1)[1].removesuffix(" A:").strip()
             expected = focus_mask(example["patch_targets"].numpy(), *focus(question))
             assert mask.any() and np.array_equal(mask.numpy(), expected)
+        # lead=True: the same answers first, then the question's shape word ... up to the answer-predicting token
+        led = encode_example(processor, sample, np.random.default_rng(0), 5, 112, with_caption=True, lead=True)
+        answers = len(example["focus"])
+        assert [f[0] for f in led["focus"][:answers]] == [f[0] for f in example["focus"]]
+        extra = led["focus"][answers:]
+        covered = 0
+        for pos, mask in example["focus"]:
+            span = [p for p, m in extra if pos - 8 < p < pos and np.array_equal(m.numpy(), mask.numpy())]
+            covered += len(span)
+            word = tok.decode(ids[span[0]]).strip()
+            assert word.rstrip("s") in ("circle", "square", "triangle", "diamond"), word
+            assert span == list(range(span[0], pos)) and tok.decode(ids[span[0] + 1 : pos + 1]).strip().endswith("? A:")
+        assert covered == len(extra)  # every lead query belongs to one question's span
 
 
 def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():

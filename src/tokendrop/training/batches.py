@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tokendrop.data.dataset import Sample
+from tokendrop.data.synth import SHAPES
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
 from tokendrop.training.targets import (
     CAPTION_QUESTION,
@@ -37,8 +38,14 @@ def _turn_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _shape_word_ids(tokenizer) -> set[int]:
+    """Token ids of the shape words as they follow a space, singular and plural (first token)."""
+    return {tokenizer(f" {s}{plural}", add_special_tokens=False)["input_ids"][0] for s in SHAPES for plural in ("", "s")}
+
+
 def encode_example(
-    processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False
+    processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False,
+    lead: bool = False,
 ) -> dict:
     """One training example: the sample's question first, then ``n_extra`` derived turns, then
     (optionally) a caption turn. The caption comes last so that no question can be answered by
@@ -47,7 +54,11 @@ def encode_example(
     Returns a dict with ``input_ids``/``labels`` (L,) lists, ``pixel_values`` (V, 3, tile, tile),
     ``image_size`` (height, width), the [CLS] ``targets``/``mask`` (V, K), ``patch_targets``
     (V, N, 3) and ``focus``: for every templated question, (position of the token that predicts its
-    answer, (V, N) bool mask of the patches that answer is about).
+    answer, (V, N) bool mask of the patches that answer is about). With ``lead``, the question's
+    shape word and the tokens after it up to the answer-predicting one are grounded too (same mask,
+    appended after the answer positions): a query that holds the shape word itself is the easy
+    case, from which the grounded head learns the word-to-patch match before the answer position
+    has learned to gather the word.
     """
     image = sample.load_image()
     enc = processor(text=[format_prompt(sample.question)], images=[image], return_tensors="pt")
@@ -61,7 +72,8 @@ def encode_example(
     if objects and with_caption:
         turns.append((CAPTION_QUESTION, caption(objects)))
     classes = patch_targets(objects, image.height, image.width, tile) if objects else None
-    focus_list = []
+    shape_ids = _shape_word_ids(tok) if lead else set()
+    focus_list, lead_list = [], []
     for k, (question, reply) in enumerate(turns):
         prompt = [] if k == 0 else _turn_ids(tok, question)  # the first prompt is already in ids
         answer = _answer_ids(tok, reply)
@@ -71,13 +83,16 @@ def encode_example(
             mask = focus_mask(classes, *about)
             if mask.any():
                 focus_list.append((len(ids) - 1, torch.from_numpy(mask)))
+                word = next((i for i in range(len(ids) - 2, max(0, len(ids) - 12), -1) if ids[i] in shape_ids), None)
+                if word is not None:
+                    lead_list += [(i, focus_list[-1][1]) for i in range(word, len(ids) - 1)]
         ids, labels = ids + answer, labels + answer
     example = {
         "input_ids": ids,
         "labels": labels,
         "pixel_values": enc["pixel_values"][0],  # (Vmax=V, 3, tile, tile): one image, no padding
         "image_size": (image.height, image.width),
-        "focus": focus_list,
+        "focus": focus_list + lead_list,
     }
     if objects:
         targets, mask = view_targets(objects, image.height, image.width, tile)

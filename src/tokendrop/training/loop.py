@@ -59,6 +59,7 @@ class TrainConfig:
     ground_weight: float = 0.5  # weight of the grounding loss in stage 2 (0: off)
     ground_layer: int = 3  # LM layer whose attention head ``ground_head`` is grounded
     ground_head: int = 0
+    ground_lead: bool = True  # also ground the question's shape word and the tokens up to the answer
     drop_share: float = 0.0  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
@@ -392,7 +393,8 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             method = _drop_method(cfg, drop_rng, step)
             dropped = td.apply(model, processor, method) if method is not None else None
             try:  # under a pre-LLM method the processor writes its token count and the encoder drops
-                examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption) for s in batches.next()]
+                examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption,
+                                           lead=ground and cfg.ground_lead) for s in batches.next()]
                 batch = collate(examples, processor.tokenizer.pad_token_id)
                 lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
                 selections = dropped.selections if dropped is not None else None
