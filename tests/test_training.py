@@ -211,7 +211,7 @@ def test_tiny_training_run_with_pyramiddrop(tmp_path):
 
     generate_dataset(tmp_path / "data", 4, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=4, t_heads=2, t_mlp=64)
-    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, pdrop=True,
+    cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, pdrop=True, drop_share=0.0,
                       stage1_steps=1, stage1_batch=2, stage2_steps=3, stage2_batch=2, warmup=1, threads=1)
     logs: list[str] = []
     model, _, _ = train(cfg, log=logs.append)

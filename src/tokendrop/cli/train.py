@@ -27,11 +27,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="a very small model (smoke tests)")
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (load with dtype=torch.float32)")
     p.add_argument("--pdrop", action="store_true", help="train stage 2 with PyramidDrop (td.PyramidDrop()) patched in")
-    p.add_argument("--ground-weight", type=float, default=0.5,
-                   help="stage-2 grounding loss weight: an LM attention head must look at what each question is about (0: off)")
-    p.add_argument("--drop-share", type=float, default=0.0,
+    p.add_argument("--ground-weight", type=float, default=1.0,
+                   help="stage-2 grounding loss weight: an LM attention head must look at what each question is about "
+                        "(default %(default)s; 0: off)")
+    p.add_argument("--drop-share", type=float, default=None,
                    help="share of stage-2 steps whose images go through HiRED / RandomDrop / SpatialDrop "
-                        "(equally likely) at a budget in [0.1, 0.5] (default 0: all tokens)")
+                        "(equally likely) at a budget in [0.1, 0.5] (default 0.3, 0 with --pdrop; 0: all tokens)")
     p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
@@ -51,10 +52,12 @@ def _config(args):
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.ground_weight < 0:
         raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
+    if args.drop_share is None:
+        args.drop_share = 0.0 if args.pdrop else 0.3
     if not 0.0 <= args.drop_share <= 1.0:
         raise UsageError(f"--drop-share must be in [0, 1], got {args.drop_share}")
     if args.drop_share > 0 and args.pdrop:
-        raise UsageError("--drop-share cannot be combined with --pdrop")
+        raise UsageError("--drop-share cannot be combined with --pdrop (pass --drop-share 0)")
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.batch < 1:

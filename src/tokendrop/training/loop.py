@@ -56,11 +56,11 @@ class TrainConfig:
     align_weight: float = 1.0  # weight of the projector's word-alignment loss in stage 2
     extra_turns: int = 5  # derived question/answer turns appended to each training sequence
     caption: bool = True  # a "What is in the image?" turn listing the objects left to right (last turn)
-    ground_weight: float = 0.5  # weight of the grounding loss in stage 2 (0: off)
+    ground_weight: float = 1.0  # weight of the grounding loss in stage 2 (0: off)
     ground_layer: int = 3  # LM layer whose attention head ``ground_head`` is grounded
     ground_head: int = 0
     ground_lead: bool = True  # also ground the question's shape word and the tokens up to the answer
-    drop_share: float = 0.0  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
+    drop_share: float = 0.3  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
     weight_decay: float = 0.05
@@ -91,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"drop_budget must be (low, high) with 0 < low <= high <= 1, got {self.drop_budget}")
         if self.drop_share > 0 and self.pdrop:
             raise ValueError("drop_share > 0 cannot be combined with pdrop (one method per training run)")
+        if self.drop_share > 0 and self.vision_lr_scale > 0:
+            raise ValueError("drop_share > 0 needs a frozen tower (vision_lr_scale 0): the tower losses need every patch")
         if self.minutes is not None and self.minutes <= 0:
             raise ValueError(f"minutes must be > 0 or None, got {self.minutes}")
         if not 0.0 < self.stage1_share < 1.0:
@@ -358,7 +360,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
     optimizer = _stage2_optimizer(model, head, cfg)
     captured: dict = {}
     layer = model.config.vision_feature_layer
-    ids = word_ids(processor.tokenizer)
+    words = word_ids(processor.tokenizer)
 
     def grab(module, args, out):  # read now: LLaVA-NeXT later replaces out.pooler_output in place
         captured["tower"] = (out.pooler_output, out.hidden_states[layer])
@@ -405,13 +407,13 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             projected = captured.pop("projected")  # with a method: the last image's kept tokens only
             align = torch.zeros(())
             if selections is None:
-                align = align_loss(projected, model.get_input_embeddings().weight, batch["patch_targets"], ids)
+                align = align_loss(projected, model.get_input_embeddings().weight, batch["patch_targets"], words)
             grounding = torch.zeros(())
             if ground:
                 hidden, rope = captured.pop("layer")
-                ids_ = batch["inputs"]["input_ids"]
+                ids = batch["inputs"]["input_ids"]
                 token_patch = (batch_token_patches(model, batch) if selections is None
-                               else kept_token_patches(ids_, selections, grid, model.config.image_token_id))
+                               else kept_token_patches(ids, selections, grid, model.config.image_token_id))
                 query, target, valid = grounding_targets(batch, token_patch)
                 mask = batch["inputs"]["attention_mask"].bool()
                 rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.ground_head]  # (B, Q, L)
