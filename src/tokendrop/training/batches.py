@@ -24,6 +24,7 @@ from tokendrop.training.targets import (
 )
 
 IGNORE = -100
+_LEAD_WINDOW = 10  # tokens before the answer-predicting one searched for the question's shape word
 
 
 def _answer_ids(tokenizer, answer: str) -> list[int]:
@@ -83,7 +84,8 @@ def encode_example(
             mask = focus_mask(classes, *about)
             if mask.any():
                 focus_list.append((len(ids) - 1, torch.from_numpy(mask)))
-                word = next((i for i in range(len(ids) - 2, max(0, len(ids) - 12), -1) if ids[i] in shape_ids), None)
+                back = range(len(ids) - 2, max(0, len(ids) - 2 - _LEAD_WINDOW), -1)
+                word = next((i for i in back if ids[i] in shape_ids), None)
                 if word is not None:
                     lead_list += [(i, focus_list[-1][1]) for i in range(word, len(ids) - 1)]
         ids, labels = ids + answer, labels + answer

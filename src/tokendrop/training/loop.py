@@ -7,8 +7,9 @@ attend to the glyph in that tile, the meaning HiRED relies on when it ranks toke
 attention. Per-patch colour / shape / glyph classes on the feature layer the LM receives.
 
 Stage 2 (VLM): the stock ``model(**inputs, labels=labels)`` forward, LM loss on answer tokens only
-(labels -100 elsewhere), plus a word-alignment loss on the projector's output; the tower is frozen
-by default.
+(labels -100 elsewhere), plus a word-alignment loss on the projector's output and a grounding loss
+(one LM attention head must look at the patches each question is about); a share of the steps see
+their images through a pre-LLM dropping method. The tower is frozen by default.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def grounding_targets(batch: dict, patch: torch.Tensor) -> tuple[torch.Tensor, t
     """Query positions and target keys of the grounding loss.
 
     ``patch`` (B, L): the patch each image token shows (``image_token_patches`` / ``kept_token_patches``).
-    Returns ``query`` (B, Q) long (the token predicting each answer), ``target`` (B, Q, L) bool (the
+    Returns ``query`` (B, Q) long (the grounded tokens of ``batch["focus"]``: the token predicting each
+    answer, and the lead tokens when ``encode_example`` added them), ``target`` (B, Q, L) bool (the
     image tokens of the patches that answer is about) and ``valid`` (B, Q) bool (False for unused
     slots and for answers whose patches were all dropped).
     """
@@ -353,7 +355,8 @@ def _drop_method(cfg: TrainConfig, rng: np.random.Generator, step: int):
 
 def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, log: Callable, seconds=None) -> int:
     """Stage 2: the stock LLaVA-NeXT forward with LM loss on answers + the projector's word alignment
-    (+ the stage-1 losses as auxiliaries when the tower trains, ``cfg.vision_lr_scale > 0``).
+    + the grounding loss (``cfg.ground_*``) (+ the stage-1 losses as auxiliaries when the tower trains,
+    ``cfg.vision_lr_scale > 0``); ``cfg.drop_share`` of the steps run under a pre-LLM method.
 
     Returns the steps taken; ``seconds`` (a wall-clock budget) replaces ``cfg.stage2_steps`` when given.
     """
