@@ -136,6 +136,18 @@ def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path
             assert word.rstrip("s") in ("circle", "square", "triangle", "diamond"), word
             assert span == list(range(span[0], pos)) and tok.decode(ids[span[0] + 1 : pos + 1]).strip().endswith("? A:")
         assert covered == len(extra)  # every lead query belongs to one question's span
+        # tally=True: the same positions, the exactly matching objects' patches and their count
+        tallied = encode_example(processor, sample, np.random.default_rng(0), 5, 112, with_caption=True, lead=True,
+                                 tally=True)
+        assert tallied["input_ids"] == led["input_ids"] and "tally" in tallied and not led["tally"]
+        assert [t[0] for t in tallied["tally"]] == [f[0] for f in led["focus"]]  # every templated question is tallied
+        objects = sample.meta["objects"]
+        for pos, mask, n in tallied["tally"][:answers]:  # the answer-predicting positions (then the lead ones)
+            assert labels[pos + 1] != IGNORE and labels[pos] == IGNORE
+            question = tok.decode(ids[:pos + 1]).rsplit("Q:", 1)[1].split("?")[0] + "?"
+            color, shape = focus(question.strip())
+            assert n == sum(o["shape"] == shape and color in (None, o["color"]) for o in objects)
+            assert mask.any() == (n > 0)
 
 
 def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
@@ -151,6 +163,49 @@ def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
     assert ground_loss(sharp, target, valid).item() == pytest.approx(0.0, abs=1e-6)
     assert ground_loss(uniform, target, valid).item() == pytest.approx(-np.log(0.2), rel=1e-5)  # 2 of 10 keys
     assert ground_loss(uniform, target, torch.tensor([[True, True]])).item() == pytest.approx((-np.log(0.2) - np.log(0.1)) / 2, rel=1e-5)
+
+
+def test_tally_loss_is_lowest_when_the_own_share_is_one_over_n_plus_one():
+    from tokendrop.training.loop import tally_counts, tally_loss
+
+    L = 10
+    query = torch.tensor([[9, 9]])  # the query looks at itself at position 9
+    target = torch.zeros(1, 2, L, dtype=torch.bool)
+    target[0, 0, 2:6] = True  # slot 0: four image tokens of the matching objects; slot 1: none match
+    counts, valid = tally_counts([[(9, None, 3), (9, None, 0)]], 2)
+    assert counts.tolist() == [[3.0, 0.0]] and valid.tolist() == [[True, True]]
+
+    def row(own, objects):  # own mass on position 9, ``objects`` spread over 2:6, the rest on 0
+        r = torch.zeros(L)
+        r[9], r[2:6], r[0] = own, objects / 4, 1 - own - objects
+        return r
+
+    def loss(own, objects, slot=0):
+        rows = torch.stack([row(own, objects), row(own, objects)])[None]
+        keep = torch.tensor([[slot == 0, slot == 1]])
+        return tally_loss(rows, query, target, counts, keep).item()
+
+    best = loss(0.25, 0.75)  # n = 3: own share 1/4
+    entropy = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))  # cross-entropy at the target = its entropy
+    assert best == pytest.approx(entropy, rel=1e-5)
+    assert all(loss(o, 1 - o) > best + 1e-3 for o in (0.1, 0.5, 0.9)) and loss(0.25, 0.5) > best  # mass elsewhere costs
+    assert loss(1.0, 0.0, slot=1) == pytest.approx(0.0, abs=1e-6) and loss(0.5, 0.5, slot=1) == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_tally_targets_count_the_objects_that_match_the_question():
+    from tokendrop.training.targets import match_mask, matches
+
+    objects = [
+        {"shape": "square", "color": "blue", "glyph": None, "box": [120, 10, 160, 50]},
+        {"shape": "square", "color": "green", "glyph": None, "box": [170, 60, 210, 100]},
+        {"shape": "circle", "color": "blue", "glyph": None, "box": [10, 10, 50, 50]},
+    ]
+    classes = patch_targets(objects, 112, 224, 112)  # (V, N, 3)
+    assert matches(objects, None, "square") == 2 and matches(objects, "blue", "square") == 1
+    assert matches(objects, "red", "square") == 0 and not match_mask(classes, "red", "square").any()
+    squares, blue = match_mask(classes, None, "square"), match_mask(classes, "blue", "square")
+    assert blue.any() and (blue <= squares).all() and not (squares & match_mask(classes, None, "circle")).any()
+    assert (classes[..., 1][squares] == 1).all() and (classes[..., 0][blue] == 2).all()
 
 
 def test_tiny_training_run_and_save_load_round_trip(tmp_path):
@@ -171,6 +226,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     assert losses and all(np.isfinite(losses))
     grounding = [float(line.split("ground_loss ")[1].split()[0]) for line in logs if "ground_loss" in line]
     assert grounding and all(0 < g < 20 for g in grounding)
+    tally = [float(line.split("tally_loss ")[1].split()[0]) for line in logs if "tally_loss" in line]
+    assert tally and all(0 < t < 20 for t in tally)  # head 1 of the same layer, on every full-input step
 
     loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model", dtype=torch.float32)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "model")
@@ -381,7 +438,7 @@ def test_focus_mask_picks_the_objects_a_question_is_about():
 
 def test_grounding_report_measures_attention_on_the_question_objects(next_model, tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.grounding import grounding_report
+    from tokendrop.training.grounding import grounding_report, tally_report
 
     model, processor = next_model
     generate_dataset(tmp_path, 8, seed=2)
@@ -392,6 +449,12 @@ def test_grounding_report_measures_attention_on_the_question_objects(next_model,
         assert 0 < r["share"] < 0.5
         assert len(r["head_mean"]) == len(r["head"]) == depth
         assert all(0 <= v <= 1 for v in r["head_mean"] + r["head"])
+    tally = tally_report(model, processor, load_dataset(tmp_path), layer=depth - 1, head=0, batch=4)
+    assert sum(r["questions"] for r in tally.values()) == 8  # every first question names a shape
+    assert 0 in tally or 1 in tally
+    for n, r in tally.items():
+        assert r["target"] == round(1 / (n + 1), 3) and 0 < r["own"] <= 1 and 0 <= r["objects"] <= 1 - r["own"] + 1e-6
+        assert (r["objects"] == 0) == (n == 0)
 
 
 def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model, images):
@@ -434,3 +497,25 @@ def test_tiny_training_run_with_dropped_inputs(tmp_path):
     assert "get_image_features" not in vars(model.model) and "forward" not in vars(model.model.language_model)
     with pytest.raises(ValueError, match="drop_share"):
         TrainConfig(train_dir="d", out_dir="o", drop_share=1.5)
+
+
+@pytest.mark.parametrize("flag, value", [("--tally-weight", "-1"), ("--ground-weight", "-0.5"), ("--drop-share", "2"),
+                                        ("--rope-theta", "0")])
+def test_train_cli_rejects_bad_loss_settings_naming_the_flag(tmp_path, capsys, flag, value):
+    from tokendrop.cli import main
+
+    (tmp_path / "data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "m"), flag, value]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_tally_head_settings_are_checked():
+    from tokendrop.training.loop import TrainConfig
+
+    with pytest.raises(ValueError, match="tally_head must differ"):
+        TrainConfig(train_dir="d", out_dir="o", tally_head=0, ground_head=0)
+    with pytest.raises(ValueError, match=r"tally_head must be in \[0, 3\]"):
+        TrainConfig(train_dir="d", out_dir="o", tally_head=4)
+    with pytest.raises(ValueError, match="tally_weight"):
+        TrainConfig(train_dir="d", out_dir="o", tally_weight=-1.0)
+    TrainConfig(train_dir="d", out_dir="o", tally_head=0, ground_head=0, ground_weight=0.0)  # grounding off: any head

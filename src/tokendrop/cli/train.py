@@ -30,9 +30,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--ground-weight", type=float, default=1.0,
                    help="stage-2 grounding loss weight: an LM attention head must look at what each question is about "
                         "(default %(default)s; 0: off)")
+    p.add_argument("--tally-weight", type=float, default=1.0,
+                   help="stage-2 tally loss weight: another head's attention on itself must be 1/(n+1) for n objects "
+                        "matching the question (default %(default)s; 0: off)")
     p.add_argument("--drop-share", type=float, default=None,
                    help="share of stage-2 steps whose images go through HiRED / RandomDrop / SpatialDrop "
                         "(equally likely) at a budget in [0.1, 0.5] (default 0.3, 0 with --pdrop; 0: all tokens)")
+    p.add_argument("--rope-theta", type=float, default=10000.0,
+                   help="RoPE base of the language model (default %(default)s, Llama's)")
     p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
@@ -52,6 +57,8 @@ def _config(args):
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.ground_weight < 0:
         raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
+    if args.tally_weight < 0:
+        raise UsageError(f"--tally-weight must be >= 0, got {args.tally_weight}")
     if args.drop_share is None:
         args.drop_share = 0.0 if args.pdrop else 0.3
     if not 0.0 <= args.drop_share <= 1.0:
@@ -62,7 +69,10 @@ def _config(args):
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    model = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else ModelConfig()
+    if args.rope_theta <= 1:
+        raise UsageError(f"--rope-theta must be > 1, got {args.rope_theta}")
+    tiny = dict(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else {}
+    model = ModelConfig(t_rope_theta=args.rope_theta, **tiny)
     ground_layer = min(TrainConfig.ground_layer, model.t_layers - 1)  # the tiny LM has 2 layers
     return TrainConfig(
         train_dir=args.data,
@@ -79,6 +89,7 @@ def _config(args):
         pdrop=args.pdrop,
         ground_weight=args.ground_weight,
         ground_layer=ground_layer,
+        tally_weight=args.tally_weight,
         drop_share=args.drop_share,
         stage1_checkpoint=args.stage1_checkpoint,
     )

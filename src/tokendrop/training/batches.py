@@ -18,6 +18,8 @@ from tokendrop.training.targets import (
     extra_turns,
     focus,
     focus_mask,
+    match_mask,
+    matches,
     patch_targets,
     sheet_targets,
     view_targets,
@@ -46,7 +48,7 @@ def _shape_word_ids(tokenizer) -> set[int]:
 
 def encode_example(
     processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False,
-    lead: bool = False,
+    lead: bool = False, tally: bool = False,
 ) -> dict:
     """One training example: the sample's question first, then ``n_extra`` derived turns, then
     (optionally) a caption turn. The caption comes last so that no question can be answered by
@@ -60,6 +62,10 @@ def encode_example(
     appended after the answer positions): a query that holds the shape word itself is the easy
     case, from which the grounded head learns the word-to-patch match before the answer position
     has learned to gather the word.
+
+    With ``tally``, ``tally`` lists (position, (V, N) bool mask, n) for the same positions: the
+    patches of the objects that match the question exactly (its shape, and its colour when it names
+    one; empty when none does) and how many objects match (see ``loop.tally_loss``).
     """
     image = sample.load_image()
     enc = processor(text=[format_prompt(sample.question)], images=[image], return_tensors="pt")
@@ -74,20 +80,25 @@ def encode_example(
         turns.append((CAPTION_QUESTION, caption(objects)))
     classes = patch_targets(objects, image.height, image.width, tile) if objects else None
     shape_ids = _shape_word_ids(tok) if lead else set()
-    focus_list, lead_list = [], []
+    focus_list, lead_list, tally_list, tally_lead = [], [], [], []
     for k, (question, reply) in enumerate(turns):
         prompt = [] if k == 0 else _turn_ids(tok, question)  # the first prompt is already in ids
         answer = _answer_ids(tok, reply)
         ids, labels = ids + prompt, labels + [IGNORE] * len(prompt)
         about = focus(question) if classes is not None else None
         if about is not None:
-            mask = focus_mask(classes, *about)
+            pos = len(ids) - 1  # predicts the answer
+            back = range(pos - 1, max(0, pos - 1 - _LEAD_WINDOW), -1)
+            word = next((i for i in back if ids[i] in shape_ids), None)
+            leads = range(word, pos) if word is not None else range(0)
+            mask = torch.from_numpy(focus_mask(classes, *about))
             if mask.any():
-                focus_list.append((len(ids) - 1, torch.from_numpy(mask)))
-                back = range(len(ids) - 2, max(0, len(ids) - 2 - _LEAD_WINDOW), -1)
-                word = next((i for i in back if ids[i] in shape_ids), None)
-                if word is not None:
-                    lead_list += [(i, focus_list[-1][1]) for i in range(word, len(ids) - 1)]
+                focus_list.append((pos, mask))
+                lead_list += [(i, mask) for i in leads]
+            n, match = matches(objects, *about), torch.from_numpy(match_mask(classes, *about))
+            if tally and (n == 0 or match.any()):
+                tally_list.append((pos, match, n))
+                tally_lead += [(i, match, n) for i in leads]
         ids, labels = ids + answer, labels + answer
     example = {
         "input_ids": ids,
@@ -95,6 +106,7 @@ def encode_example(
         "pixel_values": enc["pixel_values"][0],  # (Vmax=V, 3, tile, tile): one image, no padding
         "image_size": (image.height, image.width),
         "focus": focus_list + lead_list,
+        "tally": tally_list + tally_lead,
     }
     if objects:
         targets, mask = view_targets(objects, image.height, image.width, tile)
@@ -128,6 +140,7 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         "labels": labels,
         "views": [e["pixel_values"].shape[0] for e in examples],  # views (base + tiles) of each image
         "focus": [e.get("focus", []) for e in examples],  # per example: [(answer-predicting position, (V, N) mask)]
+        "tally": [e.get("tally", []) for e in examples],  # per example: [(position, (V, N) mask, matching objects)]
     }
     if all("targets" in e for e in examples):
         batch["targets"] = torch.cat([e["targets"] for e in examples])  # (T, K), views in tower order

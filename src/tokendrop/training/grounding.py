@@ -6,7 +6,9 @@ of the objects the question is about, per LM layer and question type.
 For every question (the first turn, as at evaluation) and every layer, the attention mass (mean over
 heads, and the grounded head of training) that the token before the answer puts on the image tokens
 of the question's objects (``targets.focus_mask``), next to the share of image tokens those objects
-cover (what attention spread evenly over the image would give).
+cover (what attention spread evenly over the image would give). Then the tally head
+(``loop.tally_loss``): its attention on itself against the 1 / (n + 1) it was trained to put there,
+by the number n of objects that match the question.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,36 @@ import torch
 from tokendrop.data.dataset import load_dataset
 from tokendrop.scoring import query_attention_rows
 from tokendrop.training.batches import collate, encode_example
-from tokendrop.training.loop import batch_token_patches, grounding_targets
+from tokendrop.training.loop import batch_token_patches, grounding_targets, tally_counts
+
+
+@contextmanager
+def _layer_inputs(layers):
+    """Capture each layer's input and RoPE tables on every forward: yields {layer index: (hidden, rope)}."""
+    captured: dict = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, a, k, i=i: captured.__setitem__(i, (a[0] if a else k["hidden_states"], k["position_embeddings"])),
+        with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _batches(model, processor, samples, batch: int, tally: bool = False):
+    """Right-padded batches of the samples' first turn (as at evaluation), run through ``model``."""
+    tile = model.config.vision_config.image_size
+    rng = np.random.default_rng(0)
+    model.eval()
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        examples = [encode_example(processor, s, rng, 0, tile, lead=tally, tally=tally) for s in chunk]
+        for e in examples:
+            e["tally"] = e["tally"][:1]  # the answer-predicting position (lead positions follow it)
+        b = collate(examples, processor.tokenizer.pad_token_id)
+        model(**b["inputs"])
+        yield chunk, b
 
 
 @torch.no_grad()
@@ -30,20 +62,9 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
     """Per question type: ``share`` (objects' share of image tokens), ``head_mean`` (B, layers) mass
     averaged over heads, ``head`` the same for head ``head``. Returns {type: {...}} of floats/lists."""
     layers = model.model.language_model.layers
-    captured: dict = {}
-    hooks = [layer.register_forward_pre_hook(
-        lambda m, a, k, i=i: captured.__setitem__(i, (a[0] if a else k["hidden_states"], k["position_embeddings"])),
-        with_kwargs=True) for i, layer in enumerate(layers)]
-    tile = model.config.vision_config.image_size
     sums: dict = defaultdict(lambda: {"n": 0, "share": 0.0, "head_mean": np.zeros(len(layers)), "head": np.zeros(len(layers))})
-    rng = np.random.default_rng(0)
-    model.eval()
-    try:
-        for start in range(0, len(samples), batch):
-            chunk = samples[start : start + batch]
-            examples = [encode_example(processor, s, rng, 0, tile) for s in chunk]
-            b = collate(examples, processor.tokenizer.pad_token_id)
-            model(**b["inputs"])
+    with _layer_inputs(layers) as captured:
+        for chunk, b in _batches(model, processor, samples, batch):
             query, target, valid = grounding_targets(b, batch_token_patches(model, b))  # (B, Q), (B, Q, L), (B, Q)
             image = b["inputs"]["input_ids"] == model.config.image_token_id  # (B, L)
             mask = b["inputs"]["attention_mask"].bool()
@@ -61,11 +82,30 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
                 entry["share"] += float(target[k, 0].sum() / image[k].sum())
                 entry["head_mean"] += mass[k].mean(dim=-1).numpy()
                 entry["head"] += mass[k, :, head].numpy()
-    finally:
-        for hook in hooks:
-            hook.remove()
     return {t: {"n": e["n"], "share": e["share"] / e["n"], "head_mean": (e["head_mean"] / e["n"]).round(3).tolist(),
                 "head": (e["head"] / e["n"]).round(3).tolist()} for t, e in sorted(sums.items())}
+
+
+@torch.no_grad()
+def tally_report(model, processor, samples, layer: int = 3, head: int = 1, batch: int = 20) -> dict:
+    """What the tally head (``loop.tally_loss``) does at each answer-predicting token, by the number n
+    of objects matching the question: {n: {"questions", "own" (mean attention on itself), "target"
+    (1 / (n + 1)), "own_std", "objects" (mean mass on the matching objects)}}."""
+    found: dict = defaultdict(list)
+    with _layer_inputs(model.model.language_model.layers) as captured:
+        for _, b in _batches(model, processor, samples, batch, tally=True):
+            query, target, _ = grounding_targets(b, batch_token_patches(model, b), key="tally")
+            counts, valid = tally_counts(b["tally"], query.shape[1])
+            hidden, rope = captured[layer]
+            rows = query_attention_rows(model.model.language_model.layers[layer], hidden, rope, query,
+                                        key_mask=b["inputs"]["attention_mask"].bool())[:, head]  # (B, Q, L)
+            own = rows.gather(-1, query[..., None])[..., 0]  # (B, Q)
+            mass = (rows * target).sum(-1)
+            for k in valid[:, 0].nonzero().squeeze(1).tolist():
+                found[int(counts[k, 0])].append((own[k, 0].item(), mass[k, 0].item()))
+    return {n: {"questions": len(v), "own": round(float(np.mean([o for o, _ in v])), 3), "target": round(1 / (n + 1), 3),
+                "own_std": round(float(np.std([o for o, _ in v])), 3), "objects": round(float(np.mean([m for _, m in v])), 3)}
+            for n, v in sorted(found.items())}
 
 
 def main(argv=None) -> None:
@@ -76,6 +116,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="a synthetic dataset folder (tokendrop data)")
     p.add_argument("--n", type=int, default=200, help="questions (default 200)")
     p.add_argument("--head", type=int, default=0, help="the grounded head of training (default 0)")
+    p.add_argument("--tally-layer", type=int, default=3, help="layer of the tally head (default 3)")
+    p.add_argument("--tally-head", type=int, default=1, help="the tally head of training (default 1)")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -87,8 +129,13 @@ def main(argv=None) -> None:
         print(f"{qtype:7s} n={r['n']:3d} share of image tokens {r['share']:.3f}")
         print("   mean over heads " + " ".join(f"{v:5.3f}" for v in r["head_mean"]))
         print(f"   head {args.head}          " + " ".join(f"{v:5.3f}" for v in r["head"]))
+    tally = tally_report(model, processor, load_dataset(args.data, limit=args.n), args.tally_layer, args.tally_head)
+    print(f"tally head (layer {args.tally_layer}, head {args.tally_head}): attention on itself by matching objects n")
+    for n, r in tally.items():
+        print(f"   n={n} questions {r['questions']:3d} own {r['own']:.3f} +- {r['own_std']:.3f} (target {r['target']:.3f}), "
+              f"on the objects {r['objects']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"grounding": report, "tally": tally}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ attention. Per-patch colour / shape / glyph classes on the feature layer the LM 
 
 Stage 2 (VLM): the stock ``model(**inputs, labels=labels)`` forward, LM loss on answer tokens only
 (labels -100 elsewhere), plus a word-alignment loss on the projector's output and a grounding loss
-(one LM attention head must look at the patches each question is about); a share of the steps see
-their images through a pre-LLM dropping method. The tower is frozen by default.
+(one LM attention head must look at the patches each question is about) and a tally loss (another
+head's share of attention on itself must be 1 / (n + 1) for n matching objects); a share of the steps
+see their images through a pre-LLM dropping method. The tower is frozen by default.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class TrainConfig:
     ground_layer: int = 3  # LM layer whose attention head ``ground_head`` is grounded
     ground_head: int = 0
     ground_lead: bool = True  # also ground the question's shape word and the tokens up to the answer
+    tally_weight: float = 1.0  # weight of the tally loss (head ``tally_head`` of ``ground_layer``; 0: off)
+    tally_head: int = 1
     drop_share: float = 0.3  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
@@ -86,6 +89,12 @@ class TrainConfig:
             raise ValueError(f"ground_layer must be in [0, {self.model.t_layers - 1}] (the LM's layers), got {self.ground_layer}")
         if not 0 <= self.ground_head < self.model.t_heads:
             raise ValueError(f"ground_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.ground_head}")
+        if self.tally_weight < 0:
+            raise ValueError(f"tally_weight must be >= 0, got {self.tally_weight}")
+        if self.tally_weight > 0 and not 0 <= self.tally_head < self.model.t_heads:
+            raise ValueError(f"tally_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.tally_head}")
+        if self.tally_weight > 0 and self.ground_weight > 0 and self.tally_head == self.ground_head:
+            raise ValueError(f"tally_head must differ from ground_head ({self.ground_head}): they have different targets")
         if not 0.0 <= self.drop_share <= 1.0:
             raise ValueError(f"drop_share must be in [0, 1], got {self.drop_share}")
         if not 0.0 < self.drop_budget[0] <= self.drop_budget[1] <= 1.0:
@@ -240,8 +249,8 @@ def kept_token_patches(input_ids: torch.Tensor, selections: list[torch.Tensor], 
     return out
 
 
-def grounding_targets(batch: dict, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query positions and target keys of the grounding loss.
+def grounding_targets(batch: dict, patch: torch.Tensor, key: str = "focus") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query positions and target keys of the grounding loss (``key="tally"``: of the tally loss).
 
     ``patch`` (B, L): the patch each image token shows (``image_token_patches`` / ``kept_token_patches``).
     Returns ``query`` (B, Q) long (the grounded tokens of ``batch["focus"]``: the token predicting each
@@ -250,12 +259,12 @@ def grounding_targets(batch: dict, patch: torch.Tensor) -> tuple[torch.Tensor, t
     slots and for answers whose patches were all dropped).
     """
     B, L = patch.shape
-    focus = batch["focus"]
+    focus = batch[key]
     Q = max(1, max(len(f) for f in focus))
     query = torch.zeros((B, Q), dtype=torch.long)
     target = torch.zeros((B, Q, L), dtype=torch.bool)
     for b, items in enumerate(focus):
-        for q, (pos, mask) in enumerate(items):
+        for q, (pos, mask, *_) in enumerate(items):
             flat = mask.flatten()  # (V * N,)
             query[b, q] = pos
             target[b, q] = (patch[b] >= 0) & flat[patch[b].clamp(min=0)]
@@ -265,6 +274,33 @@ def grounding_targets(batch: dict, patch: torch.Tensor) -> tuple[torch.Tensor, t
 def batch_token_patches(model, batch: dict) -> torch.Tensor:
     """``image_token_patches`` of a stock training batch (``collate``). Returns (B, L)."""
     return image_token_patches(model, batch["inputs"]["input_ids"], batch["inputs"]["image_sizes"], batch["views"])
+
+
+def tally_counts(tally: list[list[tuple]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matching-object counts (B, Q) float and used slots (B, Q) bool of ``batch["tally"]``."""
+    counts = torch.zeros((len(tally), width))
+    valid = torch.zeros((len(tally), width), dtype=torch.bool)
+    for b, items in enumerate(tally):
+        for q, (_, _, n) in enumerate(items):
+            counts[b, q], valid[b, q] = n, True
+    return counts, valid
+
+
+def tally_loss(rows: torch.Tensor, query: torch.Tensor, target: torch.Tensor, counts: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the tally head's attention, coarsened to (itself, the matching objects, the rest),
+    against (1 / (n + 1), n / (n + 1), 0) for n matching objects.
+
+    The head's output then carries n: its share of the query's own value vector is 1 / (n + 1), so
+    "how many" and "is there" become a read-out of one number. rows (B, Q, L) softmax rows of one
+    head, query (B, Q) their positions, target (B, Q, L) bool the matching objects' image tokens,
+    counts (B, Q) float n, valid (B, Q) bool.
+    """
+    own = rows.gather(-1, query[..., None])[..., 0].clamp(min=1e-6)  # (B, Q)
+    mass = (rows * target).sum(dim=-1).clamp(min=1e-6)  # (B, Q)
+    share = counts / (counts + 1)
+    loss = -((1 - share) * own.log() + share * mass.log())
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
 def ground_loss(rows: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -378,9 +414,10 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
     frozen = cfg.vision_lr_scale == 0
     hooks = [model.model.multi_modal_projector.register_forward_hook(grab_projected)]
     ground = cfg.ground_weight > 0 and not cfg.pdrop
-    if cfg.ground_weight > 0 and cfg.pdrop:
-        log("grounding loss off: with PyramidDrop the grounded layer sees a shortened sequence")
-    if ground:
+    tally = cfg.tally_weight > 0 and not cfg.pdrop
+    if (cfg.ground_weight > 0 or cfg.tally_weight > 0) and cfg.pdrop:
+        log("grounding and tally losses off: with PyramidDrop the grounded layer sees a shortened sequence")
+    if ground or tally:
         grounded = model.model.language_model.layers[cfg.ground_layer]
         hooks.append(grounded.register_forward_pre_hook(grab_layer_input, with_kwargs=True))
     if not frozen:
@@ -399,7 +436,8 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             dropped = td.apply(model, processor, method) if method is not None else None
             try:  # under a pre-LLM method the processor writes its token count and the encoder drops
                 examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption,
-                                           lead=ground and cfg.ground_lead) for s in batches.next()]
+                                           lead=(ground or tally) and cfg.ground_lead, tally=tally)
+                            for s in batches.next()]
                 batch = collate(examples, processor.tokenizer.pad_token_id)
                 lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
                 selections = dropped.selections if dropped is not None else None
@@ -411,17 +449,24 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             align = torch.zeros(())
             if selections is None:
                 align = align_loss(projected, model.get_input_embeddings().weight, batch["patch_targets"], words)
-            grounding = torch.zeros(())
-            if ground:
+            grounding, tallying = torch.zeros(()), torch.zeros(())
+            if ground or tally:
                 hidden, rope = captured.pop("layer")
                 ids = batch["inputs"]["input_ids"]
+                mask = batch["inputs"]["attention_mask"].bool()
                 token_patch = (batch_token_patches(model, batch) if selections is None
                                else kept_token_patches(ids, selections, grid, model.config.image_token_id))
+            if ground:
                 query, target, valid = grounding_targets(batch, token_patch)
-                mask = batch["inputs"]["attention_mask"].bool()
                 rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.ground_head]  # (B, Q, L)
                 grounding = ground_loss(rows, target, valid)
-            loss = lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align + cfg.ground_weight * grounding
+            if tally and selections is None:  # dropped inputs may have lost whole objects: counts unknown
+                query, target, _ = grounding_targets(batch, token_patch, key="tally")
+                counts, valid = tally_counts(batch["tally"], query.shape[1])
+                rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.tally_head]
+                tallying = tally_loss(rows, query, target, counts, valid)
+            loss = (lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align
+                    + cfg.ground_weight * grounding + cfg.tally_weight * tallying)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -429,7 +474,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             if step % cfg.log_every == 0:
                 log(f"stage2 step {step:5d} lr {schedule.lr(step):.2e} lm_loss {lm_loss.item():.4f} "
                     f"cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} align_loss {align.item():.4f} "
-                    f"ground_loss {grounding.item():.4f} "
+                    f"ground_loss {grounding.item():.4f} tally_loss {tallying.item():.4f} "
                     f"seq {batch['labels'].shape[1]} {'' if method is None else type(method).__name__ + ' ' + format(method.budget, '.2f') + ' '}"
                     f"elapsed {time.perf_counter() - schedule.start:7.1f}s")
             step += 1

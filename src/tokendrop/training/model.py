@@ -36,6 +36,7 @@ class ModelConfig:
     t_layers: int = 8
     t_heads: int = 4
     t_mlp: int = 384
+    t_rope_theta: float = 10000.0  # RoPE base of the language model (Llama's default)
     vocab_size: int = 512  # BPE target; the trained vocabulary may be smaller
 
     def __post_init__(self):
@@ -43,6 +44,8 @@ class ModelConfig:
             raise ValueError(f"tile must be a multiple of the patch size {PATCH}, got {self.tile}")
         if self.t_layers < 2 or self.v_layers < 2:
             raise ValueError(f"t_layers and v_layers must be >= 2, got {self.t_layers}, {self.v_layers}")
+        if self.t_rope_theta <= 1:
+            raise ValueError(f"t_rope_theta must be > 1, got {self.t_rope_theta}")
         for name in ("v_hidden", "t_hidden"):
             heads = getattr(self, name[0] + "_heads")
             if getattr(self, name) % heads:
@@ -120,6 +123,7 @@ def build_model(cfg: ModelConfig, tokenizer):
         num_attention_heads=cfg.t_heads,
         num_key_value_heads=cfg.t_heads,
         max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.t_rope_theta},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

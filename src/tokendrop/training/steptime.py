@@ -28,8 +28,8 @@ def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: 
     processor, model, head = build(cfg, samples)
     load_stage1(model, head, checkpoint)
     rng = np.random.default_rng((cfg.seed, 2))
-    # grounding and dropped inputs off in both: PyramidDrop training cannot use them, and the comparison is of the LM forward
-    block = TrainConfig(**{**cfg.__dict__, "pdrop": pdrop, "ground_weight": 0.0, "drop_share": 0.0, "stage2_steps": steps,
+    # grounding, tally and dropped inputs off in both: PyramidDrop training cannot use them, and the comparison is of the LM forward
+    block = TrainConfig(**{**cfg.__dict__, "pdrop": pdrop, "ground_weight": 0.0, "tally_weight": 0.0, "drop_share": 0.0, "stage2_steps": steps,
                            "log_every": 10**9})
     start = time.perf_counter()
     train_vlm(model, head, processor, block, _Batches(samples, cfg.stage2_batch, rng), rng, log=lambda _: None)

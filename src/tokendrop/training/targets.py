@@ -175,6 +175,19 @@ def focus_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.n
     return is_shape
 
 
+def matches(objects: list[dict], color: str | None, shape: str) -> int:
+    """How many scene objects have that shape (and colour, when given)."""
+    return sum(1 for o in objects if o["shape"] == shape and (color is None or o["color"] == color))
+
+
+def match_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.ndarray:
+    """The patches of the objects with that shape (and colour, when given): (V, N) bool, possibly empty."""
+    mask = patch_classes[..., 1] == SHAPES.index(shape)
+    if color is not None:
+        mask = mask & (patch_classes[..., 0] == list(COLORS).index(color))
+    return mask
+
+
 # ----------------------------------------------------------------------------- per-patch targets
 
 PATCH_FIELDS = {"color": tuple(COLORS) + ("none",), "shape": SHAPES + ("none",), "glyph": GLYPHS + ("none",)}
