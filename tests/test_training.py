@@ -256,11 +256,11 @@ def test_shipped_model_loads_offline_and_beats_chance_widely(tmp_path):
     generate_dataset(tmp_path, 40, seed=9090)  # a seed used neither for training nor for validation
     configs = [Config("none"), Config("hired", 0.2)]
     results = evaluate(model, processor, load_dataset(tmp_path), configs, batch_size=20, progress=False)
-    # Chance: overall about 0.29 (glyph 1/8, colour 1/5, count 1/3, exists 1/2). The shipped model scores
-    # 0.69 overall and 0.80 on glyphs on 200 validation questions, 0.65 / 0.74 with HiRED at 20%
-    # (docs/training_recipe.md); on these 40: 0.75 / 0.80 stock, 0.625 / 0.80 with HiRED.
+    # Chance: overall about 0.29 (glyph 1/8, colour 1/5, count 1/3, exists 1/2). The shipped model (run 8)
+    # scores 0.765 overall and 0.74 on glyphs on 200 validation questions, 0.735 / 0.74 with HiRED at 20%
+    # (docs/training_recipe.md); on these 40: 0.85 / 0.90 stock and with HiRED.
     for result in results:
-        assert result["metrics"]["exact_match"] >= 0.45, (result["label"], result["by_type"])
+        assert result["metrics"]["exact_match"] >= 0.6, (result["label"], result["by_type"])
         assert result["by_type"]["glyph"]["exact_match"] >= 0.5, (result["label"], result["by_type"])
 
 
