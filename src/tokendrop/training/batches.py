@@ -95,10 +95,11 @@ def encode_example(
             if mask.any():
                 focus_list.append((pos, mask))
                 lead_list += [(i, mask) for i in leads]
-            n, match = matches(objects, *about), torch.from_numpy(match_mask(classes, *about))
-            if tally and (n == 0 or match.any()):
-                tally_list.append((pos, match, n))
-                tally_lead += [(i, match, n) for i in leads]
+            if tally:
+                n, match = matches(objects, *about), torch.from_numpy(match_mask(classes, *about))
+                if n == 0 or match.any():
+                    tally_list.append((pos, match, n))
+                    tally_lead += [(i, match, n) for i in leads]
         ids, labels = ids + answer, labels + answer
     example = {
         "input_ids": ids,
