@@ -123,13 +123,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
     model = LlavaNextForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(args.model)
-    report = grounding_report(model, processor, load_dataset(args.data, limit=args.n), head=args.head)
+    samples = load_dataset(args.data, limit=args.n)
+    report = grounding_report(model, processor, samples, head=args.head)
     print(f"attention mass on the question's objects, per LM layer (mean over heads | head {args.head})")
     for qtype, r in report.items():
         print(f"{qtype:7s} n={r['n']:3d} share of image tokens {r['share']:.3f}")
         print("   mean over heads " + " ".join(f"{v:5.3f}" for v in r["head_mean"]))
         print(f"   head {args.head}          " + " ".join(f"{v:5.3f}" for v in r["head"]))
-    tally = tally_report(model, processor, load_dataset(args.data, limit=args.n), args.tally_layer, args.tally_head)
+    tally = tally_report(model, processor, samples, args.tally_layer, args.tally_head)
     print(f"tally head (layer {args.tally_layer}, head {args.tally_head}): attention on itself by matching objects n")
     for n, r in tally.items():
         print(f"   n={n} questions {r['questions']:3d} own {r['own']:.3f} +- {r['own_std']:.3f} (target {r['target']:.3f}), "
