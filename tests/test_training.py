@@ -208,6 +208,74 @@ def test_tally_targets_count_the_objects_that_match_the_question():
     assert (classes[..., 1][squares] == 1).all() and (classes[..., 0][blue] == 2).all()
 
 
+def test_centre_targets_mark_one_patch_per_object_in_each_view_showing_its_centre():
+    from tokendrop.training.targets import centre_targets, match_centres
+
+    # 224 x 224 -> 2 x 2 tiles, scale 1, no padding; base view: the image squashed to 112 x 112
+    objects = [
+        {"shape": "square", "color": "blue", "glyph": None, "box": [30, 30, 60, 60]},  # centre (45, 45): tile 0
+        {"shape": "square", "color": "red", "glyph": None, "box": [150, 100, 210, 160]},  # centre (180, 130): tile 3
+        {"shape": "circle", "color": "blue", "glyph": None, "box": [90, 140, 130, 180]},  # centre (110, 160): tile 2
+    ]
+    marks = centre_targets(objects, 224, 224, 112)  # (V, N)
+    assert marks.shape == (5, 64) and marks.sum() == 6  # every centre once in the base view and once in a tile
+    assert marks[0].sum() == 3 and marks[0, 1 * 8 + 1] and marks[0, 4 * 8 + 6] and marks[0, 5 * 8 + 3]
+    assert marks[1, 3 * 8 + 3] and marks[4, 1 * 8 + 4] and marks[3, 3 * 8 + 7]  # tile-local patches (row-major views)
+    assert marks[1].sum() == marks[3].sum() == marks[4].sum() == 1 and not marks[2].any()
+    # size-independent: a larger object at the same centre marks the same patches
+    bigger = [dict(objects[0], box=[15, 15, 75, 75])]
+    assert np.array_equal(centre_targets(bigger, 224, 224, 112), centre_targets(objects[:1], 224, 224, 112))
+    squares = match_centres(objects, None, "square", 224, 224, 112)
+    assert squares.sum() == 4 and (squares <= marks).all()
+    assert match_centres(objects, "blue", "square", 224, 224, 112).sum() == 2
+    assert not match_centres(objects, "green", "square", 224, 224, 112).any()
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="default model not shipped in this checkout")
+def test_encode_example_tallies_the_centre_patches_of_the_matching_objects(tmp_path):
+    from transformers import AutoProcessor
+
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.batches import encode_example
+    from tokendrop.training.targets import centre_targets
+
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
+    generate_dataset(tmp_path, 6, seed=5)
+    for sample in load_dataset(tmp_path):
+        image, objects = sample.load_image(), sample.meta["objects"]
+        every = centre_targets(objects, image.height, image.width, 112)
+        example = encode_example(processor, sample, np.random.default_rng(0), 3, 112, lead=True, tally=True,
+                                 tally_mark="centres")
+        plain = encode_example(processor, sample, np.random.default_rng(0), 3, 112, lead=True, tally=True)
+        assert [t[0] for t in example["tally"]] == [t[0] for t in plain["tally"]]
+        assert [t[2] for t in example["tally"]] == [t[2] for t in plain["tally"]]
+        for (_, mask, n), (_, objects_mask, _) in zip(example["tally"], plain["tally"]):
+            mask = mask.numpy()
+            assert n + min(n, 1) <= mask.sum() <= 2 * n  # a base and a tile patch per object (two may share a base patch)
+            assert (mask <= every).all() and (mask[1:].sum(axis=1) <= n).all()
+            assert (mask[1:] <= objects_mask.numpy()[1:]).all()  # a tile's centre patch lies in its object's core
+    with pytest.raises(ValueError, match="tally_mark must be one of"):
+        encode_example(processor, sample, np.random.default_rng(0), 0, 112, tally=True, tally_mark="blobs")
+
+
+def test_stage1_centre_head_is_optional_and_checked():
+    from tokendrop.training.loop import TrainConfig, VisionHeads
+
+    heads = VisionHeads(16, centre=True)
+    hidden = torch.randn(3, 1 + 64, 16)
+    targets = torch.zeros(3, 64, dtype=torch.bool)
+    targets[:, 9] = True
+    loss = heads.centre_loss(hidden, targets)
+    assert loss.ndim == 0 and loss.item() > 0
+    loss.backward()
+    assert heads.centre.weight.grad.abs().sum() > 0
+    assert VisionHeads(16).centre is None and "centre.weight" not in VisionHeads(16).state_dict()
+    with pytest.raises(ValueError, match="centre_weight"):
+        TrainConfig(train_dir="d", out_dir="o", centre_weight=-1.0)
+    with pytest.raises(ValueError, match="tally_mark must be one of"):
+        TrainConfig(train_dir="d", out_dir="o", tally_mark="everything")
+
+
 def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -219,7 +287,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     generate_dataset(tmp_path / "data", 8, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
     cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, ground_layer=1,
-                      stage1_steps=3, stage1_batch=4, stage2_steps=4, stage2_batch=4, warmup=1, threads=1)
+                      stage1_steps=3, stage1_batch=4, stage2_steps=4, stage2_batch=4, warmup=1, threads=1,
+                      centre_weight=1.0, tally_mark="centres", tally_balance=True)  # runs 10-11's options
     logs: list[str] = []
     model, processor, _ = train(cfg, log=logs.append)
     losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]
@@ -228,6 +297,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     assert grounding and all(0 < g < 20 for g in grounding)
     tally = [float(line.split("tally_loss ")[1].split()[0]) for line in logs if "tally_loss" in line]
     assert tally and all(0 < t < 20 for t in tally)  # head 1 of the same layer, on every full-input step
+    centre = [float(line.split("centre_loss ")[1].split()[0]) for line in logs if line.startswith("stage1 step")]
+    assert centre and all(0 < c < 5 for c in centre)  # stage 1 marks the object centres
 
     loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model", dtype=torch.float32)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "model")
@@ -307,6 +378,10 @@ def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
 
     first, logs1 = run("a")
     assert ckpt.is_file() and not any("loaded" in line for line in logs1)
+    tally = [float(line.split("tally_loss ")[1].split()[0]) for line in logs1 if "tally_loss" in line]
+    assert tally and all(0 < t < 20 for t in tally)  # the default tally (all patches of the matching objects)
+    stage1 = [line for line in logs1 if line.startswith("stage1 step")]
+    assert stage1 and all("centre_loss 0.0000" in line for line in stage1)  # the centre mark is off by default
     second, logs2 = run("b")
     assert any("stage1 loaded" in line for line in logs2)
     assert not any(line.startswith("stage1 step") for line in logs2)  # stage 1 did not run again
@@ -500,7 +575,7 @@ def test_tiny_training_run_with_dropped_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--tally-weight", "-1"), ("--ground-weight", "-0.5"), ("--drop-share", "2"),
-                                        ("--rope-theta", "0")])
+                                        ("--rope-theta", "0"), ("--centre-weight", "-1")])
 def test_train_cli_rejects_bad_loss_settings_naming_the_flag(tmp_path, capsys, flag, value):
     from tokendrop.cli import main
 
@@ -519,3 +594,20 @@ def test_tally_head_settings_are_checked():
     with pytest.raises(ValueError, match="tally_weight"):
         TrainConfig(train_dir="d", out_dir="o", tally_weight=-1.0)
     TrainConfig(train_dir="d", out_dir="o", tally_head=0, ground_head=0, ground_weight=0.0)  # grounding off: any head
+
+
+def test_balanced_tally_loss_weighs_every_count_the_same():
+    from tokendrop.training.loop import tally_loss
+
+    torch.manual_seed(0)
+    rows = torch.softmax(torch.randn(2, 4, 12), dim=-1)  # (B, Q, L)
+    query = torch.tensor([[8, 9, 10, 11], [8, 9, 10, 11]])
+    target = torch.zeros(2, 4, 12, dtype=torch.bool)
+    target[..., :3] = True
+    counts = torch.tensor([[1.0, 1.0, 1.0, 3.0], [0.0, 1.0, 3.0, 2.0]])
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    each = [tally_loss(rows, query, target, counts, valid & (counts == n)) for n in (0.0, 1.0, 3.0)]
+    balanced = tally_loss(rows, query, target, counts, valid, balance=True)
+    torch.testing.assert_close(balanced, torch.stack(each).mean())  # the n = 2 slot is not valid: not counted
+    plain = tally_loss(rows, query, target, counts, valid)
+    assert not torch.isclose(plain, balanced)  # four n = 1 queries weigh 4/7 unbalanced, 1/3 balanced

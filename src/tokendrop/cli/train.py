@@ -33,6 +33,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tally-weight", type=float, default=1.0,
                    help="stage-2 tally loss weight: another head's attention on itself must be 1/(n+1) for n objects "
                         "matching the question (default %(default)s; 0: off)")
+    p.add_argument("--centre-weight", type=float, default=0.0,
+                   help="stage-1 loss weight: the tower marks the patch holding each object's centre "
+                        "(default %(default)s; 0: off)")
+    p.add_argument("--tally-mark", choices=("objects", "centres"), default="objects",
+                   help="image tokens of the matching objects the tally loss puts n/(n+1) on: all their patches or "
+                        "each object's centre patches (needs a stage 1 with --centre-weight > 0) (default %(default)s)")
+    p.add_argument("--tally-balance", action="store_true",
+                   help="weigh every count n equally in the tally loss (n >= 2 is rare in the data)")
     p.add_argument("--drop-share", type=float, default=None,
                    help="share of stage-2 steps whose images go through HiRED / RandomDrop / SpatialDrop "
                         "(equally likely) at a budget in [0.1, 0.5] (default 0.3, 0 with --pdrop; 0: all tokens)")
@@ -59,6 +67,8 @@ def _config(args):
         raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
     if args.tally_weight < 0:
         raise UsageError(f"--tally-weight must be >= 0, got {args.tally_weight}")
+    if args.centre_weight < 0:
+        raise UsageError(f"--centre-weight must be >= 0, got {args.centre_weight}")
     if args.drop_share is None:
         args.drop_share = 0.0 if args.pdrop else 0.3
     if not 0.0 <= args.drop_share <= 1.0:
@@ -90,6 +100,9 @@ def _config(args):
         ground_weight=args.ground_weight,
         ground_layer=ground_layer,
         tally_weight=args.tally_weight,
+        tally_mark=args.tally_mark,
+        tally_balance=args.tally_balance,
+        centre_weight=args.centre_weight,
         drop_share=args.drop_share,
         stage1_checkpoint=args.stage1_checkpoint,
     )

@@ -14,10 +14,13 @@ from tokendrop.data.synth import SHAPES
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
 from tokendrop.training.targets import (
     CAPTION_QUESTION,
+    TALLY_MARKS,
     caption,
+    centre_targets,
     extra_turns,
     focus,
     focus_mask,
+    match_centres,
     match_mask,
     matches,
     patch_targets,
@@ -48,7 +51,7 @@ def _shape_word_ids(tokenizer) -> set[int]:
 
 def encode_example(
     processor, sample: Sample, rng: np.random.Generator, n_extra: int, tile: int, with_caption: bool = False,
-    lead: bool = False, tally: bool = False,
+    lead: bool = False, tally: bool = False, tally_mark: str = "objects",
 ) -> dict:
     """One training example: the sample's question first, then ``n_extra`` derived turns, then
     (optionally) a caption turn. The caption comes last so that no question can be answered by
@@ -65,8 +68,12 @@ def encode_example(
 
     With ``tally``, ``tally`` lists (position, (V, N) bool mask, n) for the same positions: the
     patches of the objects that match the question exactly (its shape, and its colour when it names
-    one; empty when none does) and how many objects match (see ``loop.tally_loss``).
+    one; empty when none does) and how many objects match (see ``loop.tally_loss``). With
+    ``tally_mark="centres"`` the mask holds only the patch with each matching object's centre, one per
+    view that shows it (``targets.match_centres``): the same number of tokens per object, whatever its size.
     """
+    if tally_mark not in TALLY_MARKS:
+        raise ValueError(f"tally_mark must be one of {TALLY_MARKS}, got {tally_mark!r}")
     image = sample.load_image()
     enc = processor(text=[format_prompt(sample.question)], images=[image], return_tensors="pt")
     tok = processor.tokenizer
@@ -96,7 +103,10 @@ def encode_example(
                 focus_list.append((pos, mask))
                 lead_list += [(i, mask) for i in leads]
             if tally:
-                n, match = matches(objects, *about), torch.from_numpy(match_mask(classes, *about))
+                n = matches(objects, *about)
+                match = (match_centres(objects, *about, image.height, image.width, tile) if tally_mark == "centres"
+                         else match_mask(classes, *about))
+                match = torch.from_numpy(match)
                 if n == 0 or match.any():
                     tally_list.append((pos, match, n))
                     tally_lead += [(i, match, n) for i in leads]
@@ -153,14 +163,16 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 def encode_views(image_processor, samples: list[Sample], tile: int) -> dict:
     """Vision-only batch: every view of every image, flattened, with its [CLS] targets.
 
-    Returns ``pixel_values`` (T, 3, tile, tile), ``targets`` and ``mask`` (T, K), ``patch_targets`` (T, N, 3).
+    Returns ``pixel_values`` (T, 3, tile, tile), ``targets`` and ``mask`` (T, K), ``patch_targets`` (T, N, 3),
+    ``centre_targets`` (T, N) bool.
     """
-    views, targets, masks, patches = [], [], [], []
+    views, targets, masks, patches, centres = [], [], [], [], []
     for sample in samples:
         image = sample.load_image()
         pv = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]  # (V, 3, t, t)
         t, m = view_targets(sample.meta["objects"], image.height, image.width, tile)
         patches.append(torch.from_numpy(patch_targets(sample.meta["objects"], image.height, image.width, tile)))
+        centres.append(torch.from_numpy(centre_targets(sample.meta["objects"], image.height, image.width, tile)))
         views.append(pv)
         targets.append(torch.from_numpy(t))
         masks.append(torch.from_numpy(m))
@@ -169,6 +181,7 @@ def encode_views(image_processor, samples: list[Sample], tile: int) -> dict:
         "targets": torch.cat(targets),
         "mask": torch.cat(masks),
         "patch_targets": torch.cat(patches),
+        "centre_targets": torch.cat(centres),
     }
 
 

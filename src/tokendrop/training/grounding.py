@@ -42,14 +42,14 @@ def _layer_inputs(layers):
             hook.remove()
 
 
-def _batches(model, processor, samples, batch: int, tally: bool = False):
+def _batches(model, processor, samples, batch: int, tally: bool = False, mark: str = "objects"):
     """Right-padded batches of the samples' first turn (as at evaluation), run through ``model``."""
     tile = model.config.vision_config.image_size
     rng = np.random.default_rng(0)
     model.eval()
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        examples = [encode_example(processor, s, rng, 0, tile, lead=tally, tally=tally) for s in chunk]
+        examples = [encode_example(processor, s, rng, 0, tile, lead=tally, tally=tally, tally_mark=mark) for s in chunk]
         for e in examples:
             e["tally"] = e["tally"][:1]  # the answer-predicting position (lead positions follow it)
         b = collate(examples, processor.tokenizer.pad_token_id)
@@ -87,13 +87,14 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
 
 
 @torch.no_grad()
-def tally_report(model, processor, samples, layer: int = 3, head: int = 1, batch: int = 20) -> dict:
+def tally_report(model, processor, samples, layer: int = 3, head: int = 1, batch: int = 20, mark: str = "objects") -> dict:
     """What the tally head (``loop.tally_loss``) does at each answer-predicting token, by the number n
     of objects matching the question: {n: {"questions", "own" (mean attention on itself), "target"
-    (1 / (n + 1)), "own_std", "objects" (mean mass on the matching objects)}}."""
+    (1 / (n + 1)), "own_std", "objects" (mean mass on the matching objects' tokens: all of them, or
+    their centre patches with ``mark="centres"``)}}."""
     found: dict = defaultdict(list)
     with _layer_inputs(model.model.language_model.layers) as captured:
-        for _, b in _batches(model, processor, samples, batch, tally=True):
+        for _, b in _batches(model, processor, samples, batch, tally=True, mark=mark):
             query, target, _ = grounding_targets(b, batch_token_patches(model, b), key="tally")
             counts, valid = tally_counts(b["tally"], query.shape[1])
             hidden, rope = captured[layer]
@@ -118,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--head", type=int, default=0, help="the grounded head of training (default 0)")
     p.add_argument("--tally-layer", type=int, default=3, help="layer of the tally head (default 3)")
     p.add_argument("--tally-head", type=int, default=1, help="the tally head of training (default 1)")
+    p.add_argument("--tally-mark", choices=("centres", "objects"), default="objects",
+                   help="the matching objects' tokens in the report: centre patches or all (default %(default)s)")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
         print(f"{qtype:7s} n={r['n']:3d} share of image tokens {r['share']:.3f}")
         print("   mean over heads " + " ".join(f"{v:5.3f}" for v in r["head_mean"]))
         print(f"   head {args.head}          " + " ".join(f"{v:5.3f}" for v in r["head"]))
-    tally = tally_report(model, processor, samples, args.tally_layer, args.tally_head)
+    tally = tally_report(model, processor, samples, args.tally_layer, args.tally_head, mark=args.tally_mark)
     print(f"tally head (layer {args.tally_layer}, head {args.tally_head}): attention on itself by matching objects n")
     for n, r in tally.items():
         print(f"   n={n} questions {r['questions']:3d} own {r['own']:.3f} +- {r['own_std']:.3f} (target {r['target']:.3f}), "

@@ -33,7 +33,7 @@ from tokendrop.scoring import query_attention_rows
 from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE
 from tokendrop.training.batches import collate, encode_example, encode_sheets, encode_views
 from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
-from tokendrop.training.targets import CAPTION_QUESTION, LABELS, PATCH_FIELDS, caption
+from tokendrop.training.targets import CAPTION_QUESTION, LABELS, PATCH_FIELDS, TALLY_MARKS, caption
 
 _SAVE_MARGIN = 20.0  # seconds kept free at the end of a time-budgeted run for saving
 
@@ -50,6 +50,7 @@ class TrainConfig:
     stage1_batch: int = 16  # images per step (each gives 3-5 views)
     sheets: int = 32  # glyph sheets per stage-1 step (dense glyph-reading material, tokendrop.data.synth.glyph_sheet)
     stage1_lr: float = 1e-3
+    centre_weight: float = 0.0  # stage-1 loss: mark the patch holding each object's centre (runs 10-11; 0: off)
     stage2_steps: int = 2650
     stage2_batch: int = 8
     stage2_lr: float = 1e-3
@@ -64,6 +65,8 @@ class TrainConfig:
     ground_lead: bool = True  # also ground the question's shape word and the tokens up to the answer
     tally_weight: float = 1.0  # weight of the tally loss (head ``tally_head`` of ``ground_layer``; 0: off)
     tally_head: int = 1
+    tally_balance: bool = False  # every count n weighs the same in the tally loss (n >= 2 is rare; run 11)
+    tally_mark: str = "objects"  # the tally's object tokens: "objects" (all) or "centres" (one patch per object per view; runs 10-11)
     drop_share: float = 0.3  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
@@ -93,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"tally_weight must be >= 0, got {self.tally_weight}")
         if self.tally_weight > 0 and not 0 <= self.tally_head < self.model.t_heads:
             raise ValueError(f"tally_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.tally_head}")
+        if self.centre_weight < 0:
+            raise ValueError(f"centre_weight must be >= 0, got {self.centre_weight}")
+        if self.tally_mark not in TALLY_MARKS:
+            raise ValueError(f"tally_mark must be one of {TALLY_MARKS}, got {self.tally_mark!r}")
         if self.tally_weight > 0 and self.ground_weight > 0 and self.tally_head == self.ground_head:
             raise ValueError(f"tally_head must differ from ground_head ({self.ground_head}): they have different targets")
         if not 0.0 <= self.drop_share <= 1.0:
@@ -159,13 +166,15 @@ _NONE_WEIGHT = 0.1  # weight of the glyph field's "none" class: about 60 of a ti
 
 
 class VisionHeads(torch.nn.Module):
-    """Training-only heads on the vision tower: [CLS] multi-label and per-patch classes (not saved in the model)."""
+    """Training-only heads on the vision tower: [CLS] multi-label, per-patch classes and (``centre``)
+    the object-centre mark (not saved in the model)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, centre: bool = False):
         super().__init__()
         self.cls = torch.nn.Linear(width, len(LABELS))
         self.sizes = [len(v) for v in PATCH_FIELDS.values()]
         self.patch = torch.nn.Linear(width, sum(self.sizes))
+        self.centre = torch.nn.Linear(width, 1) if centre else None
         glyph_weight = torch.ones(len(PATCH_FIELDS["glyph"]))
         glyph_weight[-1] = _NONE_WEIGHT
         self.register_buffer("glyph_weight", glyph_weight, persistent=False)
@@ -180,6 +189,12 @@ class VisionHeads(torch.nn.Module):
         losses = [F.cross_entropy(lg.flatten(0, 1), target[..., k].flatten(), weight=weights[k], ignore_index=-100)
                   for k, lg in enumerate(logits)]
         return cls, sum(losses) / len(losses)
+
+    def centre_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of "this patch holds an object's centre" on the feature layer.
+        hidden (T, 1 + N, Dv), targets (T, N) bool (``targets.centre_targets``)."""
+        logits = self.centre(hidden[:, 1:])[..., 0]  # (T, N)
+        return F.binary_cross_entropy_with_logits(logits, targets.float())
 
     def sheet_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Glyph classification on every patch of glyph sheets. hidden (S, 1 + N, Dv), targets (S, N)."""
@@ -287,20 +302,24 @@ def tally_counts(tally: list[list[tuple]], width: int) -> tuple[torch.Tensor, to
 
 
 def tally_loss(rows: torch.Tensor, query: torch.Tensor, target: torch.Tensor, counts: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
+               valid: torch.Tensor, balance: bool = False) -> torch.Tensor:
     """Cross-entropy of the tally head's attention, coarsened to (itself, the matching objects, the rest),
     against (1 / (n + 1), n / (n + 1), 0) for n matching objects.
 
     The head's output then carries n: its share of the query's own value vector is 1 / (n + 1), so
     "how many" and "is there" become a read-out of one number. rows (B, Q, L) softmax rows of one
     head, query (B, Q) their positions, target (B, Q, L) bool the matching objects' image tokens,
-    counts (B, Q) float n, valid (B, Q) bool.
+    counts (B, Q) float n, valid (B, Q) bool. ``balance``: every count present in the batch weighs the
+    same (the mean over counts of the mean loss per count), as n >= 2 is rare next to n = 0 and 1.
     """
     own = rows.gather(-1, query[..., None])[..., 0].clamp(min=1e-6)  # (B, Q)
     mass = (rows * target).sum(dim=-1).clamp(min=1e-6)  # (B, Q)
     share = counts / (counts + 1)
     loss = -((1 - share) * own.log() + share * mass.log())
-    return (loss * valid).sum() / valid.sum().clamp(min=1)
+    if not balance:
+        return (loss * valid).sum() / valid.sum().clamp(min=1)
+    per_n = [loss[valid & (counts == n)].mean() for n in counts[valid].unique()]  # one mean per count
+    return torch.stack(per_n).mean() if per_n else loss.sum() * 0
 
 
 def ground_loss(rows: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -356,14 +375,15 @@ def train_vision(model, head, image_processor, cfg: TrainConfig, batches: _Batch
         hidden = out.hidden_states[layer]
         cls, patch = head.loss(out.pooler_output[:n_views], hidden[:n_views], batch)
         sheet = head.sheet_loss(hidden[n_views:], sheets["glyph_targets"]) if cfg.sheets else torch.zeros(())
-        loss = cls + patch + sheet
+        centre = head.centre_loss(hidden[:n_views], batch["centre_targets"]) if cfg.centre_weight > 0 else torch.zeros(())
+        loss = cls + patch + sheet + cfg.centre_weight * centre
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if step % cfg.log_every == 0:
             log(f"stage1 step {step:5d} lr {schedule.lr(step):.2e} cls_loss {cls.item():.4f} patch_loss {patch.item():.4f} "
-                f"sheet_loss {sheet.item():.4f} views {n_views} elapsed {time.perf_counter() - schedule.start:7.1f}s")
+                f"sheet_loss {sheet.item():.4f} centre_loss {centre.item():.4f} views {n_views} elapsed {time.perf_counter() - schedule.start:7.1f}s")
         step += 1
     log(f"stage1 done: {step} steps in {time.perf_counter() - schedule.start:.1f}s")
     return step
@@ -436,7 +456,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
             dropped = td.apply(model, processor, method) if method is not None else None
             try:  # under a pre-LLM method the processor writes its token count and the encoder drops
                 examples = [encode_example(processor, s, rng, cfg.extra_turns, cfg.model.tile, cfg.caption,
-                                           lead=(ground or tally) and cfg.ground_lead, tally=tally)
+                                           lead=(ground or tally) and cfg.ground_lead, tally=tally, tally_mark=cfg.tally_mark)
                             for s in batches.next()]
                 batch = collate(examples, processor.tokenizer.pad_token_id)
                 lm_loss = model(**batch["inputs"], labels=batch["labels"]).loss
@@ -464,7 +484,7 @@ def train_vlm(model, head, processor, cfg: TrainConfig, batches: _Batches, rng, 
                 query, target, _ = grounding_targets(batch, token_patch, key="tally")
                 counts, valid = tally_counts(batch["tally"], query.shape[1])
                 rows = query_attention_rows(grounded, hidden, rope, query, key_mask=mask)[:, cfg.tally_head]
-                tallying = tally_loss(rows, query, target, counts, valid)
+                tallying = tally_loss(rows, query, target, counts, valid, balance=cfg.tally_balance)
             loss = (lm_loss + cfg.aux_weight * (cls + patch) + cfg.align_weight * align
                     + cfg.ground_weight * grounding + cfg.tally_weight * tallying)
             optimizer.zero_grad(set_to_none=True)
@@ -507,7 +527,8 @@ def save(model, processor, out_dir: str | Path, cfg: TrainConfig, extra: dict) -
 def build(cfg: TrainConfig, samples: list[Sample]) -> tuple:
     """(processor, model, vision heads) of a fresh run: tokenizer trained on ``samples``, random weights."""
     tokenizer = train_tokenizer(tokenizer_corpus(samples), cfg.model.vocab_size)
-    return build_processor(tokenizer, cfg.model.tile), build_model(cfg.model, tokenizer), VisionHeads(cfg.model.v_hidden)
+    heads = VisionHeads(cfg.model.v_hidden, centre=cfg.centre_weight > 0)
+    return build_processor(tokenizer, cfg.model.tile), build_model(cfg.model, tokenizer), heads
 
 
 def load_stage1(model, head: VisionHeads, state: dict) -> int:

@@ -180,6 +180,16 @@ def matches(objects: list[dict], color: str | None, shape: str) -> int:
     return sum(1 for o in objects if o["shape"] == shape and (color is None or o["color"] == color))
 
 
+TALLY_MARKS = ("centres", "objects")  # which image tokens of the matching objects the tally counts
+
+
+def match_centres(objects: list[dict], color: str | None, shape: str, height: int, width: int, tile: int) -> np.ndarray:
+    """The centre patches (``centre_targets``) of the objects with that shape (and colour, when given):
+    (V, N) bool, one patch per matching object in each view that shows its centre, possibly empty."""
+    chosen = [o for o in objects if o["shape"] == shape and (color is None or o["color"] == color)]
+    return centre_targets(chosen, height, width, tile)
+
+
 def match_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.ndarray:
     """The patches of the objects with that shape (and colour, when given): (V, N) bool, possibly empty."""
     mask = patch_classes[..., 1] == SHAPES.index(shape)
@@ -269,3 +279,25 @@ def sheet_targets(objects: list, size: int, patch: int = 14) -> np.ndarray:
         mark_glyph(labels, obj.glyph_box, GLYPHS.index(obj.glyph), side, patch)
     return labels
 
+
+
+def centre_targets(objects: list[dict], height: int, width: int, tile: int, patch: int = 14) -> np.ndarray:
+    """The patch holding each object's centre, in every view: (V, N) bool.
+
+    One patch per object per view that shows its centre (the base view shows every centre, a tile
+    the centres inside it), whatever the object's size: the mark a size-independent count needs.
+    """
+    sx, sy, px, py, rows, cols = _tile_transform(height, width, tile)
+    side = tile // patch
+    out = np.zeros((1 + rows * cols, side * side), dtype=bool)
+    for obj in objects:
+        x0, y0, x1, y1 = obj["box"]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        bx, by = cx * tile / width, cy * tile / height  # base view: the whole image squashed to one tile
+        out[0, min(side - 1, int(by // patch)) * side + min(side - 1, int(bx // patch))] = True
+        gx, gy = cx * sx + px, cy * sy + py  # grid canvas pixels
+        c, r = int(gx // tile), int(gy // tile)
+        if 0 <= r < rows and 0 <= c < cols:
+            lx, ly = gx - c * tile, gy - r * tile
+            out[1 + r * cols + c, int(ly // patch) * side + int(lx // patch)] = True
+    return out
