@@ -258,8 +258,8 @@ def test_encode_example_tallies_the_centre_patches_of_the_matching_objects(tmp_p
         encode_example(processor, sample, np.random.default_rng(0), 0, 112, tally=True, tally_mark="blobs")
 
 
-def test_stage1_centre_head_is_optional_and_checked():
-    from tokendrop.training.loop import TrainConfig, VisionHeads
+def test_stage1_centre_head_is_optional_and_checked(next_model):
+    from tokendrop.training.loop import TrainConfig, VisionHeads, load_stage1
 
     heads = VisionHeads(16, centre=True)
     hidden = torch.randn(3, 1 + 64, 16)
@@ -272,6 +272,14 @@ def test_stage1_centre_head_is_optional_and_checked():
     assert VisionHeads(16).centre is None and "centre.weight" not in VisionHeads(16).state_dict()
     with pytest.raises(ValueError, match="centre_weight"):
         TrainConfig(train_dir="d", out_dir="o", centre_weight=-1.0)
+    model = next_model[0]  # a stage-1 checkpoint loads only into heads of its own kind
+    state = {"tower": model.model.vision_tower.state_dict(), "head": heads.state_dict(), "steps": 3}
+    width = model.config.vision_config.hidden_size
+    with pytest.raises(ValueError, match=r"with the centre mark: load it with centre_weight > 0"):
+        load_stage1(model, VisionHeads(width), dict(state, head=VisionHeads(width, centre=True).state_dict()))
+    with pytest.raises(ValueError, match=r"without the centre mark: load it with centre_weight 0"):
+        load_stage1(model, VisionHeads(width, centre=True), dict(state, head=VisionHeads(width).state_dict()))
+    assert load_stage1(model, VisionHeads(width), dict(state, head=VisionHeads(width).state_dict())) == 3
     with pytest.raises(ValueError, match="tally_mark must be one of"):
         TrainConfig(train_dir="d", out_dir="o", tally_mark="everything")
 

@@ -533,6 +533,11 @@ def build(cfg: TrainConfig, samples: list[Sample]) -> tuple:
 
 def load_stage1(model, head: VisionHeads, state: dict) -> int:
     """Put a stage-1 checkpoint (``tower``, ``head``, ``steps``) into ``model`` and ``head``; returns its steps."""
+    marked = any(k.startswith("centre.") for k in state["head"])
+    if marked != (head.centre is not None):
+        need = "> 0" if marked else "0"
+        raise ValueError(f"the stage-1 checkpoint was trained {'with' if marked else 'without'} the centre mark: "
+                         f"load it with centre_weight {need} (--centre-weight {need})")
     model.model.vision_tower.load_state_dict(state["tower"])
     head.load_state_dict(state["head"])
     return int(state["steps"])
