@@ -12,6 +12,7 @@ def assert_untouched(model, processor):
     assert "get_image_features" not in vars(model.model)
     assert "forward" not in vars(model.model.language_model)
     assert "replace_image_token" not in vars(processor)
+    assert "_get_num_multimodal_tokens" not in vars(processor)
     assert not model.model._forward_pre_hooks
 
 
@@ -111,3 +112,31 @@ def test_handle_num_tokens(next_model):
     with td.apply(model, processor, td.HiRED(0.2)) as handle:
         assert handle.num_tokens((224, 224)) == 64  # floor(0.2 * 5 * 64)
         assert torch.is_tensor(torch.tensor(handle.num_tokens((150, 300))))
+
+
+def test_processor_token_count_query_follows_the_method(next_model, images):
+    from tokendrop.loading import format_prompt
+
+    model, processor = next_model
+    sizes = [[img.height, img.width] for img in images]
+    stock = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    with td.apply(model, processor, td.HiRED(0.2)):
+        counted = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+        for img, n in zip(images, counted):  # what the patched processor writes for that image
+            ids = processor(text=[format_prompt(processor, "q")], images=[img], return_tensors="pt")["input_ids"]
+            assert (ids == model.config.image_token_id).sum().item() == n
+    assert all(c < s for c, s in zip(counted, stock))
+    assert_untouched(model, processor)
+    assert processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == stock
+
+
+def test_llava_processor_token_count_query_follows_the_method(llava_model, images):
+    from tokendrop.loading import format_prompt
+
+    model, processor = llava_model
+    size = [images[0].height, images[0].width]
+    with td.apply(model, processor, td.RandomDrop(0.25, seed=0)):
+        (n,) = processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens
+        ids = processor(text=[format_prompt(processor, "q")], images=[images[0]], return_tensors="pt")["input_ids"]
+        assert (ids == model.config.image_token_id).sum().item() == n
+    assert processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens[0] > n

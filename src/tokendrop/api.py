@@ -6,7 +6,8 @@
 
 Patches are instance attributes and hooks only (never classes), each recorded with its undo; a
 failure half-way undoes what was done. A pre-LLM method (HiRED, RandomDrop, SpatialDrop, BaseOnly)
-replaces `get_image_features` and the processor's `replace_image_token`; an in-LLM method
+replaces `get_image_features` and the processor's `replace_image_token` (and its token-count query
+`_get_num_multimodal_tokens`, when it has one); an in-LLM method
 (PyramidDrop, FastV) replaces the language model's `forward`. One of each kind composes.
 """
 
@@ -140,6 +141,21 @@ def _patch_pre_llm(handle: Handle, adapter, method: BudgetMethod) -> None:
 
     _set_attr(handle, adapter.base, "get_image_features", adapter.encoder_patch(method, record))
     _set_attr(handle, handle.processor, "replace_image_token", adapter.placeholder_patch(handle.processor, method))
+    if hasattr(handle.processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
+        _set_attr(handle, handle.processor, "_get_num_multimodal_tokens", _count_patch(adapter, handle.processor, method))
+
+
+def _count_patch(adapter, processor, method: BudgetMethod):
+    """The processor's ``_get_num_multimodal_tokens`` answering with the method's count per image."""
+    stock = processor._get_num_multimodal_tokens
+
+    def _get_num_multimodal_tokens(image_sizes=None, **kwargs):
+        data = stock(image_sizes=image_sizes, **kwargs)
+        if image_sizes is not None:
+            data.num_image_tokens = [adapter.num_tokens(method, list(size)) for size in image_sizes]
+        return data
+
+    return _get_num_multimodal_tokens
 
 
 def _patch_in_llm(handle: Handle, adapter, method) -> None:
