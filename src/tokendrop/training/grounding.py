@@ -26,6 +26,7 @@ from tokendrop.data.dataset import load_dataset
 from tokendrop.scoring import query_attention_rows
 from tokendrop.training.batches import collate, encode_example
 from tokendrop.training.loop import batch_token_patches, grounding_targets, tally_counts
+from tokendrop.training.targets import TALLY_MARKS
 
 
 @contextmanager
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
     p.add_argument("--head", type=int, default=0, help="the grounded head of training (default 0)")
     p.add_argument("--tally-layer", type=int, default=3, help="layer of the tally head (default 3)")
     p.add_argument("--tally-head", type=int, default=1, help="the tally head of training (default 1)")
-    p.add_argument("--tally-mark", choices=("centres", "objects"), default="objects",
+    p.add_argument("--tally-mark", choices=TALLY_MARKS, default="objects",
                    help="the matching objects' tokens in the report: centre patches or all (default %(default)s)")
     p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)

@@ -175,9 +175,13 @@ def focus_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.n
     return is_shape
 
 
+def _matching(objects: list[dict], color: str | None, shape: str) -> list[dict]:
+    return [o for o in objects if o["shape"] == shape and (color is None or o["color"] == color)]
+
+
 def matches(objects: list[dict], color: str | None, shape: str) -> int:
     """How many scene objects have that shape (and colour, when given)."""
-    return sum(1 for o in objects if o["shape"] == shape and (color is None or o["color"] == color))
+    return len(_matching(objects, color, shape))
 
 
 TALLY_MARKS = ("centres", "objects")  # which image tokens of the matching objects the tally counts
@@ -186,8 +190,7 @@ TALLY_MARKS = ("centres", "objects")  # which image tokens of the matching objec
 def match_centres(objects: list[dict], color: str | None, shape: str, height: int, width: int, tile: int) -> np.ndarray:
     """The centre patches (``centre_targets``) of the objects with that shape (and colour, when given):
     (V, N) bool, one patch per matching object in each view that shows its centre, possibly empty."""
-    chosen = [o for o in objects if o["shape"] == shape and (color is None or o["color"] == color)]
-    return centre_targets(chosen, height, width, tile)
+    return centre_targets(_matching(objects, color, shape), height, width, tile)
 
 
 def match_mask(patch_classes: np.ndarray, color: str | None, shape: str) -> np.ndarray:
@@ -278,7 +281,6 @@ def sheet_targets(objects: list, size: int, patch: int = 14) -> np.ndarray:
     for obj in objects:
         mark_glyph(labels, obj.glyph_box, GLYPHS.index(obj.glyph), side, patch)
     return labels
-
 
 
 def centre_targets(objects: list[dict], height: int, width: int, tile: int, patch: int = 14) -> np.ndarray:
