@@ -160,29 +160,32 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def encode_views(image_processor, samples: list[Sample], tile: int) -> dict:
+def encode_views(image_processor, samples: list[Sample], tile: int, centres: bool = False) -> dict:
     """Vision-only batch: every view of every image, flattened, with its [CLS] targets.
 
     Returns ``pixel_values`` (T, 3, tile, tile), ``targets`` and ``mask`` (T, K), ``patch_targets`` (T, N, 3),
-    ``centre_targets`` (T, N) bool.
+    and with ``centres`` the ``centre_targets`` (T, N) bool.
     """
-    views, targets, masks, patches, centres = [], [], [], [], []
+    views, targets, masks, patches, marks = [], [], [], [], []
     for sample in samples:
         image = sample.load_image()
         pv = image_processor(images=[image], return_tensors="pt")["pixel_values"][0]  # (V, 3, t, t)
         t, m = view_targets(sample.meta["objects"], image.height, image.width, tile)
         patches.append(torch.from_numpy(patch_targets(sample.meta["objects"], image.height, image.width, tile)))
-        centres.append(torch.from_numpy(centre_targets(sample.meta["objects"], image.height, image.width, tile)))
+        if centres:
+            marks.append(torch.from_numpy(centre_targets(sample.meta["objects"], image.height, image.width, tile)))
         views.append(pv)
         targets.append(torch.from_numpy(t))
         masks.append(torch.from_numpy(m))
-    return {
+    batch = {
         "pixel_values": torch.cat(views),
         "targets": torch.cat(targets),
         "mask": torch.cat(masks),
         "patch_targets": torch.cat(patches),
-        "centre_targets": torch.cat(centres),
     }
+    if centres:
+        batch["centre_targets"] = torch.cat(marks)
+    return batch
 
 
 def encode_sheets(image_processor, rng: np.random.Generator, n: int, tile: int) -> dict:

@@ -366,7 +366,7 @@ def train_vision(model, head, image_processor, cfg: TrainConfig, batches: _Batch
     step = 0
     while not schedule.done(step):
         _set_lr(optimizer, schedule.lr(step))
-        batch = encode_views(image_processor, batches.next(), cfg.model.tile)
+        batch = encode_views(image_processor, batches.next(), cfg.model.tile, centres=cfg.centre_weight > 0)
         pixel_values, n_views = batch["pixel_values"], batch["pixel_values"].shape[0]
         if cfg.sheets:
             sheets = encode_sheets(image_processor, sheet_rng, cfg.sheets, cfg.model.tile)
