@@ -583,7 +583,8 @@ def test_tiny_training_run_with_dropped_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--tally-weight", "-1"), ("--ground-weight", "-0.5"), ("--drop-share", "2"),
-                                        ("--rope-theta", "0"), ("--centre-weight", "-1")])
+                                        ("--rope-theta", "0"), ("--centre-weight", "-1"),
+                                        ("--bucket", "0"), ("--match-init", "-2")])
 def test_train_cli_rejects_bad_loss_settings_naming_the_flag(tmp_path, capsys, flag, value):
     from tokendrop.cli import main
 
@@ -619,3 +620,72 @@ def test_balanced_tally_loss_weighs_every_count_the_same():
     torch.testing.assert_close(balanced, torch.stack(each).mean())  # the n = 2 slot is not valid: not counted
     plain = tally_loss(rows, query, target, counts, valid)
     assert not torch.isclose(plain, balanced)  # four n = 1 queries weigh 4/7 unbalanced, 1/3 balanced
+
+
+def test_bucketed_batches_pad_less_and_draw_the_same_samples(tmp_path):
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.batches import encode_example
+    from tokendrop.training.loop import _Batches, image_token_counts, tokenizer_corpus
+    from tokendrop.training.model import build_processor, train_tokenizer
+
+    generate_dataset(tmp_path / "data", 24, seed=3)
+    samples = load_dataset(tmp_path / "data")
+    processor = build_processor(train_tokenizer(tokenizer_corpus(samples), 400), 112)
+    lengths = image_token_counts(processor, samples)
+    rng = np.random.default_rng(0)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for s, n in zip(samples[:4], lengths):  # what the processor writes for the sample's image
+        ids = encode_example(processor, s, rng, 0, 112, False)["input_ids"]
+        assert ids.count(image_id) == n
+
+    plain = _Batches(samples, 3, np.random.default_rng(5))
+    bucketed = _Batches(samples, 3, np.random.default_rng(5), lengths, bucket=4)
+    again = _Batches(samples, 3, np.random.default_rng(5), lengths, bucket=4)
+    for _ in range(2):  # two pools of 4 batches
+        first = [plain.next() for _ in range(4)]
+        sorted_ = [bucketed.next() for _ in range(4)]
+        assert [[s.id for s in b] for b in sorted_] == [[s.id for s in again.next()] for _ in range(4)]  # seeded
+        assert sorted(s.id for b in first for s in b) == sorted(s.id for b in sorted_ for s in b)  # the same draw
+        spans = sorted((min(lengths[samples.index(s)] for s in b), max(lengths[samples.index(s)] for s in b)) for b in sorted_)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # cut from one length-sorted pool
+    with pytest.raises(ValueError, match="one length per sample"):
+        _Batches(samples, 3, np.random.default_rng(5), None, bucket=2)
+
+
+def test_matching_heads_start_as_word_matchers_on_the_slow_rope_dims(tmp_path):
+    from tokendrop.data import generate_dataset, load_dataset
+    from tokendrop.training.loop import init_matching_heads, tokenizer_corpus, word_ids
+    from tokendrop.training.model import ModelConfig, build_model, train_tokenizer
+
+    generate_dataset(tmp_path / "data", 8, seed=0)
+    tokenizer = train_tokenizer(tokenizer_corpus(load_dataset(tmp_path / "data")), 400)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(t_hidden=64, t_layers=2, t_heads=4, t_mlp=64, v_hidden=32, v_layers=2, v_heads=2, v_mlp=32),
+                        tokenizer)
+    attn = model.model.language_model.layers[1].self_attn
+    before_q, before_k = attn.q_proj.weight.clone(), attn.k_proj.weight.clone()
+    words = model.get_input_embeddings().weight[word_ids(tokenizer)[1]].detach()  # the 4 shape words (rank 4)
+    init_matching_heads(model, 1, [0, 2], words, logit=5.0, pairs=2)
+
+    hd, dim = attn.head_dim, 64
+    inv_freq = model.model.language_model.rotary_emb.inv_freq
+    slow = inv_freq.argsort()[:2]
+    dims = torch.cat([slow, slow + hd // 2])
+    assert set(inv_freq[slow].tolist()) == set(inv_freq.sort().values[:2].tolist())  # the slowest-turning pairs
+    touched = sorted((0 * hd + dims).tolist() + (2 * hd + dims).tolist())  # heads 0 and 2, slow dims only
+    for weight, before in ((attn.q_proj.weight, before_q), (attn.k_proj.weight, before_k)):
+        assert sorted((weight != before).any(dim=1).nonzero().flatten().tolist()) == touched
+
+    states = torch.nn.functional.normalize(words, dim=-1) * dim**0.5  # RMS-normalised word states
+    for h in (0, 2):
+        q = states @ attn.q_proj.weight[h * hd + dims].T  # (4, 2 * pairs)
+        k = states @ attn.k_proj.weight[h * hd + dims].T
+        logits = q @ k.T / hd**0.5  # (4, 4): no rotation between equal positions
+        torch.testing.assert_close(logits.diagonal(), torch.full((4,), 5.0))  # a word matches itself at the logit
+        off = logits[~torch.eye(4, dtype=torch.bool)]
+        assert (off < 5.0 - 1.0).all()  # and other words less (random embeddings: nearly orthogonal)
+    with pytest.raises(ValueError, match="pairs must be in"):
+        init_matching_heads(model, 1, [0], words, logit=5.0, pairs=3)
+    with pytest.raises(ValueError, match="match_init"):
+        from tokendrop.training.loop import TrainConfig
+        TrainConfig(train_dir="d", out_dir="o", match_init=-1.0)

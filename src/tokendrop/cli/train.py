@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stage1-steps", type=int, default=850, help="stage-1 (vision tower) steps")
     p.add_argument("--stage2-steps", type=int, default=2650, help="stage-2 (VLM) steps")
     p.add_argument("--batch", type=int, default=8, help="stage-2 batch size (images)")
+    p.add_argument("--bucket", type=int, default=1,
+                   help="stage-2 batches per length-sorted pool: batches of similar image-token counts pad less "
+                        "(default %(default)s: plain shuffled batches)")
     p.add_argument("--lr", type=float, default=1e-3, help="stage-2 peak learning rate")
     p.add_argument("--minutes", type=float, help="wall-clock budget: run both stages by time, not step counts")
     p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 when another job shares the cores)")
@@ -33,6 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tally-weight", type=float, default=1.0,
                    help="stage-2 tally loss weight: another head's attention on itself must be 1/(n+1) for n objects "
                         "matching the question (default %(default)s; 0: off)")
+    p.add_argument("--match-init", type=float, default=0.0,
+                   help="start the grounded and tally heads as word matchers: a question word and an image token "
+                        "showing it score this logit (default %(default)s: random start)")
     p.add_argument("--centre-weight", type=float, default=0.0,
                    help="stage-1 loss weight: the tower marks the patch holding each object's centre "
                         "(default %(default)s; 0: off)")
@@ -67,6 +73,8 @@ def _config(args):
         raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
     if args.tally_weight < 0:
         raise UsageError(f"--tally-weight must be >= 0, got {args.tally_weight}")
+    if args.match_init < 0:
+        raise UsageError(f"--match-init must be >= 0, got {args.match_init}")
     if args.centre_weight < 0:
         raise UsageError(f"--centre-weight must be >= 0, got {args.centre_weight}")
     if args.drop_share is None:
@@ -79,6 +87,8 @@ def _config(args):
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.bucket < 1:
+        raise UsageError(f"--bucket must be >= 1, got {args.bucket}")
     if args.rope_theta <= 1:
         raise UsageError(f"--rope-theta must be > 1, got {args.rope_theta}")
     tiny = dict(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else {}
@@ -92,6 +102,7 @@ def _config(args):
         stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps,
         stage2_batch=args.batch,
+        stage2_bucket=args.bucket,
         stage2_lr=args.lr,
         save_fp16=args.fp16,
         minutes=args.minutes,
@@ -103,6 +114,7 @@ def _config(args):
         tally_mark=args.tally_mark,
         tally_balance=args.tally_balance,
         centre_weight=args.centre_weight,
+        match_init=args.match_init,
         drop_share=args.drop_share,
         stage1_checkpoint=args.stage1_checkpoint,
     )

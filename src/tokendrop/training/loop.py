@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import tokendrop as td
 from tokendrop.data.dataset import Sample, load_dataset
@@ -53,6 +54,7 @@ class TrainConfig:
     centre_weight: float = 0.0  # stage-1 loss: mark the patch holding each object's centre (runs 10-11; 0: off)
     stage2_steps: int = 2650
     stage2_batch: int = 8
+    stage2_bucket: int = 1  # stage-2 batches per length-sorted pool (less padding); 1: plain shuffled batches
     stage2_lr: float = 1e-3
     vision_lr_scale: float = 0.0  # stage-2 learning rate of the vision tower, relative (0: frozen, no backward)
     aux_weight: float = 0.5  # weight of the stage-1 losses in stage 2 (when the tower trains)
@@ -67,6 +69,7 @@ class TrainConfig:
     tally_head: int = 1
     tally_balance: bool = False  # every count n weighs the same in the tally loss (n >= 2 is rare; run 11)
     tally_mark: str = "objects"  # the tally's object tokens: "objects" (all) or "centres" (one patch per object per view; runs 10-11)
+    match_init: float = 0.0  # start the grounded and tally heads as word matchers with this logit (0: random start)
     drop_share: float = 0.3  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)
     warmup: int = 50
@@ -80,7 +83,7 @@ class TrainConfig:
     stage1_checkpoint: str | None = None  # file: load stage 1 from it if it exists, else save stage 1 to it
 
     def __post_init__(self):
-        for name in ("stage1_batch", "stage2_batch", "threads", "log_every"):
+        for name in ("stage1_batch", "stage2_batch", "stage2_bucket", "threads", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("stage1_steps", "stage2_steps", "extra_turns", "warmup", "sheets"):
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"tally_weight must be >= 0, got {self.tally_weight}")
         if self.tally_weight > 0 and not 0 <= self.tally_head < self.model.t_heads:
             raise ValueError(f"tally_head must be in [0, {self.model.t_heads - 1}] (the LM's heads), got {self.tally_head}")
+        if self.match_init < 0:
+            raise ValueError(f"match_init must be >= 0, got {self.match_init}")
         if self.centre_weight < 0:
             raise ValueError(f"centre_weight must be >= 0, got {self.centre_weight}")
         if self.tally_mark not in TALLY_MARKS:
@@ -211,6 +216,34 @@ def word_ids(tokenizer) -> list[torch.Tensor]:
             raise ValueError(f"every class word must be its own token, got {dict(zip(values, ids))}")
         out.append(torch.tensor([i[0] for i in ids]))
     return out
+
+
+def init_matching_heads(model, layer: int, heads: list[int], words: torch.Tensor, logit: float, pairs: int = 4) -> None:
+    """Start attention ``heads`` of LM layer ``layer`` as content matchers (``TrainConfig.match_init``).
+
+    The grounding and tally losses ask those heads to attend by content (question word -> image
+    tokens showing it); from random weights that match first has to emerge, and stage 2 sat on a
+    plateau for 1000-2400 steps until it did (runs 5-12). Here the query and key projections of each
+    head, on its ``pairs`` most slowly turning RoPE frequency pairs (they rotate least over the
+    hundreds of positions between a question and the image tokens), are both set to ``a * B``: B an
+    orthonormal basis of the span of ``words`` (embedding rows, (W, D)), ``a`` such that two
+    normalised hidden states that both lie along one word score ``logit`` before the softmax.
+    The head's other dimensions keep their random start. Weights change in place.
+    """
+    attn = model.model.language_model.layers[layer].self_attn
+    inv_freq = model.model.language_model.rotary_emb.inv_freq  # (hd / 2,): dims j and j + hd / 2 turn at inv_freq[j]
+    hd, dim = attn.head_dim, words.shape[1]
+    if not 1 <= 2 * pairs <= min(hd, words.shape[0]):
+        raise ValueError(f"pairs must be in [1, {min(hd, words.shape[0]) // 2}], got {pairs}")
+    slow = inv_freq.argsort()[:pairs]  # slowest frequencies first
+    dims = torch.cat([slow, slow + hd // 2])  # (2 * pairs,)
+    basis = torch.linalg.svd(F.normalize(words.float(), dim=-1), full_matrices=False).Vh[: 2 * pairs]  # (2 * pairs, D)
+    a = math.sqrt(logit * math.sqrt(hd) / dim)  # an RMS-normalised state has norm sqrt(D)
+    group = attn.config.num_attention_heads // attn.config.num_key_value_heads
+    with torch.no_grad():
+        for h in heads:
+            attn.q_proj.weight[h * hd + dims] = a * basis.to(attn.q_proj.weight.dtype)
+            attn.k_proj.weight[(h // group) * hd + dims] = a * basis.to(attn.k_proj.weight.dtype)
 
 
 def align_loss(projected: torch.Tensor, embeddings: torch.Tensor, targets: torch.Tensor, ids: list[torch.Tensor]):
@@ -332,18 +365,48 @@ def ground_loss(rows: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
 
 
 class _Batches:
-    """Endless, seeded stream of sample batches (a new permutation each epoch)."""
+    """Endless, seeded stream of sample batches (a new permutation each epoch).
 
-    def __init__(self, samples: list[Sample], batch: int, rng: np.random.Generator):
+    With ``lengths`` (one number per sample) and ``bucket`` > 1, each draw of ``bucket * batch``
+    samples is sorted by length and cut into ``bucket`` batches, served in a random order: batches
+    of similar length waste less compute on padding. ``bucket`` 1 is the plain shuffled stream.
+    """
+
+    def __init__(self, samples: list[Sample], batch: int, rng: np.random.Generator,
+                 lengths: np.ndarray | None = None, bucket: int = 1):
+        if bucket > 1 and (lengths is None or len(lengths) != len(samples)):
+            raise ValueError("bucket > 1 needs one length per sample")
         self.samples, self.batch, self.rng = samples, batch, rng
+        self.lengths, self.bucket, self.ready = lengths, bucket, []
         self.order, self.pos = rng.permutation(len(samples)), 0
 
-    def next(self) -> list[Sample]:
+    def _draw(self) -> np.ndarray:
         if self.pos + self.batch > len(self.order):
             self.order, self.pos = self.rng.permutation(len(self.samples)), 0
         idx = self.order[self.pos : self.pos + self.batch]
         self.pos += self.batch
+        return idx
+
+    def next(self) -> list[Sample]:
+        if self.bucket == 1:
+            idx = self._draw()
+        else:
+            if not self.ready:
+                pool = np.concatenate([self._draw() for _ in range(self.bucket)])
+                pool = pool[np.argsort(self.lengths[pool], kind="stable")]  # (bucket * batch,) shortest first
+                chunks = [pool[i * self.batch : (i + 1) * self.batch] for i in range(self.bucket)]
+                self.ready = [chunks[int(i)] for i in self.rng.permutation(self.bucket)]
+            idx = self.ready.pop()
         return [self.samples[int(i)] for i in idx]
+
+
+def image_token_counts(processor, samples: list[Sample]) -> np.ndarray:
+    """Image tokens the stock processor writes for each sample's image (read from the file header)."""
+    sizes = []
+    for s in samples:
+        with Image.open(s.image_path) as im:
+            sizes.append((im.height, im.width))
+    return np.asarray(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"])
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -571,8 +634,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"tower": model.model.vision_tower.state_dict(), "head": head.state_dict(), "steps": steps1},
                        checkpoint)
+    heads = [h for h, w in ((cfg.ground_head, cfg.ground_weight), (cfg.tally_head, cfg.tally_weight)) if w > 0]
+    if cfg.match_init > 0 and heads:
+        words = model.get_input_embeddings().weight[torch.cat(word_ids(processor.tokenizer)[:2])]  # colours, shapes
+        init_matching_heads(model, cfg.ground_layer, heads, words, cfg.match_init)
     rng2 = np.random.default_rng((cfg.seed, 2))
-    batches2 = _Batches(samples, cfg.stage2_batch, rng2)
+    lengths = image_token_counts(processor, samples) if cfg.stage2_bucket > 1 else None
+    batches2 = _Batches(samples, cfg.stage2_batch, rng2, lengths, cfg.stage2_bucket)
     budget2 = None
     if cfg.minutes is not None:  # what is left of the budget, minus a margin for saving
         budget2 = max(1.0, cfg.minutes * 60 - (time.perf_counter() - start) - _SAVE_MARGIN)
