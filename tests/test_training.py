@@ -296,7 +296,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
     cfg = TrainConfig(train_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "model"), model=tiny, ground_layer=1,
                       stage1_steps=3, stage1_batch=4, stage2_steps=4, stage2_batch=4, warmup=1, threads=1,
-                      centre_weight=1.0, tally_mark="centres", tally_balance=True)  # runs 10-11's options
+                      centre_weight=1.0, tally_mark="centres", tally_balance=True,  # runs 10-11's options
+                      stage2_bucket=2, match_init=6.0)  # and run 13's
     logs: list[str] = []
     model, processor, _ = train(cfg, log=logs.append)
     losses = [float(line.split("lm_loss ")[1].split()[0]) for line in logs if "lm_loss" in line]

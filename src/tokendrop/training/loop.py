@@ -636,7 +636,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple:
                        checkpoint)
     heads = [h for h, w in ((cfg.ground_head, cfg.ground_weight), (cfg.tally_head, cfg.tally_weight)) if w > 0]
     if cfg.match_init > 0 and heads:
-        words = model.get_input_embeddings().weight[torch.cat(word_ids(processor.tokenizer)[:2])]  # colours, shapes
+        words = model.get_input_embeddings().weight.detach()[torch.cat(word_ids(processor.tokenizer)[:2])]  # colours, shapes
         init_matching_heads(model, cfg.ground_layer, heads, words, cfg.match_init)
     rng2 = np.random.default_rng((cfg.seed, 2))
     lengths = image_token_counts(processor, samples) if cfg.stage2_bucket > 1 else None
