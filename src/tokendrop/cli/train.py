@@ -69,14 +69,9 @@ def _config(args):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.minutes is not None and args.minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    if args.ground_weight < 0:
-        raise UsageError(f"--ground-weight must be >= 0, got {args.ground_weight}")
-    if args.tally_weight < 0:
-        raise UsageError(f"--tally-weight must be >= 0, got {args.tally_weight}")
-    if args.match_init < 0:
-        raise UsageError(f"--match-init must be >= 0, got {args.match_init}")
-    if args.centre_weight < 0:
-        raise UsageError(f"--centre-weight must be >= 0, got {args.centre_weight}")
+    for name in ("ground_weight", "tally_weight", "match_init", "centre_weight"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.drop_share is None:
         args.drop_share = 0.0 if args.pdrop else 0.3
     if not 0.0 <= args.drop_share <= 1.0:
