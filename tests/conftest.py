@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def no_model_left_patched():
+    """A test that leaves a model patched fails, and the patch is undone so that later tests see stock models."""
+    yield
+    api = sys.modules.get("tokendrop.api")
+    leaked = list(api._ACTIVE.values()) if api is not None else []
+    for handle in leaked:
+        handle.remove()
+    assert not leaked, f"the test left {len(leaked)} model(s) patched: {leaked}"
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -24,7 +24,8 @@ def test_cls_row_equals_eager_output_attentions():
 
 def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
     from transformers import LlamaConfig, LlamaModel
-    from transformers.masking_utils import create_causal_mask
+
+    from tokendrop.adapters.llm import causal_mask
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
@@ -39,8 +40,7 @@ def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
     layer.self_attn.register_forward_hook(lambda m, a, out: captured.update(weights=out[1]))
     with torch.no_grad():
         rope = lm.rotary_emb(hidden, positions)
-        causal = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None,
-                                    position_ids=positions)
+        causal = causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask, cache=None, position_ids=positions)
         layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=positions)
         last = torch.zeros(2, 10, dtype=torch.bool)
         last[:, -1] = True

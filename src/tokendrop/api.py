@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from tokendrop import compat
 from tokendrop.adapters import adapter_for, check_pre_llm, check_processor
 from tokendrop.adapters.llm import LLMDropper
 from tokendrop.methods.base import BudgetMethod
@@ -166,6 +167,7 @@ def _patch_in_llm(handle: Handle, adapter, method) -> None:
     def record(counts, origin):
         handle.layer_tokens, handle.kept_positions = counts, origin
 
+    compat.check_signature(type(lm).forward, LLMDropper.forward)  # a renamed keyword fails here, not in torch
     dropper = LLMDropper(lm, method, record)
     image_token_id = adapter.config.image_token_id
 

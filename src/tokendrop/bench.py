@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import tokendrop as td
-from tokendrop import cost
+from tokendrop import compat, cost
 from tokendrop.registry import build_methods, needs_budget
 
 RSS_INTERVAL = 0.002
@@ -230,7 +230,7 @@ def measure(model, processor, methods, images, prompts, new_tokens: int) -> dict
         "e2e_ms": 1e3 * (end - start),
         "tokens_per_s": batch * steps / (end - start),
         "peak_mem_bytes": memory.peak,
-        "kv_cache_bytes": cache_bytes(out.past_key_values),
+        "kv_cache_bytes": cache_bytes(compat.output_cache(out)),
     }
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tokendrop as td
+from tokendrop.compat import output_cache
 from tests.conftest import PROMPTS
 
 STEPS = 4
@@ -112,7 +113,7 @@ def test_cached_generate_equals_no_cache_reference_batch_1(next_model, images, e
         seen = method.layer_counts(n_image, len(model.model.language_model.layers))
         assert handle.layer_tokens[0].tolist() == seen
         text = inputs["input_ids"].shape[1] - n_image
-        lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+        lengths = [layer.get_seq_length() for layer in output_cache(out).layers]
         assert lengths == [text + n + STEPS - 1 for n in seen]
 
 

@@ -114,6 +114,54 @@ def test_hired_picks_top_feature_layer_cls_attention_llava15(llava_model):
         assert not torch.equal(handle.selections[0], handle.selections[1]), "each image its own selection"
 
 
+@pytest.mark.parametrize("fixture", ["next_model", "llava_model"])
+def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, request):
+    # [CLS] rows and features from the path HiRED uses, against the eager tower's own outputs.
+    from tokendrop.adapters.vision import score_blocks, tower_pass
+
+    model, _ = request.getfixturevalue(fixture)
+    tower = model.model.vision_tower
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    pixels = torch.randn(3, 3, tower.config.image_size, tower.config.image_size, generator=torch.Generator().manual_seed(0))
+    layer = model.config.vision_feature_layer
+    blocks = score_blocks(td.HiRED(0.2), tower, layer)
+    with torch.no_grad():
+        _, features, rows = tower_pass(tower, pixels, layer, blocks)
+        out = eager(pixels, output_attentions=True, output_hidden_states=True)
+    assert blocks == {"init": 0, "final": len(tower.encoder.layers) - 2}
+    for name, block in blocks.items():
+        torch.testing.assert_close(rows[name], out.attentions[block][:, :, 0, 1:].sum(dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features, out.hidden_states[layer][:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_hired_tile_budgets_follow_the_stock_towers_layer0_cls_attention(next_model):
+    # Phase 1 on LLaVA-NeXT from an independent source: the eager tower's own attention maps.
+    # (Under transformers 5.19 the tile budgets once came from the wrong hidden states, silently.)
+    from tokendrop.methods.base import allocate
+    from tokendrop.methods.hired import region_scores
+
+    model, processor = next_model
+    eager = copy.deepcopy(model.model.vision_tower)
+    eager.set_attn_implementation("eager")
+    method = td.HiRED(0.3)
+    for seed, (height, width) in enumerate([(224, 224), (150, 300), (330, 100), (200, 140)]):
+        image = random_image(height, width, seed=seed)
+        layout = adapter_for(model).layout((height, width))
+        with td.apply(model, processor, method) as handle:
+            inputs = encode(model, processor, [image], ["<image>"])
+            with torch.no_grad():
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+            got = torch.bincount(handle.selections[0][:, 0], minlength=layout.num_partitions).tolist()
+        with torch.no_grad():
+            attentions = eager(inputs["pixel_values"][0, :1], output_attentions=True).attentions  # the base tile
+        init = attentions[0][0, :, 0, 1:].sum(dim=0)  # (N,) layer-0 [CLS] row, heads summed
+        total = budget_tokens(0.3, layout)
+        base = min(int(0.5 * total), layout.patches)
+        tiles = allocate(total - base, region_scores(init, layout).tolist(), layout.valid_counts()[1:])
+        assert got == [total - sum(tiles)] + tiles, (height, width)
+
+
 def test_llava15_full_budget_is_stock(llava_model):
     model, processor = llava_model
     images = [random_image(120, 160, seed=s) for s in range(2)]

@@ -24,7 +24,11 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from tokendrop import compat
 from tokendrop.scoring import query_attention_row
+
+causal_mask = compat.mask_builder(create_causal_mask)
+sliding_window_mask = compat.mask_builder(create_sliding_window_causal_mask)
 
 
 class Stage:
@@ -105,19 +109,23 @@ class LLMDropper:
         self.origin = None  # (B, L') long, caller's index of every output slot of the last prefill
         self.stages: list[Stage] = []
         self.prefill_length = 0
+        # the installed release's name for the cache keyword of a decoder layer (renamed in 5.24)
+        self.cache_kw = compat.cache_keyword(type(language_model.layers[0]).forward)
 
     # ---- entry --------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs):
+        """The stock language model's forward, under either name of the cache (`compat`)."""
         lm = self.lm
+        cache = compat.cache_argument(cache, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         use_cache = lm.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
+        if use_cache and cache is None:
             from transformers import DynamicCache
 
-            past_key_values = DynamicCache(config=lm.config)
-        past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+            cache = DynamicCache(config=lm.config)
+        past = cache.get_seq_length(0) if cache is not None else 0
         B, L, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=inputs_embeds.device)[None]
@@ -126,10 +134,10 @@ class LLMDropper:
             attention_mask = torch.ones(B, past + L, dtype=torch.bool, device=inputs_embeds.device)
         attention_mask = attention_mask.bool()
         if past == 0:
-            hidden = self.prefill(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
+            hidden = self.prefill(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
         else:
-            hidden = self.decode(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=lm.norm(hidden), past_key_values=past_key_values)
+            hidden = self.decode(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
+        return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=lm.norm(hidden))
 
     # ---- prefill: select and compact -------------------------------------------------------------
     def prefill(self, hidden, mask, positions, cache, use_cache, **kwargs):
@@ -160,8 +168,8 @@ class LLMDropper:
             counts[:, i] = seq.image.sum(dim=1)
             layer_input = seq.hidden
             seq.hidden = layer(seq.hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                               position_ids=seq.positions, past_key_values=cache, use_cache=use_cache,
-                               position_embeddings=rope, **kwargs)
+                               position_ids=seq.positions, use_cache=use_cache, position_embeddings=rope,
+                               **{self.cache_kw: cache}, **kwargs)
         self.origin = seq.origin
         self.record(counts, seq.origin)
         return seq.hidden
@@ -207,19 +215,19 @@ class LLMDropper:
                 causal = self._masks(hidden, current_mask, current_positions, cache, i)
                 rope = self.lm.rotary_emb(hidden, current_positions)
             hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                           position_ids=current_positions, past_key_values=cache, use_cache=use_cache,
-                           position_embeddings=rope, **kwargs)
+                           position_ids=current_positions, use_cache=use_cache, position_embeddings=rope,
+                           **{self.cache_kw: cache}, **kwargs)
         return hidden
 
     # ---- masks ----------------------------------------------------------------------------------
     def _masks(self, hidden, mask, positions, cache, layer_idx):
         """Causal masks per attention type, sized against layer `layer_idx`'s cache."""
         config = self.lm.config
-        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache,
+        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
                     position_ids=positions, layer_idx=layer_idx)
-        masks = {"full_attention": create_causal_mask(**args)}
+        masks = {"full_attention": causal_mask(**args)}
         if getattr(config, "sliding_window", None) is not None:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+            masks["sliding_attention"] = sliding_window_mask(**args)
             if "sliding_attention" not in set(getattr(config, "layer_types", None) or []):
                 masks["full_attention"] = masks["sliding_attention"]  # Mistral: every layer slides
         return masks

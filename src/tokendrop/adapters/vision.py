@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from tokendrop.compat import record_hidden_states
 from tokendrop.methods.base import BudgetMethod
 from tokendrop.scoring import cls_attention_row
 
@@ -40,15 +41,16 @@ def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: di
         pixel_values: (T, 3, S, S) every partition of every image.
         blocks: name -> encoder block whose [CLS] row to compute.
     Returns:
-        outputs: the tower's output object (hidden_states only at the indices used).
+        outputs: the tower's output object.
         features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
         rows: name -> (T, N) fp32 [CLS] -> patch attention summed over heads.
     """
-    wanted = sorted({feature_layer % (len(tower.encoder.layers) + 1), *blocks.values()})
-    outputs = tower(pixel_values, output_hidden_states=wanted, return_dict=True)
-    hidden = outputs.hidden_states
+    layers = tower.encoder.layers
+    feature_index = feature_layer % (len(layers) + 1)
+    with record_hidden_states(layers, [feature_index, *blocks.values()]) as hidden:
+        outputs = tower(pixel_values, return_dict=True)
     rows = {}
     for name, block in blocks.items():
-        row = cls_attention_row(tower.encoder.layers[block], hidden[block])  # (T, H, N+1)
+        row = cls_attention_row(layers[block], hidden[block])  # (T, H, N+1)
         rows[name] = row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
-    return outputs, hidden[feature_layer][:, 1:], rows
+    return outputs, hidden[feature_index][:, 1:], rows

@@ -1,0 +1,113 @@
+"""The supported transformers range: keywords checked against the installed release, version gate, hidden states."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+import transformers
+
+from tokendrop import compat
+from tokendrop.adapters.llm import LLMDropper
+
+RELEASE = compat._release(transformers.__version__)
+
+
+def language_model_classes():
+    """The decoder classes the in-LLM loop runs on (Llama, Mistral, Qwen2 families)."""
+    from transformers import LlamaModel, MistralModel, Qwen2Model
+
+    return [LlamaModel, MistralModel, Qwen2Model]
+
+
+@pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
+def test_replacement_forward_accepts_every_keyword_of_the_stock_forward(cls):
+    stock = inspect.signature(cls.forward).parameters
+    ours = inspect.signature(LLMDropper.forward).parameters
+    named = [n for n, p in stock.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert set(named) <= set(ours), f"{cls.__name__}.forward takes {set(named) - set(ours)} that LLMDropper.forward does not"
+    compat.check_signature(cls.forward, LLMDropper.forward)
+
+
+@pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
+def test_cache_keyword_is_the_installed_releases(cls):
+    expected = "cache" if RELEASE >= (5, 24) else "past_key_values"  # renamed in 5.24
+    layer_cls = type(cls(cls.config_class(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1)).layers[0])
+    assert compat.cache_keyword(layer_cls.forward) == expected
+    assert compat.cache_keyword(cls.forward) == expected
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    assert compat.cache_keyword(create_causal_mask) == expected
+    assert compat.cache_keyword(create_sliding_window_causal_mask) == expected
+
+
+def test_a_new_stock_keyword_fails_apply_with_a_clear_message():
+    def forward(self, input_ids=None, cache=None, brand_new_option=None, **kwargs):
+        pass
+
+    with pytest.raises(TypeError, match=r"takes \['brand_new_option'\].*not supported \(tested: 5.19.0"):
+        compat.check_signature(forward, LLMDropper.forward)
+
+
+def test_cache_argument_takes_either_name_not_both():
+    assert compat.cache_argument(cache="c") == "c"
+    assert compat.cache_argument(past_key_values="p") == "p"
+    with pytest.raises(ValueError, match="not both"):
+        compat.cache_argument("c", "p")
+
+
+def test_model_output_and_output_cache_round_trip():
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation path taken
+        out = compat.model_output(BaseModelOutputWithPast, "the cache", last_hidden_state=torch.zeros(1))
+        assert compat.output_cache(out) == "the cache"
+
+
+@pytest.mark.parametrize("version, outcome", [
+    ("4.57.1", ImportError), ("5.18.0", "warn"), ("5.19.0", None), ("5.22.2", None), ("5.24.1", None),
+    ("5.25.0", "warn"), ("6.0.0.dev0", "warn"),
+])
+def test_version_gate(version, outcome):
+    if outcome is ImportError:
+        with pytest.raises(ImportError, match=r"tested: 5.19.0 to 5.24.x.*found transformers 4.57.1"):
+            compat.check_version(version)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compat.check_version(version)
+    untested = [w for w in caught if issubclass(w.category, compat.UntestedTransformersWarning)]
+    assert len(untested) == (1 if outcome == "warn" else 0)
+    if untested:
+        assert version in str(untested[0].message) and "5.19.0 to 5.24.x" in str(untested[0].message)
+
+
+def test_installed_release_is_in_the_tested_range():
+    assert compat.FLOOR <= RELEASE < compat.CAP, f"CI runs a release outside the declared range: {transformers.__version__}"
+
+
+def test_recorded_hidden_states_equal_output_hidden_states():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=3, num_attention_heads=2)
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    hooks = lambda: [len(b._forward_pre_hooks) + len(b._forward_hooks) for b in tower.encoder.layers]  # noqa: E731
+    with torch.no_grad():
+        full = tower(pixels, output_hidden_states=True).hidden_states  # depth + 1 states
+        before = hooks()  # transformers' own output-capturing hooks stay
+        with compat.record_hidden_states(tower.encoder.layers, [0, 2, 3]) as recorded:
+            tower(pixels)
+    assert sorted(recorded) == [0, 2, 3]
+    for i in (0, 2, 3):
+        torch.testing.assert_close(recorded[i], full[i], atol=0, rtol=0)
+    assert hooks() == before, "every hook tokendrop added is removed"
+    with pytest.raises(ValueError, match=r"hidden-state index must be in \[0, 3\], got 4"):
+        with compat.record_hidden_states(tower.encoder.layers, [4]):
+            pass
