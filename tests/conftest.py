@@ -17,7 +17,7 @@ def no_model_left_patched():
     """A test that leaves a model patched fails, and the patch is undone so that later tests see stock models."""
     yield
     api = sys.modules.get("tokendrop.api")
-    leaked = list(api._ACTIVE.values()) if api is not None else []
+    leaked = list(api._ACTIVE) if api is not None else []
     for handle in leaked:
         handle.remove()
     assert not leaked, f"the test left {len(leaked)} model(s) patched: {leaked}"

@@ -13,6 +13,7 @@ def assert_untouched(model, processor):
     assert "forward" not in vars(model.model.language_model)
     assert "replace_image_token" not in vars(processor)
     assert "_get_num_multimodal_tokens" not in vars(processor)
+    assert "__deepcopy__" not in vars(model)
     assert not model.model._forward_pre_hooks
 
 
@@ -91,7 +92,7 @@ def test_pre_llm_needs_processor(next_model):
     (lambda: td.PyramidDrop(positions="keep"), "positions must be one of"),
     (lambda: td.FastV(k=-1), r"k must be an int in \[0, depth\)"),
     (lambda: td.FastV(drop=1.0), r"drop must be in \[0, 1\)"),
-    (lambda: td.FastV(drop=-0.1), r"drop must be in \[0, 1\]"),
+    (lambda: td.FastV(drop=-0.1), r"drop must be in \[0, 1\), got -0.1"),
     (lambda: td.RandomDrop(0.2, seed="x"), "seed must be an int"),
 ])
 def test_bad_in_llm_arguments(make, message):
@@ -140,3 +141,107 @@ def test_llava_processor_token_count_query_follows_the_method(llava_model, image
         ids = processor(text=[format_prompt(processor, "q")], images=[images[0]], return_tensors="pt")["input_ids"]
         assert (ids == model.config.image_token_id).sum().item() == n
     assert processor._get_num_multimodal_tokens(image_sizes=[size]).num_image_tokens[0] > n
+
+
+# ---- copies, pickling, lifetime ----------------------------------------------------------------------
+def image_tokens(model, processor, image, prompt="<image>\nQ: hi A:"):
+    ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"]
+    return int((ids == model.config.image_token_id).sum())
+
+
+@pytest.mark.parametrize("method", [td.HiRED(0.2), td.FastV(k=2, drop=0.5)], ids=repr)
+def test_deepcopy_of_a_patched_model_is_an_independent_stock_model(next_model, images, method):
+    import copy
+
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=["<image>\nQ: hi A:"], return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**inputs).logits[0, -1]
+    with td.apply(model, processor, method) as handle:
+        twin = copy.deepcopy(model)
+        assert "__deepcopy__" not in vars(twin) and "get_image_features" not in vars(twin.model)
+        assert "forward" not in vars(twin.model.language_model) and not twin.model._forward_pre_hooks
+        handle.layer_tokens = None
+        with torch.no_grad():
+            copied = twin(**inputs).logits[0, -1]  # stock input ids: the copy is the stock model
+        assert handle.layer_tokens is None, "the copy never writes the original's handle"
+        assert twin.model.vision_tower is not model.model.vision_tower
+    torch.testing.assert_close(copied, stock, atol=1e-5, rtol=1e-5)
+    assert_untouched(model, processor)
+    assert_untouched(twin, processor)
+
+
+def test_deepcopy_of_a_patched_processor_goes_stock_with_the_handle(next_model, images):
+    import copy
+
+    model, processor = next_model
+    stock = image_tokens(model, processor, images[0])
+    with td.apply(model, processor, td.HiRED(0.2)):
+        twin = copy.deepcopy(processor)
+        assert image_tokens(model, twin, images[0]) == 64 < stock  # patched while the handle is live
+    assert image_tokens(model, twin, images[0]) == stock
+    assert twin._get_num_multimodal_tokens(image_sizes=[[224, 224]]).num_image_tokens == [stock]
+
+
+def test_a_patched_processor_pickles(next_model, images):
+    import pickle
+
+    model, processor = next_model
+    with td.apply(model, processor, td.HiRED(0.2)):
+        clone = pickle.loads(pickle.dumps(processor))  # what a spawned DataLoader worker receives
+    assert image_tokens(model, clone, images[0]) == 64, "the worker's copy writes the method's count"
+    assert "replace_image_token" in vars(clone) and not hasattr(clone.replace_image_token, "__closure__")
+
+
+@pytest.mark.parametrize("method", [td.FastV(), td.HiRED(0.2), td.RandomDrop(0.3)], ids=repr)
+def test_a_model_that_is_never_removed_is_freed(method):
+    import gc
+    import weakref
+
+    from tokendrop.tiny import tiny_llava_next
+
+    model, processor = tiny_llava_next()
+    alive = weakref.ref(model)
+    handle = td.apply(model, processor, method)
+    del model, handle
+    gc.collect()
+    assert alive() is None, "a patched model nobody holds is collected (the processor does not keep it)"
+
+
+@pytest.mark.parametrize("method, size, message", [
+    (td.HiRED(0.001), (224, 224), r"keeps no visual token of an image of 224x224 pixels \(5 partition\(s\) of 64 patches\).*0.003125"),
+    (td.RandomDrop(0.001), (150, 300), r"keeps no visual token of an image of 150x300 pixels"),
+])
+def test_budgets_that_keep_no_token_are_refused_with_size_and_budget(next_model, images, method, size, message):
+    model, processor = next_model
+    from tests.conftest import random_image
+
+    with td.apply(model, processor, method):
+        with pytest.raises(ValueError, match=message):
+            processor(images=[random_image(*size)], text=["<image>"], return_tensors="pt")
+        assert "budget=0.001" in repr(method)
+
+
+def test_llava15_budget_that_keeps_no_token_is_refused(llava_model, images):
+    model, processor = llava_model
+    with td.apply(model, processor, td.HiRED(0.01)):
+        with pytest.raises(ValueError, match=r"HiRED\(budget=0.01.*keeps no visual token of every image \(1 partition\(s\) of 64"):
+            processor(images=images[:1], text=["<image>"], return_tensors="pt")
+
+
+# ---- numbers: NumPy scalars accepted, seeds in range ---------------------------------------------------
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+
+    assert td.HiRED(np.float32(0.2), alpha=np.float64(0.5)) == td.HiRED(0.2, alpha=0.5)
+    assert td.FastV(k=np.int64(2), drop=np.float32(0.25)) == td.FastV(k=2, drop=0.25)
+    assert td.PyramidDrop(layers=[np.int32(2), 4], ratio=np.float16(0.5)) == td.PyramidDrop(layers=(2, 4), ratio=0.5)
+    assert td.RandomDrop(0.2, seed=np.uint8(7)) == td.RandomDrop(0.2, seed=7)
+    assert type(td.HiRED(np.float32(0.2)).budget) is float
+
+
+@pytest.mark.parametrize("make", [lambda: td.RandomDrop(0.2, seed=2**70), lambda: td.FastV(k=0, seed=2**70),
+                                  lambda: td.RandomDrop(0.2, seed=-1)])
+def test_seeds_out_of_range_fail_at_construction(make):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 9223372036854775807\]"):
+        make()

@@ -131,6 +131,17 @@ def test_loader_missing_image(tmp_path):
         load_dataset(tmp_path)
 
 
+@pytest.mark.parametrize("image", ["/etc/hostname", "../outside.png", "images/../../outside.png"])
+def test_loader_refuses_image_paths_outside_the_folder(tmp_path, image):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    _write(folder, [json.dumps({"image": image, "question": "What?", "answers": ["x"]})])
+    with pytest.raises(ValueError, match=r"questions\.jsonl:1: field 'image' must be a path inside the dataset folder"):
+        load_dataset(folder)
+
+
 def test_loader_duplicate_id(tmp_path):
     _write(tmp_path, [GOOD, GOOD])
     with pytest.raises(ValueError, match=r":2: duplicate id 'q1' \(first on line 1\)"):

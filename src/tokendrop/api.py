@@ -13,18 +13,21 @@ replaces `get_image_features` and the processor's `replace_image_token` (and its
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
 
 from tokendrop import compat
 from tokendrop.adapters import adapter_for, check_pre_llm, check_processor
+from tokendrop.adapters.base import TokenCount
 from tokendrop.adapters.llm import LLMDropper
 from tokendrop.methods.base import BudgetMethod
 from tokendrop.methods.inllm import FastV, PyramidDrop
 
 IN_LLM = (PyramidDrop, FastV)
-_ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
+#: handles whose patches are in place. Weak: a model that is never `remove()`d is still freed.
+_ACTIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()
 
 
 class Handle:
@@ -45,7 +48,8 @@ class Handle:
         self.selections: list[torch.Tensor] = []
         self.layer_tokens: torch.Tensor | None = None
         self.kept_positions: torch.Tensor | None = None
-        self._undo: list = []
+        self._patches: list[tuple] = []  # (object, attribute, had, old) or (module, hook handle)
+        self._live = Live()
 
     @property
     def equivalent_tokens(self) -> torch.Tensor | None:
@@ -55,17 +59,16 @@ class Handle:
     def num_tokens(self, image_size) -> int:
         """Visual tokens an image of (height, width) pixels gives the LLM under this handle's pre-LLM method."""
         method = next((m for m in self.methods if isinstance(m, BudgetMethod)), None)
-        adapter = adapter_for(self.model)
         if method is None:
             raise ValueError("this handle has no pre-LLM method; the stock processor counts the tokens")
-        return adapter.num_tokens(method, image_size)
+        return adapter_for(self.model).num_tokens(method, image_size)
 
     def remove(self) -> None:
         """Restore the model and processor exactly (idempotent)."""
-        while self._undo:
-            self._undo.pop()()
-        if _ACTIVE.get(self.model) is self:
-            del _ACTIVE[self.model]
+        self._live.active = False
+        while self._patches:
+            _undo(self._patches.pop())
+        _ACTIVE.discard(self)
 
     def __enter__(self) -> "Handle":
         return self
@@ -74,8 +77,74 @@ class Handle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "active" if self._undo else "removed"
+        state = "active" if self._patches else "removed"
         return f"Handle({', '.join(map(repr, self.methods))}, {state})"
+
+
+class Live:
+    """Whether a handle's patches are in place, shared by every in-process copy of a patched processor.
+
+    `copy.deepcopy` keeps the same object, so a processor copied while patched writes the stock
+    counts once the handle is removed; a pickled copy (a DataLoader worker) keeps its own state.
+    """
+
+    def __init__(self):
+        self.active = True
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _set_attr(handle: Handle, obj, name: str, value) -> None:
+    """Set an instance attribute and record its exact undo (delete it, or restore the old one)."""
+    had = name in vars(obj)
+    handle._patches.append((obj, name, had, vars(obj).get(name)))
+    setattr(obj, name, value)
+
+
+def _add_hook(handle: Handle, module, hook) -> None:
+    handle._patches.append((module, hook))
+
+
+def _undo(patch, target=None) -> None:
+    """Undo one recorded patch on its object, or on `target` (a deep copy of that object)."""
+    if len(patch) == 2:  # a hook
+        module, hook = patch
+        if target is None:
+            hook.remove()
+        else:  # the copy's hook dicts hold the same id
+            for name, table in vars(target).items():
+                if name.startswith(("_forward", "_backward")) and isinstance(table, dict):
+                    table.pop(hook.id, None)
+        return
+    obj, name, had, old = patch
+    obj = target if target is not None else obj
+    if had:
+        setattr(obj, name, old)
+    else:
+        vars(obj).pop(name, None)
+
+
+def _stock_deepcopy(handle: Handle, model):
+    """The model's `__deepcopy__` while patched: an independent STOCK copy (the original stays patched).
+
+    The patches are closures over this model's modules and this handle, so a copy that kept them
+    would read the original's tower and write the original's handle.
+    """
+
+    def __deepcopy__(memo):
+        own = vars(model).pop("__deepcopy__")  # copy without coming back here
+        try:
+            twin = copy.deepcopy(model, memo)
+        finally:
+            vars(model)["__deepcopy__"] = own
+        for patch in handle._patches:
+            target = memo.get(id(patch[0]))
+            if target is not None:
+                _undo(patch, target)
+        return twin
+
+    return __deepcopy__
 
 
 def apply(model, processor=None, *methods) -> Handle:
@@ -92,7 +161,7 @@ def apply(model, processor=None, *methods) -> Handle:
     """
     pre, inner = _split_methods(methods)
     adapter = adapter_for(model)
-    if model in _ACTIVE:
+    if any(h.model is model for h in _ACTIVE):
         raise ValueError("model is already patched by tokendrop; call handle.remove() first")
     if pre is not None:
         if processor is None:
@@ -102,6 +171,7 @@ def apply(model, processor=None, *methods) -> Handle:
         check_processor(adapter, processor)
     handle = Handle(model, processor, tuple(methods))
     try:
+        _set_attr(handle, model, "__deepcopy__", _stock_deepcopy(handle, model))
         if pre is not None:
             _patch_pre_llm(handle, adapter, pre)
         if inner is not None:
@@ -109,7 +179,7 @@ def apply(model, processor=None, *methods) -> Handle:
     except BaseException:
         handle.remove()
         raise
-    _ACTIVE[model] = handle
+    _ACTIVE.add(handle)
     return handle
 
 
@@ -128,35 +198,45 @@ def _split_methods(methods):
     return (pre[0] if pre else None), (inner[0] if inner else None)
 
 
-def _set_attr(handle: Handle, obj, name: str, value) -> None:
-    """Set an instance attribute and record its exact undo (delete it, or restore the old one)."""
-    had = name in vars(obj)
-    old = vars(obj).get(name)
-    setattr(obj, name, value)
-    handle._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
-
-
 def _patch_pre_llm(handle: Handle, adapter, method: BudgetMethod) -> None:
     def record(selections):
         handle.selections = selections
 
+    count = TokenCount(adapter.geometry, method)
+    processor = handle.processor
     _set_attr(handle, adapter.base, "get_image_features", adapter.encoder_patch(method, record))
-    _set_attr(handle, handle.processor, "replace_image_token", adapter.placeholder_patch(handle.processor, method))
-    if hasattr(handle.processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
-        _set_attr(handle, handle.processor, "_get_num_multimodal_tokens", _count_patch(adapter, handle.processor, method))
+    _set_attr(handle, processor, "replace_image_token", Placeholders(processor, count, handle._live))
+    if hasattr(processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
+        _set_attr(handle, processor, "_get_num_multimodal_tokens", TokenQuery(processor, count, handle._live))
 
 
-def _count_patch(adapter, processor, method: BudgetMethod):
-    """The processor's ``_get_num_multimodal_tokens`` answering with the method's count per image."""
-    stock = processor._get_num_multimodal_tokens
+class Placeholders:
+    """The processor's `replace_image_token` under a pre-LLM method: the method's count of placeholders.
 
-    def _get_num_multimodal_tokens(image_sizes=None, **kwargs):
-        data = stock(image_sizes=image_sizes, **kwargs)
-        if image_sizes is not None:
-            data.num_image_tokens = [adapter.num_tokens(method, list(size)) for size in image_sizes]
+    Picklable and model-free (the processor, a `TokenCount` and the handle's `Live` flag): a patched
+    processor can go to spawned DataLoader workers, and it never keeps the model alive.
+    """
+
+    def __init__(self, processor, count: TokenCount, live: Live):
+        self.processor, self.count, self.live = processor, count, live
+
+    def __call__(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if not self.live.active:  # a copy made while patched, after remove(): stock again
+            return type(self.processor).replace_image_token(self.processor, image_inputs, image_idx, **kwargs)
+        return self.processor.image_token * self.count(self.count.geometry.image_size(image_inputs, image_idx))
+
+
+class TokenQuery:
+    """The processor's `_get_num_multimodal_tokens` answering with the method's count per image."""
+
+    def __init__(self, processor, count: TokenCount, live: Live):
+        self.processor, self.count, self.live = processor, count, live
+
+    def __call__(self, image_sizes=None, **kwargs):
+        data = type(self.processor)._get_num_multimodal_tokens(self.processor, image_sizes=image_sizes, **kwargs)
+        if image_sizes is not None and self.live.active:
+            data.num_image_tokens = [self.count(list(size)) for size in image_sizes]
         return data
-
-    return _get_num_multimodal_tokens
 
 
 def _patch_in_llm(handle: Handle, adapter, method) -> None:
@@ -179,8 +259,7 @@ def _patch_in_llm(handle: Handle, adapter, method) -> None:
             token = module.get_input_embeddings()(torch.tensor(image_token_id, device=kwargs["inputs_embeds"].device))
             dropper.image_mask = (kwargs["inputs_embeds"] == token).all(dim=-1)
 
-    hook = adapter.base.register_forward_pre_hook(find_images, with_kwargs=True)
-    handle._undo.append(hook.remove)
+    _add_hook(handle, adapter.base, adapter.base.register_forward_pre_hook(find_images, with_kwargs=True))
     _set_attr(handle, lm, "forward", dropper.forward)
     _patch_labels(handle, adapter.model, dropper)
 
@@ -206,6 +285,5 @@ def _patch_labels(handle: Handle, model, dropper: LLMDropper) -> None:
                                               vocab_size=module.config.text_config.vocab_size)
         return output
 
-    for hook in (model.register_forward_pre_hook(take_labels, with_kwargs=True),
-                 model.register_forward_hook(loss_on_kept, with_kwargs=True)):
-        handle._undo.append(hook.remove)
+    _add_hook(handle, model, model.register_forward_pre_hook(take_labels, with_kwargs=True))
+    _add_hook(handle, model, model.register_forward_hook(loss_on_kept, with_kwargs=True))

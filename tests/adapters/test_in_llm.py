@@ -52,8 +52,10 @@ def reference_forward(lm, embeds, image, method, chosen):
                                               position_embeddings=lm.rotary_emb(x, pos))
                 row = weights[0, :, -1].mean(dim=0)  # last prompt token, mean over heads
                 image_at = image[idx].nonzero().squeeze(1)
-                top = torch.argsort(row[image_at], descending=True, stable=True)[: drops[i]]
-                chosen[i] = idx[image_at[top]]
+                query = image_at[image_at == len(idx) - 1]  # the query itself is never dropped
+                others = image_at[image_at != len(idx) - 1]
+                top = torch.argsort(row[others], descending=True, stable=True)[: drops[i] - len(query)]
+                chosen[i] = idx[torch.cat([query, others[top]])]
             keep = ~image[idx] | torch.isin(idx, chosen[i])
             h, idx = h[:, keep], idx[keep]
             pos = (torch.arange(len(idx)) if renumber else idx)[None]
@@ -277,3 +279,78 @@ def test_two_images_in_one_sample_are_one_pool(next_model, images, eager_lm):
         assert handle.layer_tokens[0].tolist() == method.layer_counts(n_image, 8)
     assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], tokens)
     torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+
+
+# ---- edge cases of real prompts -----------------------------------------------------------------
+@pytest.mark.parametrize("method", [td.FastV(k=2, drop=0.9), td.PyramidDrop(ratio=0.9),
+                                    td.PyramidDrop(layers=(1, 3, 5), ratio=0.3, score_layer="last")], ids=repr)
+@pytest.mark.parametrize("prompt", ["Describe: <image>", "<image>", "<image>\nQ: what? A:"])
+def test_the_query_token_is_never_dropped(next_model, images, eager_lm, method, prompt):
+    # A prompt that ends with its image makes the last prompt token (the query) an image token:
+    # it is scored, kept at every stage, and generation continues from it.
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=[prompt], return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+    tokens, logits = reference_generate(model, eager_lm, inputs, method)
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        assert handle.kept_positions[0, -1] == length - 1
+        n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert handle.layer_tokens[0].tolist() == method.layer_counts(n_image, 8)
+    assert torch.equal(out.sequences[0, length:], tokens)
+    torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [td.PyramidDrop(ratio=1.0), td.FastV(k=2, drop=0.5)], ids=repr)
+def test_static_cache_is_refused_by_name(next_model, images, method):
+    model, processor = next_model
+    batch = processor(images=images[:2], text=PROMPTS[:2], return_tensors="pt", padding=True)
+    with td.apply(model, processor, method), pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(**batch, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_hired_works_with_a_static_cache(next_model, images):
+    model, processor = next_model
+    with td.apply(model, processor, td.HiRED(0.2)), torch.no_grad():
+        batch = processor(images=images[:2], text=PROMPTS[:2], return_tensors="pt", padding=True)
+        dynamic = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+        static = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_hidden_states_at_keep_all_equal_the_stock_models(next_model, images):
+    model, processor = next_model
+    batch = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        stock = model(**batch, output_hidden_states=True).hidden_states
+        with td.apply(model, processor, td.PyramidDrop(ratio=1.0)):
+            ours = model(**batch, output_hidden_states=True).hidden_states
+    assert len(ours) == len(stock) == 9  # embeddings + 8 layers
+    for a, b in zip(ours, stock):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [td.FastV(k=2, drop=0.5), td.PyramidDrop()], ids=repr)
+def test_hidden_states_hold_the_tokens_each_layer_saw(next_model, images, method):
+    model, processor = next_model
+    batch = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        states = model(**batch, output_hidden_states=True).hidden_states
+        counts = handle.layer_tokens
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False, output_hidden_states=True,
+                             return_dict_in_generate=True)
+    text = (batch["input_ids"] != model.config.image_token_id).sum(dim=1)  # (B,) text and padding tokens
+    assert len(states) == 9
+    for i in range(8):  # input of layer i: left padded to the longest sample of that layer
+        assert states[i].shape[1] == int((text + counts[:, i]).max()), i
+    assert states[8].shape[1] == states[7].shape[1]
+    assert len(out.hidden_states[0]) == 9 and len(out.hidden_states[1]) == 9  # prefill and one decode step
+    assert all(h.shape[1] == 1 for h in out.hidden_states[1])
+
+
+def test_output_attentions_is_refused_not_silent(next_model, images):
+    model, processor = next_model
+    batch = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+    with td.apply(model, processor, td.FastV()), pytest.raises(ValueError, match="output_attentions"):
+        model(**batch, output_attentions=True)

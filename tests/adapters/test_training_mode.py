@@ -102,3 +102,26 @@ def test_padded_batch_equals_samples_one_by_one(trainable):
     counts = [int((s["labels"][0, 1:] != -100).sum()) for s in samples]  # shifted targets per sample
     expected = sum(l * n for l, n in zip(singles, counts)) / sum(counts)
     torch.testing.assert_close(batch_loss, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [td.PyramidDrop(), td.PyramidDrop(layers=(1, 3, 5), ratio=0.3, score_layer="last")],
+                         ids=repr)
+def test_an_answer_right_after_the_image_keeps_its_query(trainable, method):
+    # Plain pretraining template: the caption starts right after the image, so the token before the
+    # answer (the scoring query) is the last image token. Every stage keeps it and scores with it.
+    model, processor = trainable
+    image = random_image(*SIZES[0])
+    prompt = processor(images=[image], text=["<image>"], return_tensors="pt")
+    answer = processor.tokenizer(" a red circle", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt["input_ids"], answer], dim=1)
+    labels = torch.cat([torch.full_like(prompt["input_ids"], -100), answer], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+              "pixel_values": prompt["pixel_values"], "image_sizes": prompt["image_sizes"]}
+    query = prompt["input_ids"].shape[1] - 1
+    assert ids[0, query] == model.config.image_token_id
+    with torch.no_grad(), td.apply(model, processor, method) as handle:
+        loss = model(**inputs).loss
+        assert query in handle.kept_positions[0].tolist()
+        n_image = query + 1 - int((prompt["input_ids"] != model.config.image_token_id).sum())
+        assert handle.layer_tokens[0].tolist() == method.layer_counts(n_image, 8)
+    assert torch.isfinite(loss)

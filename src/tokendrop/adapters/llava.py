@@ -7,11 +7,26 @@ Each image gets its own selection (the official code applied image 0's mask to t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tokendrop.adapters.base import Adapter
 from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
+
+
+@dataclass(frozen=True)
+class SingleGeometry:
+    """One partition of G x G patches whatever the image size (config values only, picklable)."""
+
+    grid: int
+
+    def layout(self, image_size=None) -> Layout:
+        return Layout(grid=self.grid)
+
+    def image_size(self, image_inputs: dict, image_idx: int):
+        return None  # every image is resized to one tile
 
 
 class LlavaAdapter(Adapter):
@@ -20,18 +35,10 @@ class LlavaAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        self.geometry = SingleGeometry(self.grid)
 
     def layout(self, image_size=None) -> Layout:
-        return Layout(grid=self.grid)
-
-    def num_tokens(self, method: BudgetMethod, image_size=None) -> int:
-        return method.num_tokens(self.layout())
-
-    def placeholder_patch(self, processor, method: BudgetMethod):
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            return processor.image_token * self.num_tokens(method)
-
-        return replace_image_token
+        return self.geometry.layout()
 
     def encoder_patch(self, method: BudgetMethod, record):
         layout = self.layout()

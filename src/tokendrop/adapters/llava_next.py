@@ -12,6 +12,8 @@ processor's `replace_image_token` with the method's count, known from the image 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
@@ -20,19 +22,22 @@ from tokendrop.adapters.vision import score_blocks, tower_pass
 from tokendrop.methods.base import BudgetMethod, Layout
 
 
-class LlavaNextAdapter(Adapter):
-    model_classes = ("LlavaNextForConditionalGeneration",)
+@dataclass(frozen=True)
+class NextGeometry:
+    """Image size -> `Layout` as the stock LLaVA-NeXT model tiles and unpads it.
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.tile = self.config.vision_config.image_size
-        self.grid = self.tile // self.config.vision_config.patch_size
+    Built from config values only, so the processor's placeholder patch can carry it (and be pickled)
+    without holding the model.
+    """
 
-    # ---- geometry -------------------------------------------------------------------------
+    tile: int  # S, tile pixels
+    grid: int  # G, patches per tile side
+    pinpoints: tuple[tuple[int, int], ...]
+
     def layout(self, image_size) -> Layout:
-        """Layout of an image of (height, width) pixels, as the stock model unpads it."""
+        """Layout of an image of (height, width) pixels."""
         height, width = (int(x) for x in image_size)
-        best_h, best_w = select_best_resolution((height, width), self.config.image_grid_pinpoints)
+        best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.pinpoints])
         rows, cols = best_h // self.tile, best_w // self.tile
         canvas_h, canvas_w = rows * self.grid, cols * self.grid
         top, bottom, left, right = 0, canvas_h, 0, canvas_w
@@ -44,18 +49,25 @@ class LlavaNextAdapter(Adapter):
             left, right = pad, canvas_w - pad
         return Layout(grid=self.grid, tiles=(rows, cols), crop=(top, bottom, left, right))
 
-    def num_tokens(self, method: BudgetMethod, image_size) -> int:
-        return method.num_tokens(self.layout(image_size))
+    def image_size(self, image_inputs: dict, image_idx: int):
+        """(height, width) of image `image_idx` as the processor's `replace_image_token` sees it."""
+        size = image_inputs["image_sizes"][image_idx]
+        return size.tolist() if hasattr(size, "tolist") else size
 
-    def placeholder_patch(self, processor, method: BudgetMethod):
-        """A `replace_image_token` for the processor that emits the method's token count."""
 
-        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            size = image_inputs["image_sizes"][image_idx]
-            size = size.tolist() if hasattr(size, "tolist") else size
-            return processor.image_token * self.num_tokens(method, size)
+class LlavaNextAdapter(Adapter):
+    model_classes = ("LlavaNextForConditionalGeneration",)
 
-        return replace_image_token
+    def __init__(self, model):
+        super().__init__(model)
+        vision = self.config.vision_config
+        self.tile = vision.image_size
+        self.grid = self.tile // vision.patch_size
+        self.geometry = NextGeometry(self.tile, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
+
+    def layout(self, image_size) -> Layout:
+        """Layout of an image of (height, width) pixels, as the stock model unpads it."""
+        return self.geometry.layout(image_size)
 
     # ---- encoding -------------------------------------------------------------------------
     def encoder_patch(self, method: BudgetMethod, record):

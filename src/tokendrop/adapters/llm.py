@@ -59,22 +59,29 @@ class Tokens:
                       self.origin.gather(1, index).masked_fill(~valid, -1))
 
 
-def keep_index(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor):
+def keep_index(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor, query: torch.Tensor):
     """Slots of the sequence after keeping each sample's top-`keep` image tokens and everything else.
+
+    A scoring query is never dropped: when it is itself an image token (a prompt that ends with
+    its image, or an answer that starts right after it) it is kept, counts as one of the `keep`,
+    and the other image tokens are ranked for the rest (docs/design.md).
 
     Args:
         scores: (B, L) ranking of the tokens (only image tokens are ranked).
         image: (B, L) bool.
         keep: (B,) long, image tokens to keep per sample.
+        query: (B, L) bool, the scoring queries.
     Returns:
         index: (B, L') long into L, kept tokens in order, left-padded to the longest sample.
         valid: (B, L') bool, False on the padding slots.
     """
     B, L = image.shape
-    scores = scores.masked_fill(~image, float("-inf"))
+    ranked = image & ~query
+    scores = scores.masked_fill(~ranked, float("-inf"))
     order = torch.argsort(scores, dim=1, descending=True, stable=True)  # ties: lower index first
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=image.device).expand(B, L))
-    kept = ~image | (rank < keep[:, None])  # (B, L) text, padding and the top image tokens
+    rest = keep - (image & query).sum(dim=1)  # (B,) image tokens left after the query ones
+    kept = ~ranked | (rank < rest[:, None])  # (B, L) text, padding, queries and the top image tokens
     lengths = kept.sum(dim=1)
     width = int(lengths.max())
     slot = torch.arange(width, device=image.device)[None] - (width - lengths)[:, None]  # (B, L')
@@ -93,6 +100,17 @@ def query_tokens(mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tenso
     before = torch.zeros_like(mask)
     before[:, :-1] = ~answer[:, :-1] & answer[:, 1:] & mask[:, :-1]
     return torch.where(before.any(dim=1, keepdim=True), before, last)
+
+
+def check_cache(cache) -> None:
+    """Refuse caches whose layers cannot grow to different lengths (static caches preallocate)."""
+    from transformers.cache_utils import DynamicLayer
+
+    if cache is not None and not all(isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", ())):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, DynamicLayer)})
+        raise ValueError(f"in-LLM methods need a cache whose layers keep their own lengths (DynamicCache); got "
+                         f"{type(cache).__name__} with {', '.join(kinds)}. Do not pass cache_implementation='static' "
+                         "(or a StaticCache) to generate() while PyramidDrop / FastV are applied")
 
 
 class LLMDropper:
@@ -115,9 +133,20 @@ class LLMDropper:
     # ---- entry --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, past_key_values=None, **kwargs):
-        """The stock language model's forward, under either name of the cache (`compat`)."""
+        """The stock language model's forward, under either name of the cache (`compat`).
+
+        With `output_hidden_states`, entry i < depth of the returned `hidden_states` is the input of
+        layer i with the tokens that layer saw (after any drop before it), the last entry the normed
+        output, like the stock tuple of depth + 1 tensors; their lengths differ across a drop.
+        """
         lm = self.lm
         cache = compat.cache_argument(cache, past_key_values)
+        if kwargs.pop("output_attentions", None) or lm.config.output_attentions:
+            raise ValueError("output_attentions=True is not available under in-LLM methods (the layers run SDPA / flash "
+                             "attention on shortened sequences); remove the handle to read attention maps")
+        keep_states = kwargs.pop("output_hidden_states", None)
+        states = [] if (lm.config.output_hidden_states if keep_states is None else keep_states) else None
+        check_cache(cache)
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         use_cache = lm.config.use_cache if use_cache is None else use_cache
@@ -133,14 +162,13 @@ class LLMDropper:
         if attention_mask is None:
             attention_mask = torch.ones(B, past + L, dtype=torch.bool, device=inputs_embeds.device)
         attention_mask = attention_mask.bool()
-        if past == 0:
-            hidden = self.prefill(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-        else:
-            hidden = self.decode(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-        return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=lm.norm(hidden))
+        step = self.prefill if past == 0 else self.decode
+        hidden = lm.norm(step(inputs_embeds, attention_mask, position_ids, cache, use_cache, states, **kwargs))
+        return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=hidden,
+                                   hidden_states=None if states is None else (*states, hidden))
 
     # ---- prefill: select and compact -------------------------------------------------------------
-    def prefill(self, hidden, mask, positions, cache, use_cache, **kwargs):
+    def prefill(self, hidden, mask, positions, cache, use_cache, states, **kwargs):
         image = self.image_mask
         if image is None or image.shape != mask.shape:
             image = torch.zeros_like(mask)
@@ -155,7 +183,7 @@ class LLMDropper:
             if i in drops:
                 with torch.no_grad():  # hard top-k on detached scores: no gradient through the selection
                     scores = self._scores(i, seq, layer_input)  # (B, L)
-                seq = seq.gather(*keep_index(scores, seq.image, drops[i]))
+                seq = seq.gather(*keep_index(scores, seq.image, drops[i], seq.query))
                 if self.method.positions == "renumber":
                     seq.positions = (seq.mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~seq.mask, 0)
                     shift = original - seq.image.sum(dim=1)
@@ -167,6 +195,8 @@ class LLMDropper:
                 rope = self.lm.rotary_emb(seq.hidden, seq.positions)
             counts[:, i] = seq.image.sum(dim=1)
             layer_input = seq.hidden
+            if states is not None:
+                states.append(seq.hidden)
             seq.hidden = layer(seq.hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
                                position_ids=seq.positions, use_cache=use_cache, position_embeddings=rope,
                                **{self.cache_kw: cache}, **kwargs)
@@ -200,7 +230,7 @@ class LLMDropper:
         return scores
 
     # ---- decode: static keep sets ---------------------------------------------------------------
-    def decode(self, hidden, mask, positions, cache, use_cache, **kwargs):
+    def decode(self, hidden, mask, positions, cache, use_cache, states, **kwargs):
         if not self.stages and self.boundaries and self.prefill_length == 0:
             raise RuntimeError("tokendrop: decoding with a cache that this model did not prefill")
         stage_of = {s.layer: s for s in self.stages}
@@ -214,6 +244,8 @@ class LLMDropper:
                     current_positions = positions - stage.shift[:, None]
                 causal = self._masks(hidden, current_mask, current_positions, cache, i)
                 rope = self.lm.rotary_emb(hidden, current_positions)
+            if states is not None:
+                states.append(hidden)
             hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
                            position_ids=current_positions, use_cache=use_cache, position_embeddings=rope,
                            **{self.cache_kw: cache}, **kwargs)

@@ -76,6 +76,8 @@ def parse_record(obj, root: Path, where: str, lineno: int) -> Sample:
     elif not isinstance(answer, str):
         raise ValueError(f"{where}: field 'answer' must be a string, got {answer!r}")
     image_path = (root / obj["image"]).resolve()
+    if Path(obj["image"]).is_absolute() or not image_path.is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: field 'image' must be a path inside the dataset folder {root}, got {obj['image']!r}")
     if not image_path.is_file():
         raise FileNotFoundError(f"{where}: image not found: {image_path}")
     qtype = obj.get("type")

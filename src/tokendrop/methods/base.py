@@ -9,6 +9,7 @@ Everything here is pure tensor / integer math: no model imports.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -130,14 +131,37 @@ def top_k_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None
     return order.sort().values
 
 
-def check_fraction(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    """Raise a ValueError naming `name` unless value lies in [low, high] (or (low, high])."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_number(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a float; TypeError / ValueError naming `name` unless it is a real number in the interval.
+
+    NumPy scalars are numbers too; a float32 is read as the decimal it prints as (np.float32(0.2) -> 0.2).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = (low < value if low_open else low <= value) and value <= high and math.isfinite(value)
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
+    value = float(value) if isinstance(value, (int, float)) else float(str(value))
+    ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not (ok and math.isfinite(value)):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int; TypeError / ValueError naming `name` unless it is an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an int in [{low}, {'inf' if high is None else high}], got {value}")
+    return value
+
+
+SEED_MAX = 2**63 - 1  # torch generators take a signed 64-bit seed
+
+
+def set_field(config, name: str, value) -> None:
+    """Store a validated (normalised) value on a frozen dataclass in `__post_init__`."""
+    object.__setattr__(config, name, value)
 
 
 @dataclass(frozen=True)
@@ -157,7 +181,7 @@ class BudgetMethod:
     needs = ()
 
     def __post_init__(self):
-        check_fraction("budget", self.budget, 0.0, 1.0, low_open=True)
+        set_field(self, "budget", check_number("budget", self.budget, 0.0, 1.0, low_open=True))
         if not isinstance(self.keep_newlines, bool):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
 

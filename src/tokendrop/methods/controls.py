@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokendrop.methods.base import BudgetMethod, Layout, allocate, budget_tokens
+from tokendrop.methods.base import SEED_MAX, BudgetMethod, Layout, allocate, budget_tokens, check_int, set_field
 
 
 def uniform_counts(budget: float, layout: Layout) -> list[int]:
@@ -34,8 +34,7 @@ class RandomDrop(BudgetMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        set_field(self, "seed", check_int("seed", self.seed, 0, SEED_MAX))
 
     def counts(self, layout: Layout, scores=None) -> list[int]:
         return uniform_counts(self.budget, layout)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokendrop.methods.base import BudgetMethod, Layout, allocate, budget_tokens, check_fraction, floor_mul, top_k_sorted
+from tokendrop.methods.base import (BudgetMethod, Layout, allocate, budget_tokens, check_int, check_number, floor_mul,
+                                   set_field, top_k_sorted)
 
 VARIANTS = ("paper", "official")
 
@@ -58,13 +59,13 @@ class HiRED(BudgetMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        check_fraction("alpha", self.alpha, 0.0, 1.0)
+        set_field(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for name in ("init_layer", "final_layer"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{name} must be an int layer index, got {value!r}")
+            if value is not None:  # a layer index; negative counts from the end
+                set_field(self, name, check_int(name, value, -(2**31)))
 
     def counts(self, layout: Layout, scores: dict[str, torch.Tensor]) -> list[int]:
         # 1. B = floor(r * P * N); the base image takes floor(alpha * B), at most N.

@@ -13,9 +13,10 @@ set is chosen at prefill and stays fixed while decoding. The layer loop that app
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
-from tokendrop.methods.base import check_fraction
+from tokendrop.methods.base import SEED_MAX, check_int, check_number, set_field
 
 POSITION_RULES = ("renumber", "original")
 
@@ -46,12 +47,13 @@ class PyramidDrop:
     def __post_init__(self):
         if self.layers is not None:
             layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else None
-            if layers is None or not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+            if not layers:
                 raise TypeError(f"layers must be a non-empty sequence of ints or None, got {self.layers!r}")
+            layers = tuple(check_int("layers", x, -(2**31)) for x in layers)
             if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
                 raise ValueError(f"layers must be strictly increasing and >= 1, got {list(layers)}")
-            object.__setattr__(self, "layers", layers)
-        check_fraction("ratio", self.ratio, 0.0, 1.0, low_open=True)
+            set_field(self, "layers", layers)
+        set_field(self, "ratio", check_number("ratio", self.ratio, 0.0, 1.0, low_open=True))
         _check_choice("score_layer", self.score_layer, ("next", "last"))
         _check_choice("positions", self.positions, POSITION_RULES)
 
@@ -90,12 +92,12 @@ class FastV:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 0:
             raise ValueError(f"k must be an int in [0, depth), got {self.k!r}")
-        check_fraction("drop", self.drop, 0.0, 1.0)
-        if self.drop >= 1.0:
-            raise ValueError(f"drop must be in [0, 1), got {self.drop!r}")
+        set_field(self, "k", int(self.k))
+        set_field(self, "drop", check_number("drop", self.drop, 0.0, 1.0, high_open=True))
         _check_choice("positions", self.positions, POSITION_RULES)
+        set_field(self, "seed", check_int("seed", self.seed, 0, SEED_MAX))
 
     def boundaries(self, depth: int) -> tuple[int, ...]:
         if self.k >= depth:
