@@ -1,15 +1,28 @@
-"""Pure selection and allocation math. Imports only torch (a test imports it with transformers blocked)."""
+"""Token-dropping methods: configs and selection math, one file per method (imports only torch, lazily).
 
-from tokendrop.methods.base import BudgetMethod, Layout, allocate, budget_tokens, top_k_sorted
-from tokendrop.methods.controls import BaseOnly, RandomDrop, SpatialDrop
+A test imports this package with transformers blocked; `tokendrop methods` lists it without torch.
+"""
+
+from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
+from tokendrop.methods.base_only import BaseOnly
+from tokendrop.methods.fastv import FastV
 from tokendrop.methods.hired import HiRED, official_budget_split, paper_allocation
+from tokendrop.methods.layout import Layout, allocate, budget_tokens, top_k_sorted
+from tokendrop.methods.pyramiddrop import PyramidDrop
+from tokendrop.methods.random_drop import RandomDrop
+from tokendrop.methods.spatial_drop import SpatialDrop
 
 __all__ = [
     "BaseOnly",
-    "BudgetMethod",
+    "FastV",
     "HiRED",
+    "InLLMMethod",
     "Layout",
+    "Method",
+    "PreLLMMethod",
+    "PyramidDrop",
     "RandomDrop",
+    "Score",
     "SpatialDrop",
     "allocate",
     "budget_tokens",

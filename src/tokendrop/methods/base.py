@@ -1,134 +1,47 @@
-"""Shared pieces of the pre-LLM methods: the partition layout, exact budgets, allocation, top-k.
+"""The two method contracts, and the validation every method config shares.
 
-Dimension letters used in this package: P partitions (partition 0 is the base image, 1..k the
-tiles of the high-resolution canvas), G patches per tile side, N = G*G patches per partition.
+A method is a frozen dataclass whose fields are its options (`tokendrop methods` lists them, and
+every subcommand takes them as `--method-args key=value,...`), validated in `__post_init__` with
+errors that name the field, the value and what is allowed. It holds the method's arithmetic only:
+which tokens, never how a model is run (that is the model family's adapter).
 
-Everything here is pure tensor / integer math: no model imports.
+Pre-LLM methods (`PreLLMMethod`) choose among an image's vision tokens before the LLM sees them:
+    how many   `num_tokens(layout)`: known from the image size alone, BEFORE encoding; the
+               processor writes exactly that many placeholders.
+    which      `select(layout, scores)`: sorted kept indices per partition, exactly `num_tokens`
+               in all (without newlines), ties broken by the lower index.
+    reads      `scores()`: name -> `Score(kind, layer)`, per-token scores the adapter computes from
+               the vision tower's own projections ("cls": the [CLS] row, summed over heads).
+In-LLM methods (`InLLMMethod`) drop image tokens between the language model's layers:
+    where      `boundaries(depth)`: layers before which image tokens are dropped.
+    how many   `keep_counts(n, depth)`: (boundary, image tokens kept from it on), from the
+               sample's ORIGINAL count n.
+    ranked by  `ranking_layer(boundary)`: whose projections give the last prompt token's attention
+               row: boundary - 1 (the last layer before the drop) or boundary (the first after);
+               None when there is no attention to rank by, and `random_scores` ranks instead.
+    positions  `positions`: "renumber" (contiguous after each drop) or "original" (kept as they were).
+The keep set is chosen at prefill and fixed while decoding; the decoder loop
+(`tokendrop.adapters.llm`) runs the layers and asks the method these questions, nothing else.
+
+To add a method:
+  1. Write `methods/<name>.py`: a frozen dataclass subclassing `PreLLMMethod` or `InLLMMethod`,
+     `name = "<the CLI name>"`, a docstring that cites the paper, options as fields with defaults
+     and validation in `__post_init__`, the contract's functions with numbered steps as in the paper.
+  2. List the class in `tokendrop.registry.METHODS` (a third-party package: the `tokendrop.methods`
+     entry-point group, or `td.register_method` in a script).
+The contract tests iterate the registry, `tokendrop methods` lists the method, and every CLI
+subcommand accepts it. A runnable walk-through: docs/extending.md.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from fractions import Fraction
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
-import torch
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the patch tokens of one image are and which of them survive unpadding.
-
-    Attributes:
-        grid: G, patches per tile side (N = G*G tokens per partition).
-        tiles: (rows, cols) of the high-resolution tile grid; (0, 0) for single-partition models.
-        crop: (top, bottom, left, right) of the unpadded canvas in token units; the canvas is
-            (rows*G, cols*G) tokens and the model keeps rows [top, bottom) and cols [left, right).
-    """
-
-    grid: int
-    tiles: tuple[int, int] = (0, 0)
-    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-    @property
-    def patches(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def num_tiles(self) -> int:
-        return self.tiles[0] * self.tiles[1]
-
-    @property
-    def num_partitions(self) -> int:
-        return 1 + self.num_tiles
-
-    @property
-    def canvas_rows(self) -> int:
-        """Rows of the unpadded canvas: one newline token each when newlines are packed."""
-        return self.crop[1] - self.crop[0]
-
-    def canvas_valid(self) -> torch.Tensor:
-        """(rows*G, cols*G) bool: canvas tokens that survive unpadding."""
-        top, bottom, left, right = self.crop
-        valid = torch.zeros(self.tiles[0] * self.grid, self.tiles[1] * self.grid, dtype=torch.bool)
-        valid[top:bottom, left:right] = True
-        return valid
-
-    def valid(self) -> torch.Tensor:
-        """(P, N) bool: tokens of every partition that can be kept (all of the base partition)."""
-        rows, cols, g = self.tiles[0], self.tiles[1], self.grid
-        tiles = self.canvas_valid().view(rows, g, cols, g).permute(0, 2, 1, 3).reshape(rows * cols, g * g)
-        return torch.cat([torch.ones(1, g * g, dtype=torch.bool), tiles])
-
-    def valid_counts(self) -> list[int]:
-        """Valid tokens per partition, base first."""
-        return self.valid().sum(dim=1).tolist()
-
-    def base_regions(self) -> torch.Tensor:
-        """(N,) long: the tile (1..k) whose region holds the centre of each base-image patch.
-
-        The base image is the whole image squashed to one tile; the canvas holds the same image,
-        aspect preserved, in `crop`. A base patch at (a, b) has its centre at ((a+.5)/G, (b+.5)/G)
-        of the image, i.e. at canvas row top + (a+.5)/G * height; its tile is that point's tile.
-        """
-        g = self.grid
-        top, bottom, left, right = self.crop
-        centres = (torch.arange(g, dtype=torch.float64) + 0.5) / g  # (G,)
-        rows = ((top + centres * (bottom - top)) // g).long().clamp(0, self.tiles[0] - 1)
-        cols = ((left + centres * (right - left)) // g).long().clamp(0, self.tiles[1] - 1)
-        return (1 + rows[:, None] * self.tiles[1] + cols[None, :]).reshape(-1)
-
-
-def floor_mul(fraction: float, n: int) -> int:
-    """floor(fraction * n) computed on the decimal the user wrote (0.58 * 50 is 29, not 28)."""
-    return math.floor(Fraction(str(fraction)) * n)
-
-
-def budget_tokens(budget: float, layout: Layout) -> int:
-    """B = floor(budget * P * N), capped at the number of tokens that survive unpadding."""
-    return min(floor_mul(budget, layout.num_partitions * layout.patches), sum(layout.valid_counts()))
-
-
-def allocate(total: int, weights: list[float], capacity: list[int]) -> list[int]:
-    """Split `total` tokens in proportion to `weights`, each share capped at its `capacity`.
-
-    Shares are floored and the rounding leftovers go by largest remainder (ties to the lower
-    index). A share over its capacity is cut, and the excess is split again among the others, so
-    the result always sums to min(total, sum(capacity)). Zero total weight splits by free room.
-    """
-    counts = [0] * len(capacity)
-    remaining = min(total, sum(capacity))
-    while remaining > 0:
-        room = [c - k for c, k in zip(capacity, counts)]
-        w = [wi if r > 0 else 0.0 for wi, r in zip(weights, room)]
-        if sum(w) <= 0:
-            w = [float(r) for r in room]
-        ideal = [remaining * wi / sum(w) for wi in w]
-        share = [math.floor(x) for x in ideal]
-        by_remainder = sorted(range(len(w)), key=lambda i: (-(ideal[i] - share[i]), i))
-        for i in by_remainder[: remaining - sum(share)]:
-            share[i] += 1
-        share = [min(s, r) for s, r in zip(share, room)]
-        counts = [k + s for k, s in zip(counts, share)]
-        remaining -= sum(share)
-    return counts
-
-
-def top_k_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of the k highest scores, returned in ascending (spatial) order.
-
-    Args:
-        scores: (N,) float.
-        k: how many to keep; at most the number of valid entries.
-        valid: (N,) bool; invalid entries are never chosen.
-
-    Ties break by the lower index (a stable sort), so selections are reproducible.
-    """
-    if valid is not None:
-        scores = scores.masked_fill(~valid, float("-inf"))
-    order = torch.argsort(scores, descending=True, stable=True)[:k]
-    return order.sort().values
+from tokendrop.lazy import torch
+from tokendrop.methods.layout import Layout, budget_tokens
 
 
 def check_number(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
@@ -146,13 +59,17 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
     return value
 
 
-def check_int(name: str, value, low: int, high: int | None = None) -> int:
-    """`value` as an int; TypeError / ValueError naming `name` unless it is an integer in [low, high]."""
+def check_int(name: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
+    """`value` as an int; TypeError / ValueError naming `name` unless it is an integer in [low, high].
+
+    `allowed` replaces the interval in the message (e.g. "an int in [0, depth)").
+    """
+    allowed = allowed or f"an int in [{low}, {'inf' if high is None else high}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be an int in [{low}, {'inf' if high is None else high}], got {value}")
+        raise ValueError(f"{name} must be {allowed}, got {value}")
     return value
 
 
@@ -164,12 +81,42 @@ def set_field(config, name: str, value) -> None:
     object.__setattr__(config, name, value)
 
 
+class Method:
+    """What every method has: a registry name and its options (the dataclass fields)."""
+
+    name: ClassVar[str] = ""  # the name users type: `--method hired`
+    stage: ClassVar[str] = ""  # "pre" (before the LLM) or "in" (inside it)
+
+    @classmethod
+    def options(cls) -> dict:
+        """Option name -> dataclasses.Field, in declaration order."""
+        return {f.name: f for f in fields(cls)}
+
+    def requires(self) -> set[str]:
+        """Capabilities a model family must have (`tokendrop.adapters.base.Family`)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class BudgetMethod:
-    """Base of the pre-LLM methods: keep a fixed fraction of the visual tokens of every image.
+class Score:
+    """A per-token score a pre-LLM method reads, computed by the adapter from the vision tower.
 
     Attributes:
-        budget: fraction in (0, 1] of the P*N patch tokens to keep (HiRED's rate r).
+        kind: "cls", the [CLS] query's attention over the patches, summed over heads.
+        layer: encoder block index (negative counts from the end); None: the block whose output
+            the LLM receives (`vision_feature_layer`).
+    """
+
+    kind: str
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class PreLLMMethod(Method):
+    """Keep a fixed budget of every image's vision tokens, chosen before the LLM.
+
+    Attributes:
+        budget: fraction in (0, 1] of the P*N patch tokens to keep.
         keep_newlines: also pack one newline token per unpadded canvas row (LLaVA-NeXT); with
             budget 1.0 this reproduces the stock token sequence exactly.
     """
@@ -177,23 +124,81 @@ class BudgetMethod:
     budget: float
     keep_newlines: bool = False
 
-    #: which ViT [CLS] rows `select` needs: subset of {"init", "final"}.
-    needs = ()
+    stage: ClassVar[str] = "pre"
 
     def __post_init__(self):
         set_field(self, "budget", check_number("budget", self.budget, 0.0, 1.0, low_open=True))
         if not isinstance(self.keep_newlines, bool):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
 
-    def counts(self, layout: Layout, scores: dict[str, torch.Tensor] | None = None) -> list[int]:
-        """Kept tokens per partition; must sum to `budget_tokens(self.budget, layout)`."""
+    def requires(self) -> set[str]:
+        return {"pre_llm"} | {"cls_token" for score in self.scores().values() if score.kind == "cls"}
+
+    def scores(self) -> dict[str, Score]:
+        """The scores `select` reads, by name (none for score-free methods)."""
+        return {}
+
+    def counts(self, layout: Layout, scores: dict | None = None) -> list[int]:
+        """Kept tokens per partition; they sum to `budget_tokens(self.budget, layout)`."""
         raise NotImplementedError
 
-    def select(self, layout: Layout, scores: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Sorted kept indices (into N) for every partition."""
+    def select(self, layout: Layout, scores: dict) -> list[torch.Tensor]:
+        """Sorted kept indices (into N) for every partition, `counts` of them.
+
+        Args:
+            scores: name -> (P, N) fp32 tensor, one row per partition, for every name in `scores()`.
+        """
         raise NotImplementedError
 
     def num_tokens(self, layout: Layout) -> int:
         """Visual tokens this method hands to the LLM for one image: known before encoding."""
         newlines = layout.canvas_rows if (self.keep_newlines and layout.num_tiles) else 0
         return budget_tokens(self.budget, layout) + newlines
+
+
+POSITION_RULES = ("renumber", "original")
+
+
+class InLLMMethod(Method):
+    """Drop image tokens between the language model's layers (subclasses are frozen dataclasses
+    with a `positions` field)."""
+
+    stage: ClassVar[str] = "in"
+    positions: str
+
+    def requires(self) -> set[str]:
+        return {"in_llm"} | ({"renumber"} if self.positions == "renumber" else set())
+
+    def boundaries(self, depth: int) -> tuple[int, ...]:
+        """Layers before which image tokens are dropped, validated against an LLM of `depth` layers."""
+        raise NotImplementedError
+
+    def keep_counts(self, n: int, depth: int) -> list[tuple[int, int]]:
+        """(boundary, image tokens kept from that layer on) for a sample with n image tokens."""
+        raise NotImplementedError
+
+    def ranking_layer(self, boundary: int) -> int | None:
+        """The layer whose projections rank the image tokens before `boundary` (boundary - 1 or
+        boundary); None: rank with `random_scores`."""
+        raise NotImplementedError
+
+    def random_scores(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, L) scores of the image tokens (B, L bool) when `ranking_layer` is None."""
+        raise NotImplementedError(f"{type(self).__name__} always ranks by attention")
+
+    def layer_fractions(self, depth: int) -> list[float]:
+        """Share of the original image tokens each layer sees, unrounded (the papers' FLOP convention)."""
+        raise NotImplementedError
+
+    def layer_counts(self, n: int, depth: int) -> list[int]:
+        """Image tokens each of the `depth` layers sees, for a sample with n image tokens."""
+        counts, current, drops = [], n, dict(self.keep_counts(n, depth))
+        for layer in range(depth):
+            current = drops.get(layer, current)
+            counts.append(current)
+        return counts
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

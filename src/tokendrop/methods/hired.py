@@ -27,16 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from tokendrop.methods.base import (BudgetMethod, Layout, allocate, budget_tokens, check_int, check_number, floor_mul,
-                                   set_field, top_k_sorted)
+from tokendrop.lazy import torch
+from tokendrop.methods.base import PreLLMMethod, Score, check_choice, check_int, check_number, set_field
+from tokendrop.methods.layout import Layout, allocate, budget_tokens, floor_mul, top_k_sorted
 
 VARIANTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
-class HiRED(BudgetMethod):
+class HiRED(PreLLMMethod):
     """HiRED token dropping before the LLM.
 
     Attributes:
@@ -55,17 +54,19 @@ class HiRED(BudgetMethod):
     init_layer: int = 0
     final_layer: int | None = None
 
-    needs = ("init", "final")
+    name = "hired"
 
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "alpha", check_number("alpha", self.alpha, 0.0, 1.0))
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        check_choice("variant", self.variant, VARIANTS)
         for name in ("init_layer", "final_layer"):
             value = getattr(self, name)
             if value is not None:  # a layer index; negative counts from the end
                 set_field(self, name, check_int(name, value, -(2**31)))
+
+    def scores(self) -> dict[str, Score]:
+        return {"init": Score("cls", self.init_layer), "final": Score("cls", self.final_layer)}
 
     def counts(self, layout: Layout, scores: dict[str, torch.Tensor]) -> list[int]:
         # 1. B = floor(r * P * N); the base image takes floor(alpha * B), at most N.
