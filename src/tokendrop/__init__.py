@@ -9,17 +9,21 @@ The method configs import only torch; `apply` (which needs transformers) is impo
 so `tokendrop.methods` works without transformers installed.
 """
 
-from tokendrop.methods import BaseOnly, HiRED, RandomDrop, SpatialDrop
-from tokendrop.methods.inllm import FastV, PyramidDrop
+from tokendrop.methods import BaseOnly, FastV, HiRED, PyramidDrop, RandomDrop, SpatialDrop
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseOnly", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply"]
+__all__ = ["BaseOnly", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply", "check",
+           "register_method"]
 
 
 def __getattr__(name):
-    if name in ("apply", "Handle"):
+    if name in ("apply", "check", "Handle"):
         from tokendrop import api
 
         return getattr(api, name)
+    if name == "register_method":
+        from tokendrop.registry import register_method
+
+        return register_method
     raise AttributeError(f"module 'tokendrop' has no attribute {name!r}")

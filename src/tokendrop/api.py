@@ -19,13 +19,10 @@ import weakref
 import torch
 
 from tokendrop import compat
-from tokendrop.adapters import adapter_for, check_pre_llm, check_processor
 from tokendrop.adapters.base import TokenCount
 from tokendrop.adapters.llm import LLMDropper
-from tokendrop.methods.base import BudgetMethod
-from tokendrop.methods.inllm import FastV, PyramidDrop
-
-IN_LLM = (PyramidDrop, FastV)
+from tokendrop.methods.base import InLLMMethod, PreLLMMethod
+from tokendrop.registry import family_for
 #: handles whose patches are in place. Weak: a model that is never `remove()`d is still freed.
 _ACTIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()
 
@@ -58,10 +55,10 @@ class Handle:
 
     def num_tokens(self, image_size) -> int:
         """Visual tokens an image of (height, width) pixels gives the LLM under this handle's pre-LLM method."""
-        method = next((m for m in self.methods if isinstance(m, BudgetMethod)), None)
+        method = next((m for m in self.methods if isinstance(m, PreLLMMethod)), None)
         if method is None:
             raise ValueError("this handle has no pre-LLM method; the stock processor counts the tokens")
-        return adapter_for(self.model).num_tokens(method, image_size)
+        return family_for(self.model).num_tokens(method, image_size)
 
     def remove(self) -> None:
         """Restore the model and processor exactly (idempotent)."""
@@ -151,31 +148,27 @@ def apply(model, processor=None, *methods) -> Handle:
     """Patch `model` (and `processor`) in place with one pre-LLM and/or one in-LLM method.
 
     Args:
-        model: a stock `LlavaNextForConditionalGeneration` or `LlavaForConditionalGeneration`
-            (all methods), or `LlavaOnevisionForConditionalGeneration` (in-LLM methods only).
+        model: a stock model of a supported family (`tokendrop methods` lists them and which
+            methods each runs).
         processor: the model's processor; required by pre-LLM methods, which change how many
             `<image>` placeholders it writes. May be None for in-LLM methods alone.
-        methods: e.g. `td.HiRED(budget=0.2)`, `td.PyramidDrop()`, or both.
+        methods: e.g. `td.HiRED(budget=0.2)`, `td.PyramidDrop()`, or both; none at all gives a
+            handle that changes nothing (the stock model), so callers need no special case.
     Returns:
         a `Handle`; `handle.remove()` (or leaving its `with` block) restores everything.
     """
-    pre, inner = _split_methods(methods)
-    adapter = adapter_for(model)
+    family, pre, inner = check(model, processor, *methods)
     if any(h.model is model for h in _ACTIVE):
         raise ValueError("model is already patched by tokendrop; call handle.remove() first")
-    if pre is not None:
-        if processor is None:
-            raise TypeError("processor is required for pre-LLM methods: it writes the number of <image> placeholders")
-        check_pre_llm(adapter, processor, pre)
-    elif processor is not None:
-        check_processor(adapter, processor)
     handle = Handle(model, processor, tuple(methods))
+    if not methods:
+        return handle
     try:
         _set_attr(handle, model, "__deepcopy__", _stock_deepcopy(handle, model))
         if pre is not None:
-            _patch_pre_llm(handle, adapter, pre)
+            _patch_pre_llm(handle, family, pre)
         if inner is not None:
-            _patch_in_llm(handle, adapter, inner)
+            _patch_in_llm(handle, family, inner)
     except BaseException:
         handle.remove()
         raise
@@ -183,22 +176,40 @@ def apply(model, processor=None, *methods) -> Handle:
     return handle
 
 
+def check(model, processor=None, *methods):
+    """Everything `apply()` checks, without patching: the family, each method's needs and options
+    against the model, and the processor. Returns (family adapter, pre-LLM method, in-LLM method).
+
+    Raises:
+        TypeError / ValueError naming the problem (an unsupported model, a missing capability, a
+            layer beyond the model's depth, a processor of another model).
+    """
+    pre, inner = _split_methods(methods)
+    family = family_for(model)
+    for method in (pre, inner):
+        if method is not None:
+            family.check(method)
+    if pre is not None and processor is None:
+        raise TypeError("processor is required for pre-LLM methods: it writes the number of <image> placeholders")
+    if processor is not None:
+        family.check_processor(processor)
+    return family, pre, inner
+
+
 def _split_methods(methods):
-    if not methods:
-        raise ValueError("apply() needs at least one method, e.g. td.HiRED(budget=0.2)")
-    pre = [m for m in methods if isinstance(m, BudgetMethod)]
-    inner = [m for m in methods if isinstance(m, IN_LLM)]
     for m in methods:
-        if not isinstance(m, (BudgetMethod, *IN_LLM)):
+        if not isinstance(m, (PreLLMMethod, InLLMMethod)):
             what = f"class {m.__name__}" if isinstance(m, type) else type(m).__name__
             raise TypeError(f"methods must be method instances such as td.HiRED(budget=0.2); got {what}")
+    pre = [m for m in methods if isinstance(m, PreLLMMethod)]
+    inner = [m for m in methods if isinstance(m, InLLMMethod)]
     if len(pre) > 1 or len(inner) > 1:
-        raise ValueError("apply() takes at most one pre-LLM method (HiRED, RandomDrop, SpatialDrop, BaseOnly) "
-                         "and one in-LLM method (PyramidDrop, FastV)")
+        raise ValueError(f"apply() takes at most one pre-LLM method and one in-LLM method; got "
+                         f"{', '.join(type(m).__name__ for m in methods)}")
     return (pre[0] if pre else None), (inner[0] if inner else None)
 
 
-def _patch_pre_llm(handle: Handle, adapter, method: BudgetMethod) -> None:
+def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
     def record(selections):
         handle.selections = selections
 
@@ -239,17 +250,15 @@ class TokenQuery:
         return data
 
 
-def _patch_in_llm(handle: Handle, adapter, method) -> None:
-    lm = adapter.base.language_model
-    if not all(hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in lm.layers):
-        raise TypeError(f"in-LLM methods need a Llama-style decoder (Llama, Mistral, Qwen2); got {type(lm).__name__}")
+def _patch_in_llm(handle: Handle, adapter, method: InLLMMethod) -> None:
+    lm = adapter.language_model
 
     def record(counts, origin):
         handle.layer_tokens, handle.kept_positions = counts, origin
 
     compat.check_signature(type(lm).forward, LLMDropper.forward)  # a renamed keyword fails here, not in torch
     dropper = LLMDropper(lm, method, record)
-    image_token_id = adapter.config.image_token_id
+    image_token_id = adapter.image_token_id
 
     def find_images(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

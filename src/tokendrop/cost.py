@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tokendrop.methods.base import BudgetMethod, floor_mul
-from tokendrop.methods.inllm import FastV, PyramidDrop
+from tokendrop.adapters.base import Shapes, resolve
+from tokendrop.lazy import torch
+from tokendrop.methods.layout import floor_mul
+from tokendrop.registry import family_for, family_of
 
 ARCHS_DIR = Path(__file__).parent / "archs"
 FASTV_SYSTEM_TOKENS = 36  # system prompt length in FastV's LLaVA-1.5 scripts
@@ -51,83 +50,38 @@ def load_arch(name: str) -> dict:
             raise ValueError(f"unknown arch {name!r}.{hint} Available: {', '.join(known)} (or a path to an arch .json)")
         path = ARCHS_DIR / f"{name}.json"
     spec = json.loads(path.read_text())
-    if "model" not in spec or spec["model"].get("model_type") not in ("llava", "llava_next"):
-        raise ValueError(f"arch file {path} must hold a 'model' config with model_type 'llava' or 'llava_next'")
+    if "model" not in spec:
+        raise ValueError(f"arch file {path} must hold a 'model' config")
+    family_of(spec["model"].get("model_type"))  # ValueError naming the supported models
     return spec
 
 
 def arch_config(spec: dict, layers: int | None = None, vision_layers: int | None = None):
-    """A `LlavaNextConfig` / `LlavaConfig` from an arch spec, optionally with fewer LLM / vision layers."""
-    from transformers import LlavaConfig, LlavaNextConfig
-
+    """The family's config class built from an arch spec, optionally with fewer LLM / vision layers."""
     model = json.loads(json.dumps(spec["model"]))  # deep copy
     for key, value, sub in (("layers", layers, "text_config"), ("vision_layers", vision_layers, "vision_config")):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
             model[sub]["num_hidden_layers"] = value
-    cls = LlavaNextConfig if model.pop("model_type") == "llava_next" else LlavaConfig
-    return cls(**model)
+    family = family_of(model.pop("model_type"))
+    return resolve(family.config_class)(**model)
 
 
 def meta_model(config):
     """The model class of `config` built on the meta device: shapes without memory."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    cls = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
+    family = family_of(config.model_type)
     with torch.device("meta"):
-        return cls(config)
+        return resolve(family.model_classes[0])(config)
 
 
 def arch_processor(spec: dict, tokenizer):
     """The stock processor with the arch's image-processor settings around `tokenizer`."""
     settings = dict(spec["processor"])
     image_settings = settings.pop("image_processor")
-    if spec["model"]["model_type"] == "llava_next":
-        from transformers import LlavaNextProcessor as Processor
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as Images
-    else:
-        from transformers import LlavaProcessor as Processor
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as Images
-    return Processor(image_processor=Images(**image_settings), tokenizer=tokenizer, **settings)
-
-
-# ---- shapes ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shapes:
-    """The widths that the cost formulas need, read from a (meta or real) LLaVA model."""
-
-    d: int  # LLM width
-    m: int  # LLM MLP width (SwiGLU: three d x m matrices)
-    depth: int  # LLM layers
-    q_width: int  # heads * head_dim
-    kv_width: int  # kv_heads * head_dim (GQA)
-    vocab: int
-    vd: int  # vision width
-    vm: int  # vision MLP width
-    vision_depth: int  # encoder layers that run (all of them: HF runs the whole tower)
-    patch_inputs: int  # 3 * patch * patch
-    projector: tuple[int, ...]  # (in, out) of every projector linear layer
-
-    @classmethod
-    def from_model(cls, model) -> "Shapes":
-        base = model.model
-        lm, tower = base.language_model, base.vision_tower
-        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
-        vlayer = tower.encoder.layers[0]
-        conv = tower.embeddings.patch_embedding.weight  # (vd, 3, p, p)
-        linears = [mod.weight.shape for mod in base.multi_modal_projector.modules() if isinstance(mod, torch.nn.Linear)]
-        return cls(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
-                   q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
-                   vocab=model.lm_head.weight.shape[0], vd=vlayer.self_attn.q_proj.weight.shape[0],
-                   vm=vlayer.mlp.fc1.weight.shape[0], vision_depth=len(tower.encoder.layers),
-                   patch_inputs=conv.shape[1] * conv.shape[2] * conv.shape[3],
-                   projector=tuple(x for shape in linears for x in (shape[1], shape[0])))
-
-    def lm_params(self) -> int:
-        """LLM parameters (embeddings and head included, norms ignored)."""
-        layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m
-        return self.depth * layer + 2 * self.vocab * self.d
+    family = family_of(spec["model"]["model_type"])
+    images = resolve(family.image_processor_class)(**image_settings)
+    return resolve(family.processor_class)(image_processor=images, tokenizer=tokenizer, **settings)
 
 
 # ---- paper conventions (multiply-add = 1 FLOP, LLM only) ---------------------------------------------
@@ -142,15 +96,10 @@ def fastv_layer_macs(n: float, d: int, m: int) -> float:
 
 
 def real_layer_tokens(inner, n: float, depth: int) -> list[float]:
-    """Image tokens per layer as the papers count them: real-valued n * lambda^s, n * (1 - R)."""
+    """Image tokens per layer as the papers count them: real-valued (n * lambda^s, n * (1 - R))."""
     if inner is None:
         return [float(n)] * depth
-    if isinstance(inner, PyramidDrop):
-        bounds = inner.boundaries(depth)
-        return [n * inner.ratio ** sum(layer >= b for b in bounds) for layer in range(depth)]
-    if isinstance(inner, FastV):
-        return [n * (1 - inner.drop) if layer >= inner.boundaries(depth)[0] else float(n) for layer in range(depth)]
-    raise TypeError(f"inner must be PyramidDrop, FastV or None, got {type(inner).__name__}")
+    return [n * share for share in inner.layer_fractions(depth)]
 
 
 def pdrop_convention_macs(shapes: Shapes, n: float, inner=None) -> float:
@@ -167,7 +116,7 @@ def fastv_convention_macs(shapes: Shapes, n: float, inner=None, system: int = FA
 # ---- what a user pays (real FLOPs = 2 per multiply-add) ------------------------------------------------
 def vision_flops(shapes: Shapes, tiles: int, projected: int, patches: int) -> float:
     """Vision tower over `tiles` tiles of `patches` patches (+[CLS]), then the projector over `projected` tokens."""
-    t = patches + 1
+    t = patches + shapes.vision_tokens_extra  # + [CLS] when the tower has one
     layer = 4 * t * shapes.vd ** 2 + 2 * t * t * shapes.vd + 2 * t * shapes.vd * shapes.vm
     tower = tiles * (patches * shapes.patch_inputs * shapes.vd + shapes.vision_depth * layer)
     pairs = zip(shapes.projector[::2], shapes.projector[1::2])
@@ -176,7 +125,7 @@ def vision_flops(shapes: Shapes, tiles: int, projected: int, patches: int) -> fl
 
 def cls_scoring_flops(shapes: Shapes, tiles: int, patches: int, rows: int) -> float:
     """HiRED-style [CLS] rows: per tile and row, k_proj over all tokens, q_proj of [CLS], one q.K^T."""
-    t = patches + 1
+    t = patches + shapes.vision_tokens_extra  # + [CLS] when the tower has one
     return 2.0 * tiles * rows * (t * shapes.vd ** 2 + shapes.vd ** 2 + t * shapes.vd)
 
 
@@ -211,16 +160,9 @@ def kv_bytes_per_layer(shapes: Shapes, lengths: list[int], bytes_per_element: in
 # ---- one record per method ----------------------------------------------------------------------------
 def split_methods(methods) -> tuple:
     """(pre-LLM method or None, in-LLM method or None)."""
-    pre = next((m for m in methods if isinstance(m, BudgetMethod)), None)
-    inner = next((m for m in methods if isinstance(m, (PyramidDrop, FastV))), None)
+    pre = next((m for m in methods if m.stage == "pre"), None)
+    inner = next((m for m in methods if m.stage == "in"), None)
     return pre, inner
-
-
-def stock_tokens(layout) -> int:
-    """Visual tokens the stock model packs: base + unpadded canvas + one newline per canvas row."""
-    if layout.num_tiles == 0:
-        return layout.patches
-    return layout.patches + sum(layout.valid_counts()[1:]) + layout.canvas_rows
 
 
 def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKENS, batch: int = 1,
@@ -236,12 +178,11 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
         tokens: override the stock visual-token count (papers use 2880 = 5 x 576 for LLaVA-NeXT);
             a pre-LLM method then keeps floor(budget * tokens).
     """
-    from tokendrop.adapters import adapter_for
-
-    shapes = Shapes.from_model(model)
-    layout = adapter_for(model).layout(image_size)
+    family = family_for(model)
+    shapes = family.shapes()
+    layout = family.layout(image_size)
     pre, inner = split_methods(methods)
-    stock = stock_tokens(layout) if tokens is None else tokens
+    stock = family.stock_tokens(image_size) if tokens is None else tokens
     if pre is None:
         n = stock
     else:
@@ -251,7 +192,8 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
     boundaries = inner.boundaries(shapes.depth) if inner is not None else ()
     scoring = last_token_scoring_flops(shapes, [lengths[b - 1] for b in boundaries if b > 0])
     if pre is not None:
-        scoring += cls_scoring_flops(shapes, layout.num_partitions, layout.patches, len(pre.needs))
+        cls_rows = sum(score.kind == "cls" for score in pre.scores().values())
+        scoring += cls_scoring_flops(shapes, layout.num_partitions, layout.patches, cls_rows)
     projected = layout.num_partitions * layout.patches if pre is None else n
     vision = vision_flops(shapes, layout.num_partitions, projected, layout.patches)
     kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)

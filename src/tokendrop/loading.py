@@ -3,6 +3,10 @@
 The same path loads `llava-hf/llava-v1.6-vicuna-7b-hf` on a user's GPU and the bundled model here.
 On CPU the model runs in fp32 (bf16 is several times slower on CPUs without bf16 units); on CUDA
 in the checkpoint's own dtype.
+
+    model, processor = load_model("llava-hf/llava-v1.6-vicuna-7b-hf")
+    model, processor, note = load_default(None)      # the bundled model (or a tiny random one)
+    prompt = format_prompt(processor, "What is written on the sign?")
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import torch
+TINY = "tiny"  # `--model tiny`: a tiny random LLaVA-NeXT (no download; answers are noise)
 
-SUPPORTED = ("LlavaNextForConditionalGeneration", "LlavaForConditionalGeneration")
+
+class ModelLoadError(ValueError):
+    """A model id or folder that cannot be loaded (missing, not a supported checkpoint, offline)."""
 
 
 def bundled_model_path() -> Path | None:
@@ -21,30 +27,73 @@ def bundled_model_path() -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
-def default_device() -> torch.device:
+def default_device():
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name_or_path: str, device: torch.device | str | None = None):
-    """(model, processor) from a hub id or a local folder, in eval mode on `device`."""
-    import transformers
+def load_model(name_or_path: str, device=None):
+    """(model, processor) from a hub id or a local folder, in eval mode on `device`.
+
+    Raises:
+        ModelLoadError: the id or folder cannot be loaded, or its architecture is not supported
+            (the message names both and says why).
+    """
+    import torch
     from transformers import AutoConfig, AutoProcessor
 
+    from tokendrop.adapters.base import resolve
+    from tokendrop.registry import family_of, supported_models
+
     device = torch.device(device) if device is not None else default_device()
-    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # no such folder or id, offline, not a model folder
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
     architecture = (config.architectures or [None])[0]
-    if architecture not in SUPPORTED:
-        raise ValueError(f"model {name_or_path!r} is a {architecture}; supported: {', '.join(SUPPORTED)}")
+    try:
+        family_of(architecture=architecture)
+    except ValueError:
+        raise ModelLoadError(f"{name_or_path!r} is a {architecture}; supported: {', '.join(supported_models())}") from None
     dtype = torch.float32 if device.type == "cpu" else "auto"
-    model = getattr(transformers, architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(name_or_path)
+    try:
+        model = resolve(architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # missing or corrupt weights / processor files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
     processor.tokenizer.padding_side = "left"  # generation pads on the left
     return model, processor
 
 
+def load_default(name_or_path: str | None = None, seed: int = 0):
+    """(model, processor, note): `name_or_path`, else the bundled model, else a tiny random one.
+
+    `name_or_path` may also be "tiny" for the tiny random LLaVA-NeXT. `note` says what was loaded
+    when it was not the caller's choice (None otherwise).
+    """
+    if name_or_path not in (None, TINY):
+        return (*load_model(name_or_path), None)
+    bundled = bundled_model_path()
+    if name_or_path is None and bundled is not None:
+        return (*load_model(str(bundled)), f"the bundled trained model, from_pretrained({str(bundled)!r})")
+    from tokendrop.tiny import tiny_llava_next
+
+    model, processor = tiny_llava_next(text_layers=8, seed=seed)
+    processor.tokenizer.padding_side = "left"
+    why = "" if name_or_path == TINY else " (no bundled model in this install)"
+    return model, processor, f"tiny_llava_next(), a tiny RANDOM-WEIGHT LLaVA-NeXT{why}: answers are noise"
+
+
 def format_prompt(processor, question: str) -> str:
-    """The model's own prompt around one image and a question (chat template when it has one)."""
+    """The model's prompt for one image and a question: the chat template when the processor has
+    one, else "<image>\\n" + question; a question that already holds the image token is used as is."""
+    image_token = getattr(processor, "image_token", "<image>")
+    if image_token in question:
+        return question
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{processor.image_token}\n{question}"
+    return f"{image_token}\n{question}"

@@ -1,45 +1,92 @@
-"""Method names as users type them (CLI, configs) -> method objects.
+"""The one list of methods and the one list of model families. Everything else asks these.
 
-    build_methods("hired", budget=0.2)          -> (HiRED(budget=0.2, alpha=0.5),)
-    build_methods("hired+pdrop", budget=0.4)    -> (HiRED(budget=0.4), PyramidDrop())
-    build_methods("none")                       -> ()   (the stock model)
+    method_class("hired")                                   -> HiRED
+    build_methods("hired+pdrop", budget=0.4, ratio=0.6)     -> (HiRED(budget=0.4), PyramidDrop(ratio=0.6))
+    build_methods("none")                                   -> ()   (the stock model)
+    family_for(model)                                       -> the model's family adapter
 
-A name is one method or a composition joined by "+" (at most one pre-LLM and one in-LLM part,
-as `tokendrop.apply` allows). Unknown names raise ValueError with a "did you mean" hint and the
-list of known names.
+A method name is a registered name, a preset ("hired-official"), or a composition joined by "+"
+(at most one pre-LLM and one in-LLM part, as `tokendrop.apply` allows). Options are the methods'
+dataclass fields: a key applies to every part that has that field ("fastv.seed=1" to one part).
+Unknown names raise ValueError with a "did you mean" hint and the list of known names.
+
+Third-party methods register through the `tokendrop.methods` entry-point group (a class per entry
+point, loaded on first use) or `register_method(cls)` in a script.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
+import warnings
+from importlib import metadata
 
-from tokendrop.methods import BaseOnly, HiRED, RandomDrop, SpatialDrop
-from tokendrop.methods.inllm import FastV, PyramidDrop
+from tokendrop.adapters.llava import LlavaAdapter
+from tokendrop.adapters.llava_next import LlavaNextAdapter
+from tokendrop.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokendrop.methods import BaseOnly, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop
 
+#: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
+METHODS = (HiRED, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
+#: names for a method with some options set.
+PRESETS = {"hired-official": ("hired", {"variant": "official"})}
+#: the model families tokendrop runs on.
+FAMILIES = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter)
 VANILLA = "none"
-#: pre-LLM names: they need a budget.
-PRE_LLM = {
-    "hired": lambda budget, alpha: HiRED(budget=budget, alpha=alpha),
-    "hired-official": lambda budget, alpha: HiRED(budget=budget, alpha=alpha, variant="official"),
-    "random": lambda budget, alpha: RandomDrop(budget=budget),
-    "spatial": lambda budget, alpha: SpatialDrop(budget=budget),
-}
-#: pre-LLM names with a fixed count: no budget.
-FIXED = {
-    "base-only": BaseOnly,
-}
-#: in-LLM names: their own schedule arguments, no budget.
-IN_LLM = {
-    "pdrop": lambda layers, ratio, k, drop: PyramidDrop(layers=layers, ratio=ratio),
-    "fastv": lambda layers, ratio, k, drop: FastV(k=k, drop=drop),
-}
-KNOWN = (VANILLA, *PRE_LLM, *FIXED, *IN_LLM)
+ENTRY_POINTS = "tokendrop.methods"
+
+_methods: dict[str, type] = {}
+
+
+# ---- methods --------------------------------------------------------------------------------------
+def register_method(cls: type) -> type:
+    """Make a method class known by its `name` (usable as a class decorator). Returns `cls`."""
+    if not (isinstance(cls, type) and issubclass(cls, (PreLLMMethod, InLLMMethod)) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"a method must be a dataclass subclassing PreLLMMethod or InLLMMethod, got {cls!r}")
+    name = cls.name
+    if not name or name != name.strip().lower() or any(c in name for c in "+,= ") or name in (VANILLA, *PRESETS):
+        raise ValueError(f"{cls.__name__}.name must be a lowercase name without '+', ',', '=' or spaces, "
+                         f"other than {VANILLA!r} and the presets; got {name!r}")
+    known = _registered()
+    if known.get(name, cls) is not cls:
+        raise ValueError(f"method name {name!r} is taken by {known[name].__module__}.{known[name].__qualname__}")
+    known[name] = cls
+    return cls
+
+
+def _registered() -> dict[str, type]:
+    """name -> class: the shipped methods, then the entry points (loaded once)."""
+    if not _methods:
+        _methods.update((cls.name, cls) for cls in METHODS)
+        for entry in metadata.entry_points(group=ENTRY_POINTS):
+            try:
+                register_method(entry.load())
+            except Exception as err:  # a broken plugin must not take tokendrop down, nor pass silently
+                warnings.warn(f"tokendrop: method plugin {entry.name!r} ({entry.value}) not loaded: {err}", stacklevel=2)
+    return _methods
+
+
+def method_names() -> list[str]:
+    """Every name `--method` accepts besides "none": registered methods, then presets."""
+    return [*_registered(), *PRESETS]
 
 
 def _unknown(part: str) -> ValueError:
-    close = difflib.get_close_matches(part, KNOWN, n=1)
+    known = [VANILLA, *method_names()]
+    close = difflib.get_close_matches(part, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown method {part!r}.{hint} Available: {', '.join(KNOWN)} (compose with '+', e.g. hired+pdrop)")
+    return ValueError(f"unknown method {part!r}.{hint} Available: {', '.join(known)} (compose with '+', e.g. hired+pdrop)")
+
+
+def method_class(name: str) -> type:
+    """The class registered (or preset) under `name`; ValueError with a hint otherwise."""
+    base = PRESETS.get(name, (name, None))[0]
+    cls = _registered().get(base)
+    if cls is None:
+        raise _unknown(name)
+    return cls
 
 
 def split_name(name: str) -> list[str]:
@@ -47,43 +94,161 @@ def split_name(name: str) -> list[str]:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
     parts = [p.strip().lower() for p in name.split("+")]
-    for part in parts:
-        if part not in KNOWN:
-            raise _unknown(part)
-    if VANILLA in parts and len(parts) > 1:
-        raise ValueError(f"method {name!r}: 'none' (the stock model) cannot be composed")
-    if sum(p in PRE_LLM or p in FIXED for p in parts) > 1 or sum(p in IN_LLM for p in parts) > 1:
-        raise ValueError(f"method {name!r}: compose at most one pre-LLM ({', '.join([*PRE_LLM, *FIXED])}) "
-                         f"and one in-LLM ({', '.join(IN_LLM)}) method")
+    if VANILLA in parts:
+        if len(parts) > 1:
+            raise ValueError(f"method {name!r}: 'none' (the stock model) cannot be composed")
+        return parts
+    stages = [method_class(p).stage for p in parts]
+    if stages.count("pre") > 1 or stages.count("in") > 1:
+        pre = [n for n in method_names() if method_class(n).stage == "pre"]
+        inner = [n for n in method_names() if method_class(n).stage == "in"]
+        raise ValueError(f"method {name!r}: compose at most one pre-LLM ({', '.join(pre)}) and one in-LLM "
+                         f"({', '.join(inner)}) method")
     return parts
 
 
 def needs_budget(name: str) -> bool:
-    """Whether `name` has a pre-LLM part (and so takes a budget)."""
-    return any(p in PRE_LLM for p in split_name(name))
+    """Whether `name` has a pre-LLM part whose budget the user chooses (BaseOnly's is fixed)."""
+    return any(_needs_budget(method_class(p)) for p in split_name(name) if p != VANILLA)
 
 
-def build_methods(name: str, budget=None, alpha=0.5, layers=None, ratio=0.5, k=2, drop=0.5) -> tuple:
+def _needs_budget(cls) -> bool:
+    field = cls.options().get("budget")
+    return field is not None and field.default is dataclasses.MISSING
+
+
+def configurations(names: list[str], budgets: list[float]) -> list[tuple[str, float | None]]:
+    """(name, budget) for every method at every budget; methods without a budget once. In order, no repeats."""
+    out = []
+    for name in names:
+        for budget in budgets if needs_budget(name) else [None]:
+            if (name, budget) not in out:
+                out.append((name, budget))
+    return out
+
+
+def check_options(names: list[str], options: dict) -> None:
+    """ValueError for an option key that no method in `names` has (a grid shares its options)."""
+    for key in options:
+        if not any(option_owners(name, key) for name in names):
+            raise ValueError(f"{key!r} is not an option of {', '.join(names)}; "
+                             f"{'; '.join(describe_options(n) for n in names)}")
+
+
+def option_owners(name: str, key: str) -> list[str]:
+    """The parts of `name` an option key applies to ("fastv.seed" names its part)."""
+    part, _, field = key.rpartition(".")
+    parts = [p for p in split_name(name) if p != VANILLA]
+    if part:
+        return [p for p in parts if part in (p, PRESETS.get(p, (p,))[0]) and field in method_class(p).options()]
+    return [p for p in parts if key in method_class(p).options()]
+
+
+def build_methods(name: str, budget=None, strict: bool = False, **options) -> tuple:
     """Method objects for `name`, in the order `tokendrop.apply(model, processor, *methods)` takes them.
 
     Args:
-        name: "none", one of `KNOWN`, or a "+"-joined composition such as "hired+pdrop".
-        budget: fraction in (0, 1] kept by the pre-LLM part (required when there is one).
-        alpha: HiRED's base-image share.
-        layers, ratio: PyramidDrop's stage boundaries (None: depth/4, depth/2, 3*depth/4) and lambda.
-        k, drop: FastV's layer and dropped fraction R.
+        name: "none", a method name, a preset, or a "+"-joined composition such as "hired+pdrop".
+        budget: fraction in (0, 1] kept by the pre-LLM part (required when it takes one).
+        strict: raise for an option no part of `name` has (else it is ignored: a grid shares options).
+        options: field values, as Python values or as strings (`parse_options`), e.g. alpha=0.6,
+            layers="[2,4,6]", or "pdrop.ratio"=0.4 for one part.
     Returns:
         a tuple of method objects; () for "none".
     """
     parts = split_name(name)
+    if "budget" in options:
+        raise ValueError("pass the budget as budget=..., not as an option")
+    if strict:
+        check_options([name], options)
     methods = []
     for part in parts:
-        if part in PRE_LLM:
+        if part == VANILLA:
+            continue
+        cls, preset = method_class(part), PRESETS.get(part, (part, {}))[1]
+        values = {**preset, **{key.rpartition(".")[2]: value for key, value in options.items() if part in option_owners(part, key)}}
+        kwargs = {field: convert(cls, field, value) for field, value in values.items()}
+        if _needs_budget(cls):
             if budget is None:
                 raise ValueError(f"method {name!r} needs a budget in (0, 1], e.g. budget=0.2")
-            methods.append(PRE_LLM[part](budget, alpha))
-        elif part in FIXED:
-            methods.append(FIXED[part]())
-        elif part in IN_LLM:
-            methods.append(IN_LLM[part](layers, ratio, k, drop))
+            kwargs["budget"] = convert(cls, "budget", budget)
+        methods.append(cls(**kwargs))
     return tuple(methods)
+
+
+def describe_options(name: str) -> str:
+    """'hired: alpha, variant, ...; pdrop: layers, ...' for error messages."""
+    parts = [p for p in split_name(name) if p != VANILLA]
+    return "options: " + ("; ".join(f"{p}: {', '.join(method_class(p).options())}" for p in parts) or "none")
+
+
+# ---- option strings ("key=value,key=value", the lmms-eval convention) ---------------------------------
+def parse_options(text: str | None) -> dict[str, str]:
+    """'alpha=0.5,layers=[8,16,24],fastv.seed=1' -> {"alpha": "0.5", "layers": "[8,16,24]", "fastv.seed": "1"}."""
+    options, depth, item = {}, 0, ""
+    for ch in (text or "") + ",":
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if item.strip():
+                key, sep, value = item.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(f"method options are key=value pairs separated by commas, got {item.strip()!r}")
+                options[key.strip()] = value.strip()
+            item = ""
+        else:
+            item += ch
+    if depth:
+        raise ValueError(f"unbalanced brackets in method options {text!r}")
+    return options
+
+
+def convert(cls, field: str, value):
+    """A field value from its string form, by the field's annotation (non-strings pass unchanged)."""
+    if not isinstance(value, str):
+        return value
+    hint = typing.get_type_hints(cls)[field]
+    choices = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if type(None) in choices and value.lower() in ("none", "null", ""):
+        return None
+    kind = next(c for c in choices if c is not type(None))
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if typing.get_origin(kind) is tuple:
+            items = [x for x in value.strip("[]() ").replace("/", ",").split(",") if x.strip()]
+            return tuple(int(x) for x in items)
+        return kind(value) if kind in (int, float, str) else value
+    except ValueError:
+        raise ValueError(f"{cls.name}: option {field}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+# ---- families -------------------------------------------------------------------------------------------
+def supported_models() -> list[str]:
+    """The transformers model classes tokendrop accepts."""
+    return [name for family in FAMILIES for name in family.model_classes]
+
+
+def family_for(model):
+    """The adapter of `model`'s family; TypeError naming the supported classes otherwise."""
+    name = type(model).__name__
+    for family in FAMILIES:
+        if name in family.model_classes:
+            return family(model)
+    raise TypeError(f"model must be one of {', '.join(supported_models())}; got {name}")
+
+
+def family_of(model_type: str = None, architecture: str = None):
+    """The family class of a config's `model_type` or an `architectures` entry; ValueError otherwise."""
+    for family in FAMILIES:
+        if model_type == family.model_type or architecture in family.model_classes:
+            return family
+    what = f"model_type {model_type!r}" if model_type else f"architecture {architecture!r}"
+    raise ValueError(f"{what} is not supported; supported: {', '.join(supported_models())}")
+
+
+def runs_on(method_cls) -> list[str]:
+    """Families whose capabilities cover what `method_cls` needs with its default options."""
+    probe = method_cls(budget=0.5) if _needs_budget(method_cls) else method_cls()
+    return [family.name for family in FAMILIES if probe.requires() <= family.family_capabilities()]

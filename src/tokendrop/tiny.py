@@ -81,3 +81,45 @@ def tiny_llava(tile: int = 112, vision_layers: int = 3, text_layers: int = 4, kv
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
+
+
+def image_only(processor_class):
+    """A subclass of `processor_class` that accepts `video_processor=None`.
+
+    Processors that own a video processor (LLaVA-OneVision, Qwen2-VL, ...) refuse to build without
+    one, and the video processors need torchvision, which these CPU machines cannot import.
+    """
+
+    class ImageOnly(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and "video" in argument_name:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
+    return ImageOnly
+
+
+def tiny_llava_onevision(tile: int = 56, vision_layers: int = 2, text_layers: int = 6, kv_heads: int = 2, seed: int = 0):
+    """(model, processor): a random `LlavaOnevisionForConditionalGeneration`, SigLIP tower (no [CLS]),
+    Qwen2 LM with grouped-query attention and qkv biases."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    tok = tiny_tokenizer()
+    pinpoints = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=tile, patch_size=14, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=vision_layers, num_attention_heads=4),
+        text_config=Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                                num_attention_heads=4, num_key_value_heads=kv_heads, pad_token_id=3, bos_token_id=1,
+                                eos_token_id=2),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints, vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    grid = tile // 14
+    processor = image_only(LlavaOnevisionProcessor)(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                                                    num_image_tokens=grid * grid, vision_feature_select_strategy="full")
+    return model, processor

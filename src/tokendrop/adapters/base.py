@@ -1,10 +1,46 @@
-"""What every adapter knows of its model: the wrapper, the inner model, its config and vision tower."""
+"""The model-family contract: what tokendrop must know of a family of stock HF vision-language models.
+
+An adapter wraps one model instance of its family. Its capability flags say which methods can run
+on it; `apply()` checks every method's `requires()` against them and names what is missing.
+
+    capability   the family has                                    methods that need it
+    pre_llm      a processor seam for the placeholder count and    every pre-LLM method
+                 a `get_image_features` to prune (plus geometry)
+    cls_token    a vision tower with a [CLS] token in front        HiRED (its scores are [CLS] rows)
+    in_llm       a Llama-style decoder (`layers` with              PyramidDrop, FastV
+                 `input_layernorm`, `self_attn.{q,k}_proj`, a
+                 `rotary_emb`) behind `language_model`
+    renumber     1-D rotary positions that may be renumbered       positions="renumber"
+                 (M-RoPE families keep each token's 3-D position)
+
+To add a family:
+  1. Write `adapters/<family>.py` with a `Family` subclass: `name`, `model_type`, `model_classes`,
+     `config_class`, `processor_class`, `image_processor_class`, and the capability flags.
+  2. For `pre_llm`: a `geometry` (image size -> `Layout`, config values only, picklable) and
+     `encoder_patch(method, record)` (a replacement `get_image_features` that keeps `method`'s
+     selection); `check_processor` names a processor that does not belong to the model.
+  3. For `in_llm`: nothing more when the decoder is Llama-style (`tokendrop.adapters.llm` runs it).
+  4. `shapes()` and `stock_tokens(image_size)` for `tokendrop cost` / `bench`, and a tiny random
+     model builder in `tokendrop.tiny` named by `tiny` (the contract tests build it).
+  5. List the class in `tokendrop.registry.FAMILIES`.
+Module-level imports stay light (no transformers): the registry imports every family to list them.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import ClassVar
 
-from tokendrop.methods.base import BudgetMethod
+from tokendrop.methods.base import PreLLMMethod
+
+#: capability -> what it means, for error messages and `tokendrop methods`.
+CAPABILITIES = {
+    "pre_llm": "dropping before the LLM (a placeholder count known from the image size, prunable image features)",
+    "cls_token": "a vision tower with a [CLS] token",
+    "in_llm": "a Llama-style decoder (in-LLM dropping)",
+    "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
+}
 
 
 @dataclass(frozen=True)
@@ -16,7 +52,7 @@ class TokenCount:
     """
 
     geometry: object  # the family's geometry: .layout(image_size) -> Layout
-    method: BudgetMethod
+    method: PreLLMMethod
 
     def __call__(self, image_size=None) -> int:
         layout = self.geometry.layout(image_size)
@@ -30,18 +66,135 @@ class TokenCount:
         return count
 
 
-class Adapter:
-    """Base of the per-family adapters; `model_classes` names the classes an adapter accepts."""
+@dataclass(frozen=True)
+class Shapes:
+    """The widths the cost formulas need (`tokendrop.cost`), read from a (meta or real) model."""
 
-    model_classes: tuple[str, ...] = ()
-    geometry = None  # image size -> Layout (config values only); set by families with pre-LLM methods
+    d: int  # LLM width
+    m: int  # LLM MLP width (SwiGLU: three d x m matrices)
+    depth: int  # LLM layers
+    q_width: int  # heads * head_dim
+    kv_width: int  # kv_heads * head_dim (GQA)
+    vocab: int
+    vd: int  # vision width
+    vm: int  # vision MLP width
+    vision_depth: int  # encoder layers that run (all of them: HF runs the whole tower)
+    patch_inputs: int  # 3 * patch * patch
+    projector: tuple[int, ...]  # (in, out) of every projector linear layer
+    vision_tokens_extra: int = 1  # tokens the tower adds per tile besides the patches ([CLS])
+
+    @classmethod
+    def from_model(cls, model) -> "Shapes":
+        """The shapes of `model`, read by its family's adapter."""
+        from tokendrop.registry import family_for
+
+        return family_for(model).shapes()
+
+    def lm_params(self) -> int:
+        """LLM parameters (embeddings and head included, norms ignored)."""
+        layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m
+        return self.depth * layer + 2 * self.vocab * self.d
+
+
+def resolve(path: str):
+    """The object at "module:attribute" (or a `transformers` attribute name), imported on demand."""
+    module, _, attribute = path.rpartition(":")
+    return getattr(importlib.import_module(module or "transformers"), attribute)
+
+
+class Family:
+    """Base of the model-family adapters (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""  # as users and docs say it: "llava-next"
+    model_type: ClassVar[str] = ""  # config.model_type
+    model_classes: ClassVar[tuple[str, ...]] = ()  # transformers class names this adapter accepts
+    config_class: ClassVar[str] = ""
+    processor_class: ClassVar[str] = ""
+    image_processor_class: ClassVar[str] = ""  # "module:Class" (the PIL processor: no torchvision)
+    tiny: ClassVar[str] = ""  # "tokendrop.tiny:function" building a tiny random (model, processor)
+    # capabilities of the family (an instance may lack some: see `capabilities`)
+    pre_llm: ClassVar[bool] = False
+    cls_token: ClassVar[bool] = False
+    in_llm: ClassVar[bool] = False
+    positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
+
+    geometry = None  # image size -> Layout (pre_llm families)
 
     def __init__(self, model):
         self.model = model  # the *ForConditionalGeneration wrapper
-        self.base = model.model  # the inner model: vision_tower, projector, language_model
+        self.base = model.model  # the inner model: vision tower, projector, language model
         self.config = model.config
-        self.tower = self.base.vision_tower
 
-    def num_tokens(self, method: BudgetMethod, image_size=None) -> int:
+    # ---- capabilities ----------------------------------------------------------------------
+    @classmethod
+    def family_capabilities(cls) -> set[str]:
+        """What every model of the family can do."""
+        flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": cls.in_llm,
+                 "renumber": cls.positions == "rope"}
+        return {name for name, on in flags.items() if on}
+
+    def capabilities(self) -> set[str]:
+        """What this model can do (its config may turn a family capability off)."""
+        caps = self.family_capabilities()
+        if "in_llm" in caps and not is_llama_style(self.language_model):
+            caps.discard("in_llm")
+        return caps
+
+    def check(self, method) -> None:
+        """ValueError naming the capability `method` needs and this model lacks, or an option that
+        does not fit this model (a layer beyond its depth)."""
+        missing = sorted(method.requires() - self.capabilities())
+        if missing:
+            need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
+            raise ValueError(f"{type(method).__name__} needs {need}, which {type(self.model).__name__} "
+                             f"({self.name}) does not have{self.hint(missing)}")
+        if method.stage == "in":
+            method.boundaries(len(self.language_model.layers))
+
+    def hint(self, missing: list[str]) -> str:
+        """What to use instead, appended to a capability error."""
+        return ""
+
+    # ---- what every family answers -----------------------------------------------------------
+    @property
+    def language_model(self):
+        return self.base.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def layout(self, image_size=None):
+        """`Layout` of an image of (height, width) pixels."""
+        return self.geometry.layout(image_size)
+
+    def num_tokens(self, method: PreLLMMethod, image_size=None) -> int:
         """Visual tokens `method` gives an image of (height, width) pixels; ValueError if none."""
         return TokenCount(self.geometry, method)(image_size)
+
+    def stock_tokens(self, image_size=None) -> int:
+        """Visual tokens the stock processor writes for an image of (height, width) pixels."""
+        raise NotImplementedError
+
+    def check_processor(self, processor) -> None:
+        """ValueError if `processor` was not built for this model (placeholder counts would not line up)."""
+        got = getattr(processor, "image_token_id", None)
+        if got is not None and got != self.image_token_id:
+            raise ValueError(f"processor does not belong to the model: image_token_id is {got!r}, "
+                             f"the model expects {self.image_token_id!r}")
+        if "replace_image_token" in vars(processor):
+            raise ValueError("processor is already patched (replace_image_token is overridden); call handle.remove() first")
+
+    def encoder_patch(self, method: PreLLMMethod, record):
+        """A replacement `get_image_features` keeping `method`'s tokens; `record(selections)` gets the picks."""
+        raise NotImplementedError
+
+    def shapes(self) -> Shapes:
+        raise NotImplementedError
+
+
+def is_llama_style(language_model) -> bool:
+    """Whether the decoder layers have what the in-LLM loop and the scorer use."""
+    layers = getattr(language_model, "layers", None)
+    return bool(layers) and hasattr(language_model, "rotary_emb") and all(
+        hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers)

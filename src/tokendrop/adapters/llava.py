@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from tokendrop.adapters.base import Adapter
-from tokendrop.adapters.vision import score_blocks, tower_pass
-from tokendrop.methods.base import BudgetMethod, Layout
+from tokendrop.adapters.llava_common import LlavaStyle
+from tokendrop.lazy import torch
+from tokendrop.methods.base import PreLLMMethod
+from tokendrop.methods.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -29,18 +28,27 @@ class SingleGeometry:
         return None  # every image is resized to one tile
 
 
-class LlavaAdapter(Adapter):
+class LlavaAdapter(LlavaStyle):
+    name = "llava"
+    model_type = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
+    config_class = "LlavaConfig"
+    processor_class = "LlavaProcessor"
+    image_processor_class = "transformers.models.llava.image_processing_pil_llava:LlavaImageProcessorPil"
+    tiny = "tokendrop.tiny:tiny_llava"
+    pre_llm = cls_token = True
 
     def __init__(self, model):
         super().__init__(model)
         self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
         self.geometry = SingleGeometry(self.grid)
 
-    def layout(self, image_size=None) -> Layout:
-        return self.geometry.layout()
+    def stock_tokens(self, image_size=None) -> int:
+        return self.grid * self.grid
 
-    def encoder_patch(self, method: BudgetMethod, record):
+    def encoder_patch(self, method: PreLLMMethod, record):
+        from tokendrop.adapters.vision import score_blocks, tower_pass
+
         layout = self.layout()
 
         def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from transformers.image_processing_utils import select_best_resolution
-
-from tokendrop.adapters.base import Adapter
-from tokendrop.adapters.vision import score_blocks, tower_pass
-from tokendrop.methods.base import BudgetMethod, Layout
+from tokendrop.adapters.llava_common import LlavaStyle
+from tokendrop.lazy import torch
+from tokendrop.methods.base import PreLLMMethod
+from tokendrop.methods.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,8 @@ class NextGeometry:
 
     def layout(self, image_size) -> Layout:
         """Layout of an image of (height, width) pixels."""
+        from transformers.image_processing_utils import select_best_resolution
+
         height, width = (int(x) for x in image_size)
         best_h, best_w = select_best_resolution((height, width), [list(p) for p in self.pinpoints])
         rows, cols = best_h // self.tile, best_w // self.tile
@@ -55,8 +55,15 @@ class NextGeometry:
         return size.tolist() if hasattr(size, "tolist") else size
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(LlavaStyle):
+    name = "llava-next"
+    model_type = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    config_class = "LlavaNextConfig"
+    processor_class = "LlavaNextProcessor"
+    image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
+    tiny = "tokendrop.tiny:tiny_llava_next"
+    pre_llm = cls_token = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -65,14 +72,23 @@ class LlavaNextAdapter(Adapter):
         self.grid = self.tile // vision.patch_size
         self.geometry = NextGeometry(self.tile, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
 
-    def layout(self, image_size) -> Layout:
-        """Layout of an image of (height, width) pixels, as the stock model unpads it."""
-        return self.geometry.layout(image_size)
+    def stock_tokens(self, image_size=None) -> int:
+        """Base + unpadded canvas + one newline per canvas row, as the stock model packs them."""
+        layout = self.layout(image_size)
+        return layout.patches + sum(layout.valid_counts()[1:]) + layout.canvas_rows
+
+    def check_processor(self, processor) -> None:
+        super().check_processor(processor)
+        pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+        got = [list(p) for p in pinpoints] if pinpoints is not None else None
+        if got != [list(p) for p in self.config.image_grid_pinpoints]:
+            raise ValueError(f"processor does not belong to the model: image_grid_pinpoints {got} != "
+                             f"model's {self.config.image_grid_pinpoints}")
 
     # ---- encoding -------------------------------------------------------------------------
-    def encoder_patch(self, method: BudgetMethod, record):
+    def encoder_patch(self, method: PreLLMMethod, record):
         """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
-        base = self.base
+        from tokendrop.adapters.vision import score_blocks, tower_pass
 
         def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer

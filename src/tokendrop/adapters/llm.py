@@ -34,10 +34,11 @@ sliding_window_mask = compat.mask_builder(create_sliding_window_causal_mask)
 class Stage:
     """What a drop at one boundary left behind, reused at every decode step."""
 
-    def __init__(self, layer: int, mask: torch.Tensor, shift: torch.Tensor):
+    def __init__(self, layer: int, mask: torch.Tensor, shift: torch.Tensor, same: bool):
         self.layer = layer  # first layer that sees the compacted sequence
         self.mask = mask  # (B, L') bool, the compacted prefill mask
         self.shift = shift  # (B,) long, positions to subtract while decoding
+        self.same = same  # nothing was dropped: the previous stage's mask and positions hold
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Tokens:
         hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
         return Tokens(hidden, pick(self.mask), self.positions.gather(1, index), pick(self.image), pick(self.query),
                       self.origin.gather(1, index).masked_fill(~valid, -1))
+
+
+def same_sequence(before: "Tokens", after: "Tokens") -> bool:
+    """Whether a drop kept every slot in place (same mask and positions): masks and rotary tables hold."""
+    return before.mask.shape == after.mask.shape and torch.equal(before.mask, after.mask) and torch.equal(
+        before.positions, after.positions)
 
 
 def keep_index(scores: torch.Tensor, image: torch.Tensor, keep: torch.Tensor, query: torch.Tensor):
@@ -183,14 +190,17 @@ class LLMDropper:
             if i in drops:
                 with torch.no_grad():  # hard top-k on detached scores: no gradient through the selection
                     scores = self._scores(i, seq, layer_input)  # (B, L)
+                before = seq
                 seq = seq.gather(*keep_index(scores, seq.image, drops[i], seq.query))
                 if self.method.positions == "renumber":
                     seq.positions = (seq.mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~seq.mask, 0)
                     shift = original - seq.image.sum(dim=1)
                 else:
                     shift = torch.zeros_like(original)
-                self.stages.append(Stage(i, seq.mask, shift))
-            if i == 0 or i in drops:
+                previous_shift = self.stages[-1].shift if self.stages else torch.zeros_like(shift)
+                same = same_sequence(before, seq) and torch.equal(shift, previous_shift)
+                self.stages.append(Stage(i, seq.mask, shift, same))
+            if i == 0 or (i in drops and not self.stages[-1].same):
                 causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i)
                 rope = self.lm.rotary_emb(seq.hidden, seq.positions)
             counts[:, i] = seq.image.sum(dim=1)
@@ -211,23 +221,14 @@ class LLMDropper:
             yield layer, torch.tensor([d[layer] for d in per_sample], device=original.device)
 
     def _scores(self, i, seq: "Tokens", layer_input):
-        """(B, L) attention of each sample's query token(s) over the current sequence."""
-        if getattr(self.method, "k", None) == 0:  # FastV with k = 0: random ranking, seeded per sample
-            return self._random_scores(seq.image)
-        last_layer = getattr(self.method, "score_layer", "last") == "last"
-        layer = self.lm.layers[i - 1] if last_layer else self.lm.layers[i]
-        x = layer_input if last_layer else seq.hidden
+        """(B, L) attention of each sample's query token(s) over the current sequence, from the
+        layer the method ranks with (the one before the drop or the one after it)."""
+        scorer = self.method.ranking_layer(i)
+        if scorer is None:  # no attention to rank by (FastV with k = 0)
+            return self.method.random_scores(seq.image)
+        x = layer_input if scorer == i - 1 else seq.hidden  # that layer's input
         rope = self.lm.rotary_emb(x, seq.positions)
-        return query_attention_row(layer, x, rope, seq.query, key_mask=seq.mask)
-
-    def _random_scores(self, image):
-        """(B, L) random scores over each sample's own image tokens: the same alone or in a padded batch."""
-        scores = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
-        for b in range(image.shape[0]):
-            where = image[b].nonzero().squeeze(1)
-            gen = torch.Generator().manual_seed(self.method.seed)
-            scores[b, where] = torch.rand(where.numel(), generator=gen).to(image.device)
-        return scores
+        return query_attention_row(self.lm.layers[scorer], x, rope, seq.query, key_mask=seq.mask)
 
     # ---- decode: static keep sets ---------------------------------------------------------------
     def decode(self, hidden, mask, positions, cache, use_cache, states, **kwargs):
@@ -237,7 +238,7 @@ class LLMDropper:
         new_tail = mask[:, self.prefill_length:]  # (B, t) the caller's mask of decoded tokens
         current_mask, current_positions = mask, positions
         for i, layer in enumerate(self.lm.layers):
-            if i == 0 or i in stage_of:
+            if i == 0 or (i in stage_of and not stage_of[i].same):  # each distinct stage once per step
                 if i in stage_of:
                     stage = stage_of[i]
                     current_mask = torch.cat([stage.mask, new_tail], dim=1)

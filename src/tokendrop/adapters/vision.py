@@ -1,5 +1,8 @@
 """The vision half shared by the LLaVA adapters: run the tower once, read features and [CLS] rows.
 
+Imported when a pre-LLM method is applied (it needs torch and transformers), not by the family
+declarations.
+
 T tiles (all partitions of all images, flattened), N patches per tile, Dv tower width.
 """
 
@@ -8,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokendrop.compat import record_hidden_states
-from tokendrop.methods.base import BudgetMethod
+from tokendrop.methods.base import PreLLMMethod
 from tokendrop.scoring import cls_attention_row
 
 
@@ -21,13 +24,15 @@ def feature_block(tower, feature_layer: int) -> int:
     return index - 1
 
 
-def score_blocks(method: BudgetMethod, tower, feature_layer: int) -> dict[str, int]:
-    """Encoder block (0-based) of every [CLS] row the method needs, validated against the tower."""
+def score_blocks(method: PreLLMMethod, tower, feature_layer: int) -> dict[str, int]:
+    """Encoder block (0-based) of every [CLS] row the method needs, validated against the tower.
+
+    A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer).
+    """
     depth = len(tower.encoder.layers)
     blocks = {}
-    for name in method.needs:
-        layer = getattr(method, f"{name}_layer")
-        block = feature_block(tower, feature_layer) if layer is None else layer
+    for name, score in method.scores().items():
+        block = feature_block(tower, feature_layer) if score.layer is None else score.layer
         if not -depth <= block < depth:
             raise ValueError(f"{name}_layer must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")
         blocks[name] = block % depth

@@ -1,0 +1,62 @@
+"""What the LLaVA families share: a vision tower, a projector and a Llama-style language model.
+
+LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision keep their parts at `model.model.vision_tower`,
+`.multi_modal_projector` and `.language_model`, and their processors count placeholders from
+`patch_size` and `vision_feature_select_strategy`.
+"""
+
+from __future__ import annotations
+
+from tokendrop.adapters.base import Family, Shapes
+
+
+class LlavaStyle(Family):
+    """Base of the LLaVA family adapters."""
+
+    in_llm = True
+
+    @property
+    def tower(self):
+        return self.base.vision_tower
+
+    def capabilities(self) -> set[str]:
+        caps = super().capabilities()
+        if self.config.vision_feature_select_strategy != "default":  # no [CLS] in front of the patches
+            caps.discard("cls_token")
+        return caps
+
+    def check(self, method) -> None:
+        super().check(method)
+        if method.stage == "pre":
+            from tokendrop.adapters.vision import score_blocks
+
+            if not isinstance(self.config.vision_feature_layer, int):
+                raise ValueError(f"vision_feature_layer must be a single int, got {self.config.vision_feature_layer!r}")
+            if method.scores() and not hasattr(self.tower.encoder.layers[0], "layer_norm1"):
+                raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(self.tower).__name__}")
+            score_blocks(method, self.tower, self.config.vision_feature_layer)
+
+    def check_processor(self, processor) -> None:
+        super().check_processor(processor)
+        expected = {"patch_size": self.config.vision_config.patch_size,
+                    "vision_feature_select_strategy": self.config.vision_feature_select_strategy}
+        for name, want in expected.items():
+            got = getattr(processor, name, None)
+            if got != want:
+                raise ValueError(f"processor does not belong to the model: {name} is {got!r}, the model expects {want!r}")
+
+    def shapes(self) -> Shapes:
+        import torch
+
+        lm, tower = self.language_model, self.tower
+        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        vlayer = tower.encoder.layers[0]
+        conv = tower.embeddings.patch_embedding.weight  # (vd, 3, p, p)
+        linears = [mod.weight.shape for mod in self.base.multi_modal_projector.modules() if isinstance(mod, torch.nn.Linear)]
+        return Shapes(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
+                      q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
+                      vocab=self.model.lm_head.weight.shape[0], vd=vlayer.self_attn.q_proj.weight.shape[0],
+                      vm=vlayer.mlp.fc1.weight.shape[0], vision_depth=len(tower.encoder.layers),
+                      patch_inputs=conv.shape[1] * conv.shape[2] * conv.shape[3],
+                      projector=tuple(x for shape in linears for x in (shape[1], shape[0])),
+                      vision_tokens_extra=int(self.cls_token))
