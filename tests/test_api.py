@@ -63,7 +63,6 @@ def test_failure_half_way_leaves_nothing_patched(next_model):
 
 
 @pytest.mark.parametrize("methods, error, message", [
-    ((), ValueError, "needs at least one method"),
     ((td.HiRED,), TypeError, "got class HiRED"),
     (("hired",), TypeError, "method instances"),
     ((td.HiRED(0.2), td.SpatialDrop(0.2)), ValueError, "at most one pre-LLM method"),
@@ -76,6 +75,19 @@ def test_bad_methods(next_model, methods, error, message):
     with pytest.raises(error, match=message):
         td.apply(model, processor, *methods)
     assert_untouched(model, processor)
+
+
+def test_apply_without_methods_is_a_no_op_handle(next_model, images):
+    model, processor = next_model
+    inputs = processor(images=images[:1], text=["<image>\nQ: hi A:"], return_tensors="pt")
+    with torch.no_grad():
+        stock = model(**inputs).logits
+    with td.apply(model, processor) as handle:
+        assert_untouched(model, processor)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, stock)
+        assert handle.layer_tokens is None and handle.equivalent_tokens is None and handle.selections == []
+    td.apply(model, processor, td.HiRED(0.2)).remove()  # the no-op left nothing that blocks a real apply
 
 
 def test_pre_llm_needs_processor(next_model):

@@ -10,7 +10,7 @@ import torch
 import tokendrop as td
 from tokendrop import bench
 from tokendrop.cli import main
-from tokendrop.registry import KNOWN, build_methods, needs_budget
+from tokendrop.registry import VANILLA, build_methods, method_names, needs_budget
 
 RECORD_FIELDS = {
     "method", "budget", "batch", "image_size", "repeats", "visual_tokens", "analytic_visual_tokens", "text_tokens",
@@ -31,7 +31,7 @@ def test_registry_builds_every_name():
     assert isinstance(build_methods("spatial", budget=0.3)[0], td.SpatialDrop)
     assert needs_budget("spatial+fastv") and not needs_budget("pdrop") and not needs_budget("base-only")
     assert build_methods("base-only+pdrop") == (td.BaseOnly(), td.PyramidDrop())
-    assert set(KNOWN) == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv"}
+    assert {VANILLA, *method_names()} == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv"}
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
@@ -68,7 +68,7 @@ def test_tiny_bench_writes_json_with_every_field_and_a_png(tmp_path, capsys):
     assert code == 0
     stdout = capsys.readouterr().out
     assert "tiny_llava_next()" in stdout or "from_pretrained" in stdout  # says which model ran
-    assert "prefill ms" in stdout and "scoring overhead" in stdout
+    assert "prefill ms" in stdout and "against the stock model" in stdout
     records = json.loads(out.read_text())
     assert len(records) == 2 * (1 + 2 + 2 + 1 + 1)  # batches x (none, hired x2, spatial x2, pdrop, fastv)
     for r in records:
@@ -97,6 +97,8 @@ def test_tiny_bench_writes_json_with_every_field_and_a_png(tmp_path, capsys):
     (["--repeats", "x"], "--repeats"),
     (["--plot", "out.jpg"], "--plot"),
     (["--layers", "2"], "--layers"),
+    (["--method", "hired", "--method-args", "ratio=0.5"], "'ratio' is not an option of hired"),
+    (["--method", "pdrop", "--method-args", "layers=[2,x]"], "layers"),
     (["--model", "m", "--arch", "llava-1.5-7b"], "either --model or --arch"),
 ])
 def test_bench_cli_bad_arguments_exit_2(capsys, argv, message):
@@ -105,19 +107,25 @@ def test_bench_cli_bad_arguments_exit_2(capsys, argv, message):
     assert message in err and "Traceback" not in err
 
 
-def test_targets_from_synthetic_records():
-    def rec(method, budget, prefill, vision, kv, image, batch=1, tps=1.0, flops=1.0):
-        return {"method": method, "budget": budget, "batch": batch, "image_size": [224, 224], "prefill_ms": prefill,
-                "vision_ms": vision, "kv_cache_bytes": kv, "text_tokens": 10, "layer_image_tokens": [image] * 4,
-                "equivalent_tokens": image, "new_tokens": 2, "tokens_per_s": tps, "prefill_flops": flops, "pdrop_tflops": flops}
+def test_comparisons_carry_their_spread_and_flag_what_they_cannot_tell():
+    def rec(method, budget, prefill, spread, batch=1, repeats=3):
+        r = {"method": method, "budget": budget, "batch": batch, "image_size": [224, 224], "repeats": repeats,
+             "kv_cache_bytes": 100 if method == "none" else 25}
+        for key, value, half in (("prefill_ms", prefill, spread), ("decode_ms", 10.0, 1.0), ("tokens_per_s", 5.0, 0.5)):
+            r[key], r[key + "_min"], r[key + "_max"] = value, value - half, value + half
+        return r
 
-    records = [rec("none", None, 100, 20, 4 * 111, 100, flops=4.0), rec("hired", 0.2, 40, 21, 4 * 31, 20, flops=1.5),
-               rec("spatial", 0.2, 39.5, 20.5, 4 * 31, 20, flops=1.5), rec("pdrop", None, 60, 20, 4 * 61, 50, flops=2.0),
-               rec("none", None, 300, 60, 4 * 444, 100, batch=4, tps=3.0)]
-    verdicts = {v["target"].split(",")[0]: v for v in bench.targets(records)}
-    ideal = 100 / (20 + 40 - 21)
-    assert verdicts["HiRED 0.2 prefill speedup vs ideal"]["value"] == pytest.approx((100 / 40) / ideal)
-    assert verdicts["HiRED scoring overhead / prefill (vision-time difference)"]["value"] == pytest.approx(0.5 / 40)
-    assert verdicts["KV bytes ratio / kept-token ratio"]["met"]
-    assert verdicts["pdrop prefill speedup / FLOPs ratio"]["value"] == pytest.approx((100 / 60) / 2.0)
-    assert verdicts["batch 4 / batch 1 tokens/s"]["value"] == pytest.approx(3.0)
+    records = [rec("none", None, 100, 5), rec("hired", 0.2, 40, 5), rec("spatial", 0.2, 95, 10)]
+    rows = {row["label"]: row for row in bench.comparisons(records, warmup=1)}
+    hired = rows["hired@0.2"]["figures"]["prefill"]
+    assert hired["ratio"] == pytest.approx(100 / 40)
+    assert hired["low"] == pytest.approx(95 / 45) and hired["high"] == pytest.approx(105 / 35)
+    assert rows["hired@0.2"]["figures"]["KV bytes"]["ratio"] == 0.25
+    assert "prefill: spread larger than the effect" not in rows["hired@0.2"]["flags"]
+    assert "prefill: spread larger than the effect" in rows["spatial@0.2"]["flags"]  # 95 +- 10 against 100 +- 5
+    assert "decode: spread larger than the effect" in rows["hired@0.2"]["flags"]  # equal decode times
+    cold = bench.comparisons(records, warmup=0)
+    assert all("no warm-up: the first runs paid the cold start" in row["flags"] for row in cold)
+    text = bench.format_comparisons(cold)
+    assert "hired@0.2 vs none (batch 1, 224x224): prefill 2.50x [2.11-3.00]" in text
+    assert "MET" not in text and "target" not in text

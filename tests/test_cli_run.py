@@ -23,8 +23,10 @@ def test_run_json_records(tiny_folder, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--method", "hird"], "Did you mean 'hired'?"),
     (["--method", "hired", "--budget", "1.5"], "budget must be in (0, 1]"),
-    (["--method", "pdrop", "--layers", "8,x"], "--layers must be comma-separated integers"),
-    (["--image", "/no/such/file.png"], "cannot be read as an image"),
+    (["--method", "pdrop", "--method-args", "layers=[8,x]"], "option layers='[8,x]' is not a valid"),
+    (["--method", "fastv", "--method-args", "k=9"], "k must be in [0, 4) for a 4-layer LLM"),
+    (["--prompt", ""], "--prompt must not be empty"),
+    (["--image", "/no/such/file.png"], "cannot read image"),
 ])
 def test_run_bad_arguments_exit_2(tiny_folder, capsys, argv, message):
     folder, image = tiny_folder

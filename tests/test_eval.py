@@ -33,7 +33,7 @@ def test_eval_writes_json_markdown_and_plot(tiny_folder, dataset, tmp_path, caps
                  "--budget", "0.2,0.4", "--batch-size", "3", "--max-new-tokens", "2", "--json", str(out),
                  "--markdown", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png"), "--no-progress"])
     assert code == 0
-    records = json.loads(out.read_text())
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # JSON lines, one per configuration
     assert [r["label"] for r in records] == ["none", "hired@0.2", "hired@0.4", "random+fastv@0.2", "random+fastv@0.4"]
     for r in records:
         assert r["n"] == 6 and len(r["predictions"]) == 6

@@ -13,10 +13,11 @@ pytest.importorskip("matplotlib")
 
 import tokendrop as td  # noqa: E402
 from tokendrop import viz  # noqa: E402
-from tokendrop.adapters import adapter_for  # noqa: E402
+from tokendrop.registry import family_for as adapter_for  # noqa: E402
 from tokendrop.cli import main  # noqa: E402
+from tokendrop.loading import format_prompt  # noqa: E402
 from tokendrop.cli import show as show_cli  # noqa: E402
-from tokendrop.methods.base import Layout  # noqa: E402
+from tokendrop.methods.layout import Layout  # noqa: E402
 
 from conftest import random_image  # noqa: E402
 
@@ -69,7 +70,7 @@ def test_unknown_method_suggests_the_close_name(tmp_path, capsys):
 
 
 def test_parse_methods_builds_each_name():
-    methods = list(show_cli.parse_methods("hired,hired-official,random,spatial,base-only", 0.3, 0.4).values())
+    methods = list(show_cli.parse_methods("hired,hired-official,random,spatial,base-only", 0.3, {"alpha": 0.4}).values())
     assert [type(m) for m in methods] == [td.HiRED, td.HiRED, td.RandomDrop, td.SpatialDrop, td.BaseOnly]
     assert methods[0] == td.HiRED(budget=0.3, alpha=0.4) and methods[1].variant == "official"
 
@@ -138,7 +139,7 @@ class _ChatProcessor:
 
 
 def test_format_prompt_uses_the_chat_template_or_the_image_token():
-    assert viz.format_prompt(_ChatProcessor(), "What is it?") == "USER: <image>\nWhat is it? ASSISTANT:"
+    assert format_prompt(_ChatProcessor(), "What is it?") == "USER: <image>\nWhat is it? ASSISTANT:"
     plain = type("Plain", (), {"image_token": "<image>", "chat_template": None})()
-    assert viz.format_prompt(plain, "What is it?") == "<image>\nWhat is it?"
-    assert viz.format_prompt(plain, "<image>\nQ: what? A:") == "<image>\nQ: what? A:"  # already formatted
+    assert format_prompt(plain, "What is it?") == "<image>\nWhat is it?"
+    assert format_prompt(plain, "<image>\nQ: what? A:") == "<image>\nQ: what? A:"  # already formatted

@@ -29,7 +29,8 @@ import torch
 
 import tokendrop as td
 from tokendrop import compat, cost
-from tokendrop.registry import build_methods, needs_budget
+from tokendrop.adapters.base import resolve
+from tokendrop.registry import build_methods, check_options, configurations, family_for, family_of
 
 RSS_INTERVAL = 0.002
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -47,22 +48,14 @@ def load_model(model: str | None = None, arch: str | None = None, layers: int | 
         return _arch_model(arch, layers, vision_layers, seed)
     if layers is not None or vision_layers is not None:
         raise ValueError("layers / vision_layers only apply with arch")
-    from tokendrop.loading import bundled_model_path, load_model as load_pretrained
+    from tokendrop.loading import load_default
 
-    if model is None and bundled_model_path() is not None:
-        model = str(bundled_model_path())
-    if model is None:
-        from tokendrop.tiny import tiny_llava_next
-
-        m, p = tiny_llava_next(seed=seed)
-        return m, p, "tiny_llava_next() (random; the bundled model is not installed yet)"
-    return load_pretrained(model) + (f"from_pretrained({model!r})",)
+    loaded, processor, note = load_default(model, seed=seed)
+    return loaded, processor, note or f"from_pretrained({model!r})"
 
 
 def _arch_model(arch: str, layers, vision_layers, seed):
     """Random weights with the arch's real widths; `tiny_tokenizer` ids (vocab size kept)."""
-    from transformers import LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
-
     from tokendrop.tiny import tiny_tokenizer
 
     spec = cost.load_arch(arch)
@@ -70,17 +63,17 @@ def _arch_model(arch: str, layers, vision_layers, seed):
     tokenizer = tiny_tokenizer()
     config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config._attn_implementation = "sdpa"
-    cls = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
+    model = resolve(family_of(config.model_type).model_classes[0])(config).to(torch.float32).eval()
     what = f"{arch} shapes, random weights, {config.text_config.num_hidden_layers} LLM layers"
     return model, cost.arch_processor(spec, tokenizer), what + f", {config.vision_config.num_hidden_layers} vision layers"
 
 
 def default_image_size(model) -> tuple[int, int]:
-    """A 2x2-grid image for LLaVA-NeXT (two tiles a side), one tile for LLaVA-1.5."""
+    """A 2x2-grid image for tiling models (two tiles a side), one tile otherwise."""
     tile = model.config.vision_config.image_size
-    return (2 * tile, 2 * tile) if hasattr(model.config, "image_grid_pinpoints") else (tile, tile)
+    tiles = family_for(model).layout((2 * tile, 2 * tile)).num_tiles
+    return (2 * tile, 2 * tile) if tiles else (tile, tile)
 
 
 def test_image(height: int, width: int, seed: int = 0):
@@ -246,7 +239,7 @@ class Grid:
     repeats: int = 3
     warmup: int = 1
     new_tokens: int = 8
-    options: dict = field(default_factory=dict)  # alpha, layers, ratio, k, drop for build_methods
+    options: dict = field(default_factory=dict)  # method options (dataclass fields) for build_methods
 
     def __post_init__(self):
         if not self.methods:
@@ -259,10 +252,8 @@ class Grid:
 
     def configs(self) -> list[tuple[str, float | None]]:
         """(method name, budget or None) pairs: a budget only for methods with a pre-LLM part."""
-        out = []
-        for name in self.methods:
-            budgets = self.budgets if needs_budget(name) else [None]
-            out += [(name, b) for b in budgets if (name, b) not in out]
+        out = configurations(self.methods, self.budgets)
+        check_options(self.methods, self.options)
         for name, budget in out:
             build_methods(name, budget=budget, **self.options)  # validate everything before running
         return out
@@ -321,7 +312,10 @@ def _record(model, name, budget, batch, size, runs: list[dict], grid: Grid) -> d
     return record
 
 
-# ---- targets --------------------------------------------------------------------------------------
+# ---- comparisons -----------------------------------------------------------------------------------
+COMPARED = (("prefill_ms", "prefill", True), ("decode_ms", "decode", True), ("tokens_per_s", "tokens/s", False))
+
+
 def _find(records, method, batch, size, budget=None):
     for r in records:
         if r["method"] == method and r["batch"] == batch and r["image_size"] == list(size) and (budget is None or r["budget"] == budget):
@@ -329,67 +323,54 @@ def _find(records, method, batch, size, budget=None):
     return None
 
 
-def targets(records: list[dict], budget: float = 0.2) -> list[dict]:
-    """The issue's target checks, computed from records of one run (missing configurations are skipped)."""
+def comparisons(records: list[dict], warmup: int) -> list[dict]:
+    """Every configuration against the stock model ("none") at the same batch and image size.
+
+    Each figure is a ratio of medians, oriented so that > 1 is better (time: stock / method,
+    throughput: method / stock), with the range its runs allow (worst min-max pairing). A ratio
+    whose range contains 1 is flagged: its spread is larger than its effect. Without warm-up the
+    first configuration paid the cold start, so the whole run is flagged.
+    """
     out = []
-    for size in sorted({tuple(r["image_size"]) for r in records}):
-        van = _find(records, "none", 1, size)
-        if van is None:
+    for r in records:
+        van = _find(records, "none", r["batch"], r["image_size"])
+        if van is None or r is van:
             continue
-        hired, spatial = _find(records, "hired", 1, size, budget), _find(records, "spatial", 1, size, budget)
-        if hired is not None:
-            ideal = van["prefill_ms"] / (van["vision_ms"] + hired["prefill_ms"] - hired["vision_ms"])
-            actual = van["prefill_ms"] / hired["prefill_ms"]
-            out.append(_verdict(size, f"HiRED {budget:g} prefill speedup vs ideal", actual / ideal, ">=", 0.9,
-                                f"actual {actual:.2f}x, ideal {ideal:.2f}x"))
-        if hired is not None and spatial is not None:
-            by_vision = (hired["vision_ms"] - spatial["vision_ms"]) / hired["prefill_ms"]
-            by_prefill = (hired["prefill_ms"] - spatial["prefill_ms"]) / hired["prefill_ms"]
-            out.append(_verdict(size, "HiRED scoring overhead / prefill (vision-time difference)", by_vision, "<=", 0.03,
-                                f"prefill-time difference gives {100 * by_prefill:+.1f}%"))
-        for r in records:
-            if r["image_size"] == list(size) and r["batch"] == 1 and r is not van:
-                tokens = cached_tokens(r) / cached_tokens(van)
-                out.append(_verdict(size, f"KV bytes ratio / kept-token ratio, {_label(r)}",
-                                    (r["kv_cache_bytes"] / van["kv_cache_bytes"]) / tokens, "~=", 1.0,
-                                    f"KV {r['kv_cache_bytes'] / 2**20:.2f} MiB vs {van['kv_cache_bytes'] / 2**20:.2f} MiB, "
-                                    f"kept-token ratio {tokens:.3f}"))
-        for name in ("pdrop", "fastv"):
-            r = _find(records, name, 1, size)
-            if r is not None:
-                ratio = van["prefill_flops"] / r["prefill_flops"]
-                speedup = van["prefill_ms"] / r["prefill_ms"]
-                out.append(_verdict(size, f"{name} prefill speedup / FLOPs ratio", speedup / ratio, ">=", 0.85,
-                                    f"speedup {speedup:.2f}x, FLOPs ratio {ratio:.2f}x (paper convention "
-                                    f"{van['pdrop_tflops'] / r['pdrop_tflops']:.2f}x)"))
-        out += _batch_gains(records, size)
+        row = {"label": _label(r), "batch": r["batch"], "image_size": r["image_size"], "figures": {}, "flags": []}
+        for key, what, lower_is_better in COMPARED:
+            num, den = (van, r) if lower_is_better else (r, van)
+            ratio = num[key] / den[key]
+            low, high = num[key + "_min"] / den[key + "_max"], num[key + "_max"] / den[key + "_min"]
+            row["figures"][what] = {"ratio": ratio, "low": low, "high": high}
+            if low <= 1.0 <= high and r["repeats"] > 1:
+                row["flags"].append(f"{what}: spread larger than the effect")
+        row["figures"]["KV bytes"] = {"ratio": r["kv_cache_bytes"] / van["kv_cache_bytes"]}
+        if r["repeats"] == 1:
+            row["flags"].append("one repeat: no spread measured")
+        if warmup == 0:
+            row["flags"].append("no warm-up: the first runs paid the cold start")
+        out.append(row)
     return out
+
+
+def format_comparisons(rows: list[dict]) -> str:
+    """One line per comparison: 'hired@0.2 vs none (batch 1, 224x224): prefill 2.31x [1.90-2.80], ...'."""
+    lines = []
+    for row in rows:
+        parts = []
+        for what, f in row["figures"].items():
+            spread = f" [{f['low']:.2f}-{f['high']:.2f}]" if "low" in f else ""
+            parts.append(f"{what} {f['ratio']:.2f}x{spread}")
+        flags = f"  ({'; '.join(row['flags'])})" if row["flags"] else ""
+        size = "x".join(map(str, row["image_size"]))
+        lines.append(f"{row['label']} vs none (batch {row['batch']}, {size}): {', '.join(parts)}{flags}")
+    return "\n".join(lines)
 
 
 def cached_tokens(r) -> int:
     """Tokens the cache should hold, summed over layers: text + that layer's image tokens + decoded tokens."""
     per_layer = [r["text_tokens"] + n + r["new_tokens"] - 1 for n in r["layer_image_tokens"]]
     return r["batch"] * sum(per_layer)
-
-
-def _batch_gains(records, size) -> list[dict]:
-    batches = sorted({r["batch"] for r in records if r["image_size"] == list(size)})
-    out = []
-    if 1 in batches and len(batches) > 1:
-        for r in records:
-            if r["image_size"] == list(size) and r["batch"] != 1:
-                one = _find(records, r["method"], 1, size, r["budget"])
-                if one is not None:
-                    out.append({"image_size": list(size), "target": f"batch {r['batch']} / batch 1 tokens/s, {_label(r)}",
-                                "value": r["tokens_per_s"] / one["tokens_per_s"], "op": "report", "threshold": None,
-                                "met": None, "detail": f"{one['tokens_per_s']:.2f} -> {r['tokens_per_s']:.2f} tok/s"})
-    return out
-
-
-def _verdict(size, target, value, op, threshold, detail) -> dict:
-    met = value >= threshold if op == ">=" else value <= threshold if op == "<=" else abs(value - threshold) <= 0.01
-    return {"image_size": list(size), "target": target, "value": value, "op": op, "threshold": threshold,
-            "met": bool(met), "detail": detail}
 
 
 def _label(r) -> str:
@@ -418,17 +399,9 @@ def format_table(records: list[dict]) -> str:
                      for row in rows)
 
 
-def format_targets(verdicts: list[dict]) -> str:
-    lines = []
-    for v in verdicts:
-        mark = "report" if v["met"] is None else ("MET" if v["met"] else "MISSED")
-        bound = "" if v["threshold"] is None else f" (target {v['op']} {v['threshold']:g})"
-        lines.append(f"[{mark}] {v['target']}: {v['value']:.3f}{bound}; {v['detail']}")
-    return "\n".join(lines)
-
-
 def plot(records: list[dict], path: str) -> None:
-    """Prefill time and peak memory against budget, one line per method (first batch and image size)."""
+    """Prefill time and peak memory against budget, one line per method (first batch and image size),
+    medians with min-max error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,16 +416,20 @@ def plot(records: list[dict], path: str) -> None:
             rs = sorted((r for r in chosen if r["method"] == name), key=lambda r: r["budget"] or 1.0)
             xs = [r["budget"] if r["budget"] is not None else 1.0 for r in rs]
             ys = [r[key] * scale for r in rs]
+            spread = [[(r[key] - r[key + "_min"]) * scale for r in rs], [(r[key + "_max"] - r[key]) * scale for r in rs]]
             if name == "none":
-                ax.axhline(ys[0], color="black", linestyle="--", label="vanilla (none)")
-                ax.plot(xs, ys, "k*", markersize=12)
+                ax.axhspan(rs[0][key + "_min"] * scale, rs[0][key + "_max"] * scale, color="black", alpha=0.08)
+                ax.axhline(ys[0], color="black", linestyle="--", label="vanilla (none), min-max band")
+                ax.errorbar(xs, ys, yerr=spread, fmt="k*", markersize=12, capsize=3)
             else:
-                ax.plot(xs, ys, marker="o", label=name + (" (no budget)" if rs[0]["budget"] is None else ""))
+                ax.errorbar(xs, ys, yerr=spread, marker="o", capsize=3,
+                            label=name + (" (no budget)" if rs[0]["budget"] is None else ""))
         ax.set_xlabel("budget (fraction of visual tokens kept; in-LLM-only methods at 1.0)")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"tokendrop bench: batch {batch}, image {size[0]}x{size[1]}")
+    repeats = records[0]["repeats"]
+    fig.suptitle(f"tokendrop bench: batch {batch}, image {size[0]}x{size[1]}; median of {repeats}, bars min-max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

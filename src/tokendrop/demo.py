@@ -1,4 +1,7 @@
-"""Defaults shared by the commands: the bundled model and sample, or a tiny random stand-in."""
+"""The image side of the commands' defaults: the bundled sample image and question, or a generated scene.
+
+(The model side is `tokendrop.loading.load_default`.)
+"""
 
 from __future__ import annotations
 
@@ -9,32 +12,27 @@ from pathlib import Path
 SAMPLE_QUESTION = "What is in the image?"
 
 
-def load_default_model(name_or_path: str | None):
-    """(model, processor, note): the given model, else the bundled one, else a tiny random model."""
-    from tokendrop.loading import bundled_model_path, load_model
+class ImageLoadError(ValueError):
+    """An image file that cannot be read."""
 
-    if name_or_path:
-        return (*load_model(name_or_path), None)
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return (*load_model(str(bundled)), f"model: the bundled trained model ({bundled})")
-    from tokendrop.tiny import tiny_llava_next
 
-    model, processor = tiny_llava_next(text_layers=8)
-    processor.tokenizer.padding_side = "left"
-    return model, processor, "model: a tiny RANDOM-WEIGHT LLaVA-NeXT (no bundled model in this install): answers are noise"
+def open_image(path: str | Path):
+    """The image at `path` as RGB; ImageLoadError naming the file and why otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:  # missing, a folder, not an image, truncated
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ImageLoadError(f"cannot read image {path} ({reason})") from None
 
 
 def load_demo_image(path: str | None, question: str | None):
-    """(PIL image, question, note): the given image, else the bundled sample, else a generated one."""
-    from PIL import Image, UnidentifiedImageError
-
+    """(RGB image, question, note): `path` (ImageLoadError if unreadable), else the bundled sample
+    with its question, else a generated scene."""
     if path:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), question or SAMPLE_QUESTION, None
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise FileNotFoundError(f"--image {path!r} cannot be read as an image: {err.__class__.__name__}") from None
+        return open_image(path), question or SAMPLE_QUESTION, None
     assets = Path(str(resources.files("tokendrop") / "assets"))
     sample = assets / "sample.png"
     if sample.exists():
@@ -42,10 +40,9 @@ def load_demo_image(path: str | None, question: str | None):
         note = f"image: the bundled sample ({sample.name})"
         if "answer" in meta and not question:
             note += f"; expected answer: {meta['answer']}"
-        with Image.open(sample) as img:
-            return img.convert("RGB"), question or meta.get("question", SAMPLE_QUESTION), note
-    import numpy as np
+        return open_image(sample), question or meta.get("question", SAMPLE_QUESTION), note
+    from tokendrop.data.synth import make_sample
 
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
-    return img, question or SAMPLE_QUESTION, "image: a generated noise image (no bundled sample in this install)"
+    image, record = make_sample(0, 1)  # a 2x2-tile scene
+    note = f"image: a generated {image.width}x{image.height} scene (no bundled sample in this install)"
+    return image.convert("RGB"), question or record["question"], note

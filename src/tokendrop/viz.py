@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokendrop.methods.base import Layout
+from tokendrop.methods.layout import Layout
 
 DPI = 100
 FIG_WIDTH_IN = 12.5
@@ -222,7 +222,7 @@ def draw(image: Image.Image, layout: Layout, rows, tile_px: int):
 
     Args:
         image: the input image (converted to RGB).
-        layout: its `Layout` (from `adapter_for(model).layout((height, width))`).
+        layout: its `Layout` (from `tokendrop.registry.family_for(model).layout((height, width))`).
         rows: sequence of (label, selection) with selection a (K, 3) long (partition, row, col) tensor.
         tile_px: S, pixels per tile side (config.vision_config.image_size); a multiple of layout.grid.
     """
@@ -259,20 +259,10 @@ def method_label(method) -> str:
     return f"{type(method).__name__}({', '.join(parts)})"
 
 
-def format_prompt(processor, prompt: str) -> str:
-    """The model's prompt for one image: the chat template if the processor has one, else '<image>\\n' + prompt."""
-    image_token = getattr(processor, "image_token", "<image>")
-    if image_token in prompt:
-        return prompt
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{image_token}\n{prompt}"
-
-
 def select_tokens(model, processor, image: Image.Image, prompt: str, method) -> torch.Tensor:
     """(K, 3) kept (partition, row, col) of `image` under `method`: one forward pass, model restored after."""
     from tokendrop.api import apply
+    from tokendrop.loading import format_prompt
 
     with apply(model, processor, method) as handle, torch.inference_mode():
         # the patched processor writes the method's placeholder count
@@ -294,17 +284,17 @@ def show_selection(model, processor, image, prompt: str, methods, out_path=None)
 
     Args:
         image: a PIL image or a path to one.
-        prompt: the question; wrapped by `format_prompt` unless it already holds the image token.
+        prompt: the question; wrapped by `tokendrop.loading.format_prompt` unless it holds the image token.
         methods: pre-LLM method instances (td.HiRED(budget=0.2), ...), or a dict {label: method}.
     Returns:
         the picture, `figure_size(len(methods))` pixels.
     """
-    from tokendrop.adapters import adapter_for
+    from tokendrop.registry import family_for
 
     require_matplotlib()
     image = (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB")
     rows = collect(model, processor, image, prompt, methods)
-    layout = adapter_for(model).layout((image.height, image.width))
+    layout = family_for(model).layout((image.height, image.width))
     fig = draw(image, layout, rows, model.config.vision_config.image_size)
     if out_path is not None:
         fig.savefig(out_path, dpi=DPI, format="png")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import tokendrop as td
 from tests.conftest import PROMPTS, SIZES, random_image
-from tokendrop.adapters import adapter_for
+from tokendrop.registry import family_for as adapter_for
 from tokendrop.methods import budget_tokens
 
 
@@ -138,7 +138,7 @@ def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, reque
 def test_hired_tile_budgets_follow_the_stock_towers_layer0_cls_attention(next_model):
     # Phase 1 on LLaVA-NeXT from an independent source: the eager tower's own attention maps.
     # (Under transformers 5.19 the tile budgets once came from the wrong hidden states, silently.)
-    from tokendrop.methods.base import allocate
+    from tokendrop.methods.layout import allocate
     from tokendrop.methods.hired import region_scores
 
     model, processor = next_model

@@ -1,7 +1,8 @@
 """`tokendrop run`: answer one question about one image, stock or with token dropping.
 
 With no arguments: the bundled model answers the bundled sample question, stock and HiRED side by
-side. Prints the answer, visual tokens before and after, time to first token and total time.
+side. Prints the answer, visual tokens before and after, time to first token and total time (each
+configuration warmed up first, then timed).
 """
 
 from __future__ import annotations
@@ -9,91 +10,89 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
 from tokendrop.cli import UsageError
+from tokendrop.cli.options import (add_json, add_method_options, check_on_model, flag, label, load_model, method_configs,
+                                   one_int, output_path)
 
-DEMO_METHODS = ("none", "hired")
+DEMO_METHODS = "none,hired"
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("run", help="answer a question about an image (the demo when run without arguments)")
-    p.add_argument("--model", help="HF id or folder (default: the bundled model)")
+    p = subparsers.add_parser("run", help="answer a question about an image, stock and with token dropping "
+                                          "(the demo when run without arguments)")
+    p.add_argument("--model", help="HF id or folder, or 'tiny' (default: the bundled model)")
     p.add_argument("--image", help="image file (default: the bundled sample)")
     p.add_argument("--prompt", help="question (default: the bundled sample question)")
-    p.add_argument("--method", help="none, hired, hired-official, random, spatial, pdrop, fastv, or a+b "
-                                    "(default: none and hired side by side)")
-    p.add_argument("--budget", type=float, default=0.2, help="fraction of visual tokens kept by pre-LLM methods")
-    p.add_argument("--alpha", type=float, default=0.5, help="HiRED: the base image's share of the budget")
-    p.add_argument("--layers", help="PyramidDrop stage boundaries, e.g. 8,16,24 (default: depth/4, /2, 3/4)")
-    p.add_argument("--ratio", type=float, default=0.5, help="PyramidDrop: keep ratio per stage")
-    p.add_argument("--k", type=int, default=2, help="FastV: drop after layer k")
-    p.add_argument("--drop", type=float, default=0.5, help="FastV: fraction of image tokens dropped")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--json", action="store_true", help="print one JSON record per method")
+    add_method_options(p, default=DEMO_METHODS)
+    p.add_argument("--max-new-tokens", default="16", help="tokens to generate (default: %(default)s)")
+    p.add_argument("--warmup", default="1", help="untimed runs of each configuration before the timed one (default: %(default)s)")
+    add_json(p, "one record per configuration")
 
 
 def run(args) -> int:
-    from tokendrop.demo import load_demo_image, load_default_model
+    from tokendrop.demo import load_demo_image
+    from tokendrop.registry import configurations
 
-    model, processor, model_note = load_default_model(args.model)
-    image, question, image_note = load_demo_image(args.image, args.prompt)
-    names = [args.method] if args.method else list(DEMO_METHODS)
-    records = [answer(model, processor, image, question, name, args) for name in names]
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return 0
-    for note in (model_note, image_note):
+    names, budgets, options = method_configs(args)
+    configs = configurations(names, budgets)
+    new_tokens, warmup = one_int(args.max_new_tokens, "--max-new-tokens", 1), one_int(args.warmup, "--warmup", 0)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt must not be empty (leave it out for the sample question)")
+    out = output_path(args.json, "--json")
+    with flag("--image"):
+        image, question, image_note = load_demo_image(args.image, args.prompt)
+    model, processor, model_note = load_model(args.model)
+    check_on_model(model, processor, names, budgets, options)
+    records = [answer(model, processor, image, question, name, budget, options, new_tokens, warmup)
+               for name, budget in configs]
+    if args.json is not None:
+        text = json.dumps(records, indent=2)
+        print(text) if out is None else out.write_text(text + "\n")
+        if out is None:
+            return 0
+    for note in (model_note and f"model: {model_note}", image_note):
         if note:
             print(note)
     print(f"question: {question}")
     for r in records:
-        print(f"\n[{r['method']}] {r['answer']!r}")
+        print(f"\n[{r['label']}] {r['answer']!r}")
         tokens = f"visual tokens {r['visual_tokens_stock']} -> {r['visual_tokens']}"
         if r.get("equivalent_tokens") is not None:
             tokens += f" (average over LLM layers {r['equivalent_tokens']:.1f})"
         print(f"  {tokens}; time to first token {r['prefill_s']:.3f} s; total {r['total_s']:.3f} s")
+    if out is not None:
+        print(f"\nwrote {len(records)} records to {out}")
     return 0
 
 
-def parse_layers(text):
-    if not text:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UsageError(f"--layers must be comma-separated integers such as 8,16,24, got {text!r}") from None
-
-
-def answer(model, processor, image, question, name, args) -> dict:
-    """Run one method on one image; returns the record printed by `run`."""
+def answer(model, processor, image, question, name, budget, options, new_tokens, warmup) -> dict:
+    """Run one configuration on one image (after `warmup` untimed runs); the record `run` prints."""
     import tokendrop as td
     from tokendrop.loading import format_prompt
-    from tokendrop.registry import build_methods, needs_budget
+    from tokendrop.registry import build_methods
 
-    methods = build_methods(name, budget=args.budget if needs_budget(name) else None, alpha=args.alpha,
-                            layers=parse_layers(args.layers), ratio=args.ratio, k=args.k, drop=args.drop)
-    stock_inputs = processor(images=[image], text=[format_prompt(processor, question)], return_tensors="pt")
+    methods = build_methods(name, budget=budget, **options)
+    prompt = format_prompt(processor, question)
+    stock_inputs = processor(images=[image], text=[prompt], return_tensors="pt")
     stock_tokens = int((stock_inputs["input_ids"] == model.config.image_token_id).sum())
-    handle = td.apply(model, processor, *methods) if methods else None
-    try:
-        inputs = processor(images=[image], text=[format_prompt(processor, question)], return_tensors="pt").to(model.device)
-        text, prefill_s, total_s = timed_generate(model, processor, inputs, args.max_new_tokens)
-        equivalent = handle.equivalent_tokens if handle is not None else None
-    finally:
-        if handle is not None:
-            handle.remove()
+    with td.apply(model, processor, *methods) as handle:
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.device)
+        for _ in range(warmup):
+            timed_generate(model, processor, inputs, new_tokens)
+        text, prefill_s, total_s = timed_generate(model, processor, inputs, new_tokens)
+        equivalent = handle.equivalent_tokens
     return {
-        "method": name, "methods": [repr(m) for m in methods], "answer": text,
-        "visual_tokens_stock": stock_tokens,
+        "method": name, "budget": budget, "label": label(name, budget), "methods": [repr(m) for m in methods],
+        "answer": text, "visual_tokens_stock": stock_tokens,
         "visual_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
         "equivalent_tokens": None if equivalent is None else float(equivalent[0]),
-        "prefill_s": prefill_s, "total_s": total_s,
+        "prefill_s": prefill_s, "total_s": total_s, "warmup": warmup,
     }
 
 
 def timed_generate(model, processor, inputs, max_new_tokens):
     """Greedy answer, time to first token (vision + prefill) and total time, in seconds."""
+    import torch
     from transformers.generation.streamers import BaseStreamer
 
     class FirstToken(BaseStreamer):
@@ -121,5 +120,7 @@ def timed_generate(model, processor, inputs, max_new_tokens):
 
 
 def sync(device) -> None:
+    import torch
+
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -80,6 +80,11 @@ def parse_record(obj, root: Path, where: str, lineno: int) -> Sample:
         raise ValueError(f"{where}: field 'image' must be a path inside the dataset folder {root}, got {obj['image']!r}")
     if not image_path.is_file():
         raise FileNotFoundError(f"{where}: image not found: {image_path}")
+    try:
+        with Image.open(image_path) as im:
+            im.verify()  # decodable, before any model work depends on it
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: image {image_path} cannot be read ({type(err).__name__}: {err})") from None
     qtype = obj.get("type")
     return Sample(
         id=str(obj.get("id", lineno)),

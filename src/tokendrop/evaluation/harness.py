@@ -32,24 +32,25 @@ class Config:
 
 def grid(methods: list[str], budgets: list[float]) -> list[Config]:
     """Every method at every budget; methods without a budget (none, pdrop, ...) once."""
-    from tokendrop.registry import needs_budget
+    from tokendrop.registry import configurations, needs_budget
 
     if not methods:
         raise ValueError("methods must name at least one method, e.g. none,hired")
-    configs = []
     for name in methods:
-        if needs_budget(name):
-            if not budgets:
-                raise ValueError(f"method {name!r} needs --budget, e.g. 0.1,0.2,0.4")
-            configs.extend(Config(name, b) for b in budgets)
-        else:
-            configs.append(Config(name))
-    return configs
+        if needs_budget(name) and not budgets:
+            raise ValueError(f"method {name!r} needs --budget, e.g. 0.1,0.2,0.4")
+    return [Config(name, budget) for name, budget in configurations(methods, budgets)]
 
 
 def evaluate(model, processor, samples: list[Sample], configs: list[Config], metrics=("exact_match",),
-             batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True, method_args: dict | None = None) -> list[dict]:
-    """One summary record per configuration (see `summarize`)."""
+             batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True, method_args: dict | None = None,
+             on_record=None) -> list[dict]:
+    """One summary record per configuration (see `summarize`).
+
+    Args:
+        method_args: method options (dataclass fields) shared by the grid, e.g. {"alpha": 0.6}.
+        on_record: called with each record as soon as its configuration finishes (to save it).
+    """
     from tqdm.auto import tqdm
 
     if not samples:
@@ -66,6 +67,8 @@ def evaluate(model, processor, samples: list[Sample], configs: list[Config], met
             answers, visual, equivalent = run_config(model, processor, samples, config, batch_size, max_new_tokens,
                                                      method_args or {}, bar)
             records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start))
+            if on_record is not None:
+                on_record(records[-1])
     finally:
         processor.tokenizer.padding_side = side
         bar.close()
@@ -80,8 +83,7 @@ def run_config(model, processor, samples, config: Config, batch_size, max_new_to
 
     methods = build_methods(config.method, budget=config.budget, **method_args)
     answers, visual, equivalent = [], [], []
-    handle = td.apply(model, processor, *methods) if methods else None
-    try:
+    with td.apply(model, processor, *methods) as handle:
         for i in range(0, len(samples), batch_size):
             batch = samples[i : i + batch_size]
             inputs = processor(images=[s.load_image() for s in batch], text=[format_prompt(processor, s.question) for s in batch],
@@ -92,12 +94,9 @@ def run_config(model, processor, samples, config: Config, batch_size, max_new_to
             new = out[:, inputs["input_ids"].shape[1]:]
             answers += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
             visual += (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
-            if handle is not None and handle.equivalent_tokens is not None:
+            if handle.equivalent_tokens is not None:
                 equivalent += handle.equivalent_tokens.tolist()
             bar.update(len(batch))
-    finally:
-        if handle is not None:
-            handle.remove()
     return answers, visual, (equivalent or None)
 
 

@@ -1,0 +1,163 @@
+"""The options every subcommand shares, spelled one way: methods, budgets, method options, outputs.
+
+    --method hired,pdrop          comma list of method names or a+b compositions (`tokendrop methods`)
+    --budget 0.1,0.2              pre-LLM budgets, one configuration each
+    --method-args alpha=0.5,variant=official,layers=[8,16,24]
+                                  the methods' own options (their dataclass fields), lmms-eval style:
+                                  a key applies to every listed method that has it; pdrop.ratio=0.4
+                                  to one
+    --json PATH, --batch-size N, --max-new-tokens N
+
+Parsing turns every bad value into a `UsageError` naming the flag, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from tokendrop.cli import UsageError
+
+
+@contextlib.contextmanager
+def flag(name: str):
+    """Turn the ValueError / TypeError / OSError of validating a user's value (or reading the user's
+    file) into a UsageError naming `name`. Wrap only the call that validates: around anything else
+    it would disguise a bug as a usage error."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as err:
+        raise UsageError(f"{name}: {err}") from None
+
+
+def comma_list(text: str | None, what: str) -> list[str]:
+    items = [x.strip() for x in (text or "").split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"{what} must list at least one value, got {text!r}")
+    return items
+
+
+def parse_ints(text: str | None, what: str, low: int = 0) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in comma_list(text, what)]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(v < low for v in values):
+        raise UsageError(f"{what} must be integers >= {low}, got {text!r}")
+    return values
+
+
+def one_int(text, what: str, low: int = 0) -> int | None:
+    return None if text is None else parse_ints(str(text), what, low=low)[0]
+
+
+def parse_budgets(text: str) -> list[float]:
+    budgets = []
+    for item in comma_list(text, "--budget"):
+        try:
+            value = float(item)
+        except ValueError:
+            raise UsageError(f"--budget must be comma-separated numbers in (0, 1], got {item!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise UsageError(f"--budget must be in (0, 1], got {item}")
+        budgets.append(value)
+    return budgets
+
+
+def parse_image_sizes(text: str) -> list[tuple[int, int]]:
+    """'672x672,1000x700' -> [(672, 672), (1000, 700)] as (height, width)."""
+    sizes = []
+    for item in comma_list(text, "--image-size"):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise UsageError(f"--image-size must be HEIGHTxWIDTH in pixels (e.g. 672x672), got {item!r}")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
+
+
+# ---- methods ------------------------------------------------------------------------------------------
+def add_method_options(p, default: str, budget: str = "0.2") -> None:
+    """--method, --budget, --method-args."""
+    from tokendrop.registry import VANILLA, method_names
+
+    p.add_argument("--method", default=default,
+                   help=f"comma list of methods: {', '.join([VANILLA, *method_names()])}, or a+b compositions "
+                        "such as hired+pdrop; `tokendrop methods` lists them with their options (default: %(default)s)")
+    p.add_argument("--budget", default=budget,
+                   help="comma list of budgets in (0, 1] for pre-LLM methods, one configuration each (default: %(default)s)")
+    p.add_argument("--method-args", default=None, metavar="KEY=VALUE,...",
+                   help="method options, e.g. alpha=0.5,variant=official or layers=[8,16,24],ratio=0.4; a key applies "
+                        "to every listed method that has it, pdrop.ratio=0.4 to one (see `tokendrop methods`)")
+
+
+def method_configs(args) -> tuple[list[str], list[float], dict]:
+    """(method names, budgets, options) from --method, --budget, --method-args, every one validated.
+
+    Each configuration is built once here with its options, so a bad name, budget or option fails
+    now, naming the flag, and not when its configuration comes up.
+    """
+    from tokendrop.registry import build_methods, check_options, configurations, parse_options
+
+    budgets = parse_budgets(args.budget)
+    with flag("--method"):
+        names = comma_list(args.method, "--method")
+        configs = configurations(names, budgets)
+    with flag("--method-args"):
+        options = parse_options(args.method_args)
+        check_options(names, options)
+        for name, budget in configs:
+            build_methods(name, budget=budget, **options)
+    return names, budgets, options
+
+
+def check_on_model(model, processor, names: list[str], budgets: list[float], options: dict) -> None:
+    """Every configuration checked against the loaded model (its family's capabilities, its depth)."""
+    from tokendrop.api import check
+    from tokendrop.registry import build_methods, configurations
+
+    for name, budget in configurations(names, budgets):
+        with flag(f"--method {name}"):
+            check(model, processor, *build_methods(name, budget=budget, **options))
+
+
+def label(name: str, budget: float | None) -> str:
+    return name if budget is None else f"{name}@{budget:g}"
+
+
+# ---- outputs ---------------------------------------------------------------------------------------------
+def add_json(p, what: str) -> None:
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help=f"write {what} as JSON to PATH (no PATH or '-': print it instead of the table)")
+
+
+def output_path(path: str | None, name: str, suffix: str | None = None) -> Path | None:
+    """Check an output path before any work: its folder exists, and the suffix when one is required."""
+    if path is None or path == "-":
+        return None
+    out = Path(path)
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise UsageError(f"{name} must be a {suffix} file, got {path!r}")
+    if not out.parent.is_dir():
+        raise UsageError(f"{name} {path}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"{name} {path} is a folder; give a file path")
+    return out
+
+
+def require_matplotlib(name: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{name} needs matplotlib: pip install 'tokendrop[plot]'") from None
+
+
+def load_model(spec: str | None, seed: int = 0):
+    """(model, processor, note) for --model (None: the bundled model); a bad id or folder is a UsageError."""
+    from tokendrop.loading import ModelLoadError, load_default
+
+    try:
+        return load_default(spec, seed=seed)
+    except ModelLoadError as err:
+        raise UsageError(f"--model {err}") from None

@@ -1,0 +1,86 @@
+"""The family contract, checked for every family in the registry with every method in the registry.
+
+Each family's tiny random model (its `tiny` builder) runs every method its capabilities allow
+through the stock `generate()`, and refuses the others naming the missing capability.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokendrop as td
+from tests.conftest import random_image
+from tokendrop.adapters.base import CAPABILITIES, Family, resolve
+from tokendrop.loading import format_prompt
+from tokendrop.registry import FAMILIES, build_methods, family_for, method_class, method_names
+
+SIZES = [(150, 300), (224, 224)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)
+def tiny(request):
+    family = request.param
+    model, processor = resolve(family.tiny)()
+    processor.tokenizer.padding_side = "left"
+    return family, model, processor
+
+
+def inputs(processor, images):
+    prompts = [format_prompt(processor, "what is it?") for _ in images]
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def test_declaration_is_complete(tiny):
+    family, model, processor = tiny
+    adapter = family_for(model)
+    assert type(adapter) is family and isinstance(adapter, Family)
+    assert family.name and family.model_type == model.config.model_type and type(model).__name__ in family.model_classes
+    assert resolve(family.config_class) is type(model.config)
+    assert adapter.capabilities() <= family.family_capabilities() <= set(CAPABILITIES)
+    assert adapter.image_token_id == model.config.image_token_id
+    for image in (random_image(*size) for size in SIZES):  # the stock count, known from the size alone
+        ids = inputs(processor, [image])["input_ids"]
+        assert int((ids == adapter.image_token_id).sum()) == adapter.stock_tokens((image.height, image.width))
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_runs_or_is_refused_by_capability(tiny, name):
+    family, model, processor = tiny
+    adapter = family_for(model)
+    (method,) = build_methods(name, budget=0.3)
+    images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
+    missing = method.requires() - adapter.capabilities()
+    if missing:
+        with pytest.raises(ValueError, match=f"capability '{sorted(missing)[0]}'"):
+            td.apply(model, processor, method)
+        return
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        batch = inputs(processor, images)
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert out.shape[1] == batch["input_ids"].shape[1] + 2
+        if method.stage == "pre":  # the placeholder count is the method's, known before encoding
+            for i, image in enumerate(images):
+                n = int((batch["input_ids"][i] == adapter.image_token_id).sum())
+                assert n == handle.num_tokens((image.height, image.width)) == handle.selections[i].shape[0]
+        else:
+            depth = len(adapter.language_model.layers)
+            assert handle.layer_tokens.shape == (2, depth)
+    assert "forward" not in vars(adapter.language_model) and "get_image_features" not in vars(model.model)
+
+
+def test_keep_all_settings_are_the_stock_model(tiny):
+    family, model, processor = tiny
+    images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
+    batch = inputs(processor, images)
+    with torch.no_grad():
+        stock = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    keep_all = [n for n in method_names() if method_class(n).stage == "in"]
+    for name in keep_all:
+        cls = method_class(name)
+        options = {"ratio": 1.0} if "ratio" in cls.options() else {"drop": 0.0}
+        with td.apply(model, processor, cls(**options)), torch.no_grad():
+            ours = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(ours.sequences, stock.sequences), name
+        for a, b in zip(ours.logits, stock.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,101 @@
+"""The registries: option strings, compositions, third-party methods (entry points and register_method)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import tokendrop as td
+from tokendrop import registry
+
+
+@pytest.fixture
+def registry_restored():
+    saved = dict(registry._registered())
+    yield
+    registry._methods.clear()
+    registry._methods.update(saved)
+
+
+def test_parse_options_lmms_eval_style():
+    assert registry.parse_options("alpha=0.5, variant=official,layers=[8,16,24],fastv.seed=1") == {
+        "alpha": "0.5", "variant": "official", "layers": "[8,16,24]", "fastv.seed": "1"}
+    assert registry.parse_options(None) == {} == registry.parse_options("")
+    for bad in ("alpha", "=3", "layers=[8,16"):
+        with pytest.raises(ValueError):
+            registry.parse_options(bad)
+
+
+def test_options_are_converted_by_the_fields_types():
+    methods = registry.build_methods("hired+pdrop", budget=0.4, **registry.parse_options(
+        "alpha=0.6,final_layer=none,keep_newlines=true,layers=[2,4],ratio=0.25"))
+    assert methods == (td.HiRED(0.4, alpha=0.6, final_layer=None, keep_newlines=True),
+                       td.PyramidDrop(layers=(2, 4), ratio=0.25))
+    assert registry.build_methods("random+fastv", budget=0.2, **{"fastv.seed": "3"}) == (
+        td.RandomDrop(0.2), td.FastV(seed=3))
+    assert registry.build_methods("hired-official", budget=0.2, alpha="0.3")[0] == td.HiRED(0.2, alpha=0.3, variant="official")
+    with pytest.raises(ValueError, match="option k='two' is not a valid int"):
+        registry.build_methods("fastv", k="two")
+    with pytest.raises(ValueError, match="'alpha' is not an option of pdrop; options: pdrop: layers, ratio"):
+        registry.build_methods("pdrop", strict=True, alpha=0.5)
+
+
+def test_configurations_expand_budgets_only_for_methods_that_take_one():
+    assert registry.configurations(["none", "hired", "base-only+fastv", "hired"], [0.1, 0.2]) == [
+        ("none", None), ("hired", 0.1), ("hired", 0.2), ("base-only+fastv", None)]
+
+
+def test_register_method_checks_the_class(registry_restored):
+    with pytest.raises(TypeError, match="dataclass subclassing"):
+        td.register_method(object)
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Clash(td.SpatialDrop):
+        name = "hired"
+
+    with pytest.raises(ValueError, match="method name 'hired' is taken by tokendrop.methods.hired.HiRED"):
+        td.register_method(Clash)
+
+    @dataclass(frozen=True)
+    class Bad(td.SpatialDrop):
+        name = "a+b"
+
+    with pytest.raises(ValueError, match="lowercase name without"):
+        td.register_method(Bad)
+
+
+def test_a_method_from_an_entry_point_is_known_everywhere(tmp_path, monkeypatch, registry_restored, capsys):
+    # A package installed beside tokendrop declares [project.entry-points."tokendrop.methods"].
+    (tmp_path / "my_methods.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from tokendrop.methods.spatial_drop import SpatialDrop
+
+        @dataclass(frozen=True)
+        class EveryOther(SpatialDrop):
+            """Spatial control under another name (a plugin's method)."""
+            name = "every-other"
+    '''))
+    dist = tmp_path / "my_methods-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-methods\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tokendrop.methods]\nevery-other = my_methods:EveryOther\nbroken = my_methods:Nope\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._methods.clear()
+    with pytest.warns(UserWarning, match="method plugin 'broken'"):
+        assert "every-other" in registry.method_names()
+    assert registry.method_class("every-other").__name__ == "EveryOther"
+    from tokendrop.cli import main
+
+    assert main(["methods"]) == 0
+    assert "every-other: EveryOther, before the LLM" in capsys.readouterr().out
+
+
+def test_families_are_found_by_class_and_model_type():
+    assert registry.family_of(model_type="llava_next").name == "llava-next"
+    assert registry.family_of(architecture="LlavaForConditionalGeneration").name == "llava"
+    with pytest.raises(ValueError, match="supported: LlavaNextForConditionalGeneration"):
+        registry.family_of(architecture="GPT2LMHeadModel")
+    assert registry.runs_on(td.HiRED) == ["llava-next", "llava"]
+    assert "llava-onevision" in registry.runs_on(td.PyramidDrop)
