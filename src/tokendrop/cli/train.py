@@ -1,14 +1,19 @@
 """`tokendrop train`: train the default model (small stock LLaVA-NeXT) on synthetic VQA data.
 
-The recipe and the exact command used for the shipped model are in docs/training_recipe.md.
+The recipe lives outside the library, in the repository's ``recipes/default_model`` (not installed
+with the wheel), so this command runs from a clone (``pip install -e .``). The recipe and the exact
+command used for the shipped model are in docs/training_recipe.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
+
+_RECIPE = "recipes.default_model"
 
 
 def add_parser(subparsers) -> None:
@@ -55,10 +60,33 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
+def recipe_module(name: str = ""):
+    """Import ``recipes.default_model`` (or its submodule ``name``) from the clone this package runs from.
+
+    The repository root is the folder holding ``src/tokendrop``; it goes on ``sys.path`` so that
+    ``recipes`` imports as a package. Raises ``UsageError`` when there is no recipe there (an install
+    from a wheel).
+    """
+    import tokendrop
+    from tokendrop.cli import UsageError
+
+    root = Path(tokendrop.__file__).resolve().parents[2]
+    if not (root / "recipes" / "default_model" / "__init__.py").is_file():
+        raise UsageError("`tokendrop train` runs the default model's recipe from a clone of the repository "
+                         f"(recipes/default_model), not found in {root}: clone the repository and `pip install -e .`")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"{_RECIPE}.{name}" if name else _RECIPE)
+    if root not in Path(module.__file__).resolve().parents:
+        raise UsageError(f"`import {_RECIPE}` found {module.__file__}, not the recipe of the clone in {root}")
+    return module
+
+
 def _config(args):
     from tokendrop.cli import UsageError
-    from tokendrop.training.loop import TrainConfig
-    from tokendrop.training.model import ModelConfig
+
+    TrainConfig = recipe_module("loop").TrainConfig
+    ModelConfig = recipe_module("model").ModelConfig
 
     if not Path(args.data).is_dir():
         raise UsageError(f"--data {args.data} is not a folder (create one with `tokendrop data --out DIR`)")
@@ -135,8 +163,7 @@ def _validate(model, processor, val_dir: str, n: int) -> dict:
 
 
 def run(args) -> int:
-    from tokendrop.training.loop import train
-
+    train = recipe_module("loop").train
     cfg = _config(args)
     _log(f"training: {' '.join(sys.argv[1:]) or 'train'}")
     model, processor, seconds = train(cfg, log=_log)

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import tokendrop as td
-from tokendrop.data.dataset import Sample, load_dataset
+from tokendrop.data import Sample, load_dataset
 from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
 from tokendrop.scoring import query_attention_rows
-from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE
-from tokendrop.training.batches import collate, encode_example, encode_sheets, encode_views
-from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
-from tokendrop.training.targets import CAPTION_QUESTION, LABELS, PATCH_FIELDS, TALLY_MARKS, caption
+from recipes.default_model import ANSWER_TEMPLATE, PROMPT_TEMPLATE
+from recipes.default_model.batches import collate, encode_example, encode_sheets, encode_views
+from recipes.default_model.model import ModelConfig, build_model, build_processor, train_tokenizer
+from recipes.default_model.targets import CAPTION_QUESTION, LABELS, PATCH_FIELDS, TALLY_MARKS, caption
 
 _SAVE_MARGIN = 20.0  # seconds kept free at the end of a time-budgeted run for saving
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokendrop.data.dataset import Sample
+from tokendrop.data import Sample
 from tokendrop.data.synth import SHAPES
-from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
-from tokendrop.training.targets import (
+from recipes.default_model import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
+from recipes.default_model.targets import (
     CAPTION_QUESTION,
     TALLY_MARKS,
     caption,

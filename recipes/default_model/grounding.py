@@ -1,7 +1,7 @@
 """Where does a trained model's answer look? Attention of the answer-predicting token on the patches
 of the objects the question is about, per LM layer and question type.
 
-    python -m tokendrop.training.grounding --model DIR --data /work/data/val --n 200
+    python -m recipes.default_model.grounding --model DIR --data /work/data/val --n 200
 
 For every question (the first turn, as at evaluation) and every layer, the attention mass (mean over
 heads, and the grounded head of training) that the token before the answer puts on the image tokens
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokendrop.data.dataset import load_dataset
+from tokendrop.data import load_dataset
 from tokendrop.scoring import query_attention_rows
-from tokendrop.training.batches import collate, encode_example
-from tokendrop.training.loop import batch_token_patches, grounding_targets, tally_counts
-from tokendrop.training.targets import TALLY_MARKS
+from recipes.default_model.batches import collate, encode_example
+from recipes.default_model.loop import batch_token_patches, grounding_targets, tally_counts
+from recipes.default_model.targets import TALLY_MARKS
 
 
 @contextmanager

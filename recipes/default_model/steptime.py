@@ -1,6 +1,6 @@
 """Stage-2 training step time, vanilla against PyramidDrop, measured in alternating blocks.
 
-    python -m tokendrop.training.steptime --data /work/data/train --stage1-checkpoint /work/data/stage1_v3.pt
+    python -m recipes.default_model.steptime --data /work/data/train --stage1-checkpoint /work/data/stage1_v3.pt
 
 Both modes start from the same stage-1 checkpoint and train on the same batches (the stage-2 data
 order of ``tokendrop train``); blocks of ``--steps`` steps alternate vanilla, PyramidDrop, vanilla,
@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from tokendrop.data.dataset import load_dataset
-from tokendrop.training.loop import TrainConfig, _Batches, build, load_stage1, train_vlm
+from tokendrop.data import load_dataset
+from recipes.default_model.loop import TrainConfig, _Batches, build, load_stage1, train_vlm
 
 
 def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: int) -> float:
@@ -37,7 +37,7 @@ def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokendrop.training.steptime", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.steptime", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="training dataset folder")
     parser.add_argument("--stage1-checkpoint", required=True, help="stage-1 file written by tokendrop train")
     parser.add_argument("--steps", type=int, default=30, help="steps per block (default 30)")
