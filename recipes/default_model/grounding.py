@@ -7,7 +7,7 @@ For every question (the first turn, as at evaluation) and every layer, the atten
 heads, and the grounded head of training) that the token before the answer puts on the image tokens
 of the question's objects (``targets.focus_mask``), next to the share of image tokens those objects
 cover (what attention spread evenly over the image would give). Then the tally head
-(``loop.tally_loss``): its attention on itself against the 1 / (n + 1) it was trained to put there,
+(``losses.tally_loss``): its attention on itself against the 1 / (n + 1) it was trained to put there,
 by the number n of objects that match the question.
 """
 
@@ -24,8 +24,9 @@ import torch
 
 from tokendrop.data import load_dataset
 from tokendrop.scoring import query_attention_rows
+
 from recipes.default_model.batches import collate, encode_example
-from recipes.default_model.loop import batch_token_patches, grounding_targets, tally_counts
+from recipes.default_model.token_patches import batch_token_patches, grounding_targets, tally_counts
 from recipes.default_model.targets import TALLY_MARKS
 
 
@@ -89,7 +90,7 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
 
 @torch.no_grad()
 def tally_report(model, processor, samples, layer: int = 3, head: int = 1, batch: int = 20, mark: str = "objects") -> dict:
-    """What the tally head (``loop.tally_loss``) does at each answer-predicting token, by the number n
+    """What the tally head (``losses.tally_loss``) does at each answer-predicting token, by the number n
     of objects matching the question: {n: {"questions", "own" (mean attention on itself), "target"
     (1 / (n + 1)), "own_std", "objects" (mean mass on the matching objects' tokens: all of them, or
     their centre patches with ``mark="centres"``)}}."""

@@ -15,11 +15,15 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from tokendrop.data import load_dataset
-from recipes.default_model.loop import TrainConfig, _Batches, build, load_stage1, train_vlm
+
+from recipes.default_model.checkpoint import load_stage1
+from recipes.default_model.config import TrainConfig
+from recipes.default_model.data_order import STAGE2, Batches, generator
+from recipes.default_model.stage2 import train_vlm
+from recipes.default_model.train import build
 
 
 def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: int) -> float:
@@ -27,12 +31,12 @@ def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: 
     torch.manual_seed(cfg.seed)
     processor, model, head = build(cfg, samples)
     load_stage1(model, head, checkpoint)
-    rng = np.random.default_rng((cfg.seed, 2))
+    rng = generator(cfg.seed, STAGE2)
     # grounding, tally and dropped inputs off in both: PyramidDrop training cannot use them, and the comparison is of the LM forward
     block = TrainConfig(**{**cfg.__dict__, "pdrop": pdrop, "ground_weight": 0.0, "tally_weight": 0.0, "drop_share": 0.0, "stage2_steps": steps,
                            "log_every": 10**9})
     start = time.perf_counter()
-    train_vlm(model, head, processor, block, _Batches(samples, cfg.stage2_batch, rng), rng, log=lambda _: None)
+    train_vlm(model, head, processor, block, Batches(samples, cfg.stage2_batch, rng), rng, log=lambda _: None)
     return time.perf_counter() - start
 
 

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
+
 from recipes.default_model.model import pinpoints
 
 LABELS = (

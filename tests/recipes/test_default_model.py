@@ -151,7 +151,7 @@ def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path
 
 
 def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
-    from recipes.default_model.loop import ground_loss
+    from recipes.default_model.losses import ground_loss
 
     target = torch.zeros(1, 2, 10, dtype=torch.bool)
     target[0, 0, 2:4] = True
@@ -166,7 +166,8 @@ def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
 
 
 def test_tally_loss_is_lowest_when_the_own_share_is_one_over_n_plus_one():
-    from recipes.default_model.loop import tally_counts, tally_loss
+    from recipes.default_model.losses import tally_loss
+    from recipes.default_model.token_patches import tally_counts
 
     L = 10
     query = torch.tensor([[9, 9]])  # the query looks at itself at position 9
@@ -259,7 +260,9 @@ def test_encode_example_tallies_the_centre_patches_of_the_matching_objects(tmp_p
 
 
 def test_stage1_centre_head_is_optional_and_checked(next_model):
-    from recipes.default_model.loop import TrainConfig, VisionHeads, load_stage1
+    from recipes.default_model.checkpoint import load_stage1
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.vision_heads import VisionHeads
 
     heads = VisionHeads(16, centre=True)
     hidden = torch.randn(3, 1 + 64, 16)
@@ -289,7 +292,8 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
 
     from tokendrop.data import generate_dataset, load_dataset
     from tokendrop.evaluation.harness import Config, evaluate
-    from recipes.default_model.loop import TrainConfig, train
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
     from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 8, seed=0)
@@ -346,7 +350,8 @@ def test_shipped_model_loads_offline_and_beats_chance_widely(tmp_path):
 
 def test_tiny_training_run_with_pyramiddrop(tmp_path):
     from tokendrop.data import generate_dataset
-    from recipes.default_model.loop import TrainConfig, train
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
     from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 4, seed=0)
@@ -371,7 +376,8 @@ def test_chat_template_writes_the_training_prompt():
 
 def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
     from tokendrop.data import generate_dataset
-    from recipes.default_model.loop import TrainConfig, train
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
     from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 6, seed=0)
@@ -419,7 +425,7 @@ def test_glyph_sheets_are_seeded_and_label_every_glyph():
 
 def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
     from recipes.default_model.batches import encode_sheets
-    from recipes.default_model.loop import VisionHeads
+    from recipes.default_model.vision_heads import VisionHeads
     from recipes.default_model.model import ModelConfig, build_model, build_processor, train_tokenizer
 
     torch.manual_seed(0)
@@ -443,7 +449,7 @@ def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
 
 
 def test_align_loss_prefers_the_patch_words_and_skips_none_and_ignored_patches():
-    from recipes.default_model.loop import align_loss
+    from recipes.default_model.losses import align_loss
     from recipes.default_model.targets import PATCH_FIELDS
 
     torch.manual_seed(0)
@@ -461,7 +467,7 @@ def test_align_loss_prefers_the_patch_words_and_skips_none_and_ignored_patches()
 
 
 def test_word_ids_are_one_token_per_class_word():
-    from recipes.default_model.loop import tokenizer_corpus, word_ids
+    from recipes.default_model.words import tokenizer_corpus, word_ids
     from recipes.default_model.model import train_tokenizer
 
     tok = train_tokenizer(tokenizer_corpus([]), 512)
@@ -476,7 +482,7 @@ def test_image_token_patches_follow_the_stock_packing(next_model, images):
     from conftest import PROMPTS
 
     from tokendrop.adapters.llava_next import LlavaNextAdapter
-    from recipes.default_model.loop import image_token_patches
+    from recipes.default_model.token_patches import image_token_patches
 
     model, processor = next_model
     processor.tokenizer.padding_side = "right"
@@ -544,7 +550,7 @@ def test_grounding_report_measures_attention_on_the_question_objects(next_model,
 def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model, images):
     from conftest import PROMPTS
 
-    from recipes.default_model.loop import image_token_patches, kept_token_patches
+    from recipes.default_model.token_patches import image_token_patches, kept_token_patches
 
     model, processor = next_model
     image_id, grid = model.config.image_token_id, 8
@@ -565,7 +571,8 @@ def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model,
 
 def test_tiny_training_run_with_dropped_inputs(tmp_path):
     from tokendrop.data import generate_dataset
-    from recipes.default_model.loop import TrainConfig, train
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
     from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 6, seed=0)
@@ -595,7 +602,7 @@ def test_train_cli_rejects_bad_loss_settings_naming_the_flag(tmp_path, capsys, f
 
 
 def test_tally_head_settings_are_checked():
-    from recipes.default_model.loop import TrainConfig
+    from recipes.default_model.config import TrainConfig
 
     with pytest.raises(ValueError, match="tally_head must differ"):
         TrainConfig(train_dir="d", out_dir="o", tally_head=0, ground_head=0)
@@ -607,7 +614,7 @@ def test_tally_head_settings_are_checked():
 
 
 def test_balanced_tally_loss_weighs_every_count_the_same():
-    from recipes.default_model.loop import tally_loss
+    from recipes.default_model.losses import tally_loss
 
     torch.manual_seed(0)
     rows = torch.softmax(torch.randn(2, 4, 12), dim=-1)  # (B, Q, L)
@@ -626,7 +633,8 @@ def test_balanced_tally_loss_weighs_every_count_the_same():
 def test_bucketed_batches_pad_less_and_draw_the_same_samples(tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
     from recipes.default_model.batches import encode_example
-    from recipes.default_model.loop import _Batches, image_token_counts, tokenizer_corpus
+    from recipes.default_model.data_order import Batches as _Batches, image_token_counts
+    from recipes.default_model.words import tokenizer_corpus
     from recipes.default_model.model import build_processor, train_tokenizer
 
     generate_dataset(tmp_path / "data", 24, seed=3)
@@ -655,7 +663,8 @@ def test_bucketed_batches_pad_less_and_draw_the_same_samples(tmp_path):
 
 def test_matching_heads_start_as_word_matchers_on_the_slow_rope_dims(tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
-    from recipes.default_model.loop import init_matching_heads, tokenizer_corpus, word_ids
+    from recipes.default_model.match_init import init_matching_heads
+    from recipes.default_model.words import tokenizer_corpus, word_ids
     from recipes.default_model.model import ModelConfig, build_model, train_tokenizer
 
     generate_dataset(tmp_path / "data", 8, seed=0)
@@ -688,5 +697,5 @@ def test_matching_heads_start_as_word_matchers_on_the_slow_rope_dims(tmp_path):
     with pytest.raises(ValueError, match="pairs must be in"):
         init_matching_heads(model, 1, [0], words, logit=5.0, pairs=3)
     with pytest.raises(ValueError, match="match_init"):
-        from recipes.default_model.loop import TrainConfig
+        from recipes.default_model.config import TrainConfig
         TrainConfig(train_dir="d", out_dir="o", match_init=-1.0)

@@ -85,7 +85,7 @@ def recipe_module(name: str = ""):
 def _config(args):
     from tokendrop.cli import UsageError
 
-    TrainConfig = recipe_module("loop").TrainConfig
+    TrainConfig = recipe_module("config").TrainConfig
     ModelConfig = recipe_module("model").ModelConfig
 
     if not Path(args.data).is_dir():
@@ -163,7 +163,7 @@ def _validate(model, processor, val_dir: str, n: int) -> dict:
 
 
 def run(args) -> int:
-    train = recipe_module("loop").train
+    train = recipe_module("train").train
     cfg = _config(args)
     _log(f"training: {' '.join(sys.argv[1:]) or 'train'}")
     model, processor, seconds = train(cfg, log=_log)
