@@ -11,7 +11,7 @@ repository and not installed with the library; ``tokendrop train`` runs it from 
 - ``targets``: targets derived from the scene metadata; ``token_patches``: the same over a batch's tokens
 - ``batches``: samples to model inputs; ``data_order``: the seeded batch streams; ``words``: tokenizer
   corpus and class-word ids; ``match_init``: the word-matcher start of the grounded heads
-- ``checkpoint``: saving the model, saving and loading stage 1
+- ``checkpoint``: saving the model, saving and loading stage 1; ``cli``: ``tokendrop train``
 - tools: ``python -m recipes.default_model.grounding`` (where a trained model's answers look) and
   ``python -m recipes.default_model.steptime`` (vanilla against PyramidDrop step time)
 
