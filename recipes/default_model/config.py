@@ -23,7 +23,7 @@ class TrainConfig:
     stage1_batch: int = 16  # images per step (each gives 3-5 views)
     sheets: int = 32  # glyph sheets per stage-1 step (dense glyph-reading material, tokendrop.data.synth.glyph_sheet)
     stage1_lr: float = 1e-3
-    centre_weight: float = 0.0  # stage-1 loss: mark the patch holding each object's centre (runs 10-11; 0: off)
+    centre_weight: float = 0.0  # stage-1 loss: mark the patch holding each object's centre (0: off)
     stage2_steps: int = 2650
     stage2_batch: int = 8
     stage2_bucket: int = 1  # stage-2 batches per length-sorted pool (less padding); 1: plain shuffled batches
@@ -39,8 +39,8 @@ class TrainConfig:
     ground_lead: bool = True  # also ground the question's shape word and the tokens up to the answer
     tally_weight: float = 1.0  # weight of the tally loss (head ``tally_head`` of ``ground_layer``; 0: off)
     tally_head: int = 1
-    tally_balance: bool = False  # every count n weighs the same in the tally loss (n >= 2 is rare; run 11)
-    tally_mark: str = "objects"  # the tally's object tokens: "objects" (all) or "centres" (one patch per object per view; runs 10-11)
+    tally_balance: bool = False  # every count n weighs the same in the tally loss (n >= 2 is rare in the data)
+    tally_mark: str = "objects"  # the tally's object tokens: "objects" (all) or "centres" (one patch per object per view)
     match_init: float = 0.0  # start the grounded and tally heads as word matchers with this logit (0: random start)
     drop_share: float = 0.3  # share of stage-2 steps whose images are dropped (HiRED / random / spatial)
     drop_budget: tuple[float, float] = (0.1, 0.5)  # budget range of those steps (uniform)

@@ -15,8 +15,8 @@ def init_matching_heads(model, layer: int, heads: list[int], words: torch.Tensor
     """Start attention ``heads`` of LM layer ``layer`` as content matchers (``TrainConfig.match_init``).
 
     The grounding and tally losses ask those heads to attend by content (question word -> image
-    tokens showing it); from random weights that match first has to emerge, and stage 2 sat on a
-    plateau for 1000-2400 steps until it did (runs 5-12). Here the query and key projections of each
+    tokens showing it); from random weights that match first has to emerge, and until it does the
+    grounding loss sits on a plateau. Here the query and key projections of each
     head, on its ``pairs`` most slowly turning RoPE frequency pairs (they rotate least over the
     hundreds of positions between a question and the image tokens), are both set to ``a * B``: B an
     orthonormal basis of the span of ``words`` (embedding rows, (W, D)), ``a`` such that two
