@@ -3,6 +3,8 @@ of the objects the question is about, per LM layer and question type.
 
     python -m recipes.default_model.grounding --model DIR --data /work/data/val --n 200
 
+(from the repository root, where ``recipes`` imports as a package)
+
 For every question (the first turn, as at evaluation) and every layer, the attention mass (mean over
 heads, and the grounded head of training) that the token before the answer puts on the image tokens
 of the question's objects (``targets.focus_mask``), next to the share of image tokens those objects

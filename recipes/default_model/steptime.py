@@ -2,6 +2,8 @@
 
     python -m recipes.default_model.steptime --data /work/data/train --stage1-checkpoint /work/data/stage1_v3.pt
 
+(from the repository root, where ``recipes`` imports as a package)
+
 Both modes start from the same stage-1 checkpoint and train on the same batches (the stage-2 data
 order of ``tokendrop train``); blocks of ``--steps`` steps alternate vanilla, PyramidDrop, vanilla,
 ... so that a machine whose speed drifts slows both alike. Each block builds a fresh model, so every
