@@ -58,15 +58,17 @@ def test_answers_follow_from_the_scene():
             assert [o["glyph"] for o in objects if (o["color"], o["shape"]) == (color, shape)] == [r["answer"]]
 
 
+# The five standard LLaVA-NeXT pinpoints ([height, width]) at TILE-pixel tiles, as in the bundled model's config.
+PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
+
+
 def test_image_sizes_select_the_intended_anyres_grid():
     from transformers.image_processing_utils import select_best_resolution
-
-    from tokendrop.training.model import pinpoints
 
     seen = set()
     for index in range(30):
         image, r = make_sample(7, index)
-        best = select_best_resolution((image.height, image.width), pinpoints(TILE))
+        best = select_best_resolution((image.height, image.width), PINPOINTS)
         assert [best[0] // TILE, best[1] // TILE] == r["grid"], (image.size, r["grid"])
         seen.add(tuple(r["grid"]))
     assert seen == set(GRIDS)

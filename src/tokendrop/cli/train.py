@@ -1,14 +1,18 @@
 """`tokendrop train`: train the default model (small stock LLaVA-NeXT) on synthetic VQA data.
 
-The recipe and the exact command used for the shipped model are in docs/training_recipe.md.
+The flags are defined here; the recipe they configure lives outside the library, in the
+repository's ``recipes/default_model`` (not installed with the wheel, ``recipes.default_model.cli``
+runs it), so this command runs from a clone (``pip install -e .``). The recipe and the exact command
+used for the shipped model are in docs/training_recipe.md.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import sys
-import time
 from pathlib import Path
+
+_RECIPE = "recipes.default_model"
 
 
 def add_parser(subparsers) -> None:
@@ -55,93 +59,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stage1-checkpoint", help="file: load stage 1 from it when it exists, else save stage 1 there")
 
 
-def _config(args):
+def recipe_module(name: str = ""):
+    """Import ``recipes.default_model`` (or its submodule ``name``) from the clone this package runs from.
+
+    The repository root is the folder holding ``src/tokendrop``; it goes on ``sys.path`` so that
+    ``recipes`` imports as a package. Raises ``UsageError`` when there is no recipe there (an install
+    from a wheel).
+    """
+    import tokendrop
     from tokendrop.cli import UsageError
-    from tokendrop.training.loop import TrainConfig
-    from tokendrop.training.model import ModelConfig
 
-    if not Path(args.data).is_dir():
-        raise UsageError(f"--data {args.data} is not a folder (create one with `tokendrop data --out DIR`)")
-    if args.val and not Path(args.val).is_dir():
-        raise UsageError(f"--val {args.val} is not a folder")
-    for name in ("stage1_steps", "stage2_steps", "val_n"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.minutes is not None and args.minutes <= 0:
-        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    for name in ("ground_weight", "tally_weight", "match_init", "centre_weight"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.drop_share is None:
-        args.drop_share = 0.0 if args.pdrop else 0.3
-    if not 0.0 <= args.drop_share <= 1.0:
-        raise UsageError(f"--drop-share must be in [0, 1], got {args.drop_share}")
-    if args.drop_share > 0 and args.pdrop:
-        raise UsageError("--drop-share cannot be combined with --pdrop (pass --drop-share 0)")
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.bucket < 1:
-        raise UsageError(f"--bucket must be >= 1, got {args.bucket}")
-    if args.rope_theta <= 1:
-        raise UsageError(f"--rope-theta must be > 1, got {args.rope_theta}")
-    tiny = dict(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64) if args.tiny else {}
-    model = ModelConfig(t_rope_theta=args.rope_theta, **tiny)
-    ground_layer = min(TrainConfig.ground_layer, model.t_layers - 1)  # the tiny LM has 2 layers
-    return TrainConfig(
-        train_dir=args.data,
-        out_dir=args.out,
-        model=model,
-        seed=args.seed,
-        stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps,
-        stage2_batch=args.batch,
-        stage2_bucket=args.bucket,
-        stage2_lr=args.lr,
-        save_fp16=args.fp16,
-        minutes=args.minutes,
-        threads=args.threads,
-        pdrop=args.pdrop,
-        ground_weight=args.ground_weight,
-        ground_layer=ground_layer,
-        tally_weight=args.tally_weight,
-        tally_mark=args.tally_mark,
-        tally_balance=args.tally_balance,
-        centre_weight=args.centre_weight,
-        match_init=args.match_init,
-        drop_share=args.drop_share,
-        stage1_checkpoint=args.stage1_checkpoint,
-    )
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _validate(model, processor, val_dir: str, n: int) -> dict:
-    """Exact match on the first ``n`` validation questions: stock, and with the base image's tokens only."""
-    from tokendrop.data import load_dataset
-    from tokendrop.evaluation.harness import Config, evaluate
-
-    samples = load_dataset(val_dir, limit=n)
-    report = {}
-    for record in evaluate(model, processor, samples, [Config("none"), Config("base-only")], progress=False):
-        record.pop("predictions")
-        report[record["method"]] = record
-        by_type = " ".join(f"{t} {v['exact_match']:.3f}" for t, v in record["by_type"].items())
-        _log(f"val {record['method']:9s} overall {record['metrics']['exact_match']:.3f} ({by_type}) n={record['n']}")
-    return report
+    root = Path(tokendrop.__file__).resolve().parents[2]
+    if not (root / "recipes" / "default_model" / "__init__.py").is_file():
+        raise UsageError("`tokendrop train` runs the default model's recipe from a clone of the repository "
+                         f"(recipes/default_model), not found in {root}: clone the repository and `pip install -e .`")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"{_RECIPE}.{name}" if name else _RECIPE)
+    if root not in Path(module.__file__).resolve().parents:
+        raise UsageError(f"`import {_RECIPE}` found {module.__file__}, not the recipe of the clone in {root}")
+    return module
 
 
 def run(args) -> int:
-    from tokendrop.training.loop import train
-
-    cfg = _config(args)
-    _log(f"training: {' '.join(sys.argv[1:]) or 'train'}")
-    model, processor, seconds = train(cfg, log=_log)
-    if args.val and args.val_n:
-        report = _validate(model, processor, args.val, args.val_n)
-        report["train_seconds"] = round(seconds, 1)
-        (Path(args.out) / "val_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return recipe_module("cli").run(args)

@@ -1,6 +1,8 @@
 """Stage-2 training step time, vanilla against PyramidDrop, measured in alternating blocks.
 
-    python -m tokendrop.training.steptime --data /work/data/train --stage1-checkpoint /work/data/stage1_v3.pt
+    python -m recipes.default_model.steptime --data /work/data/train --stage1-checkpoint /work/data/stage1_v3.pt
+
+(from the repository root, where ``recipes`` imports as a package)
 
 Both modes start from the same stage-1 checkpoint and train on the same batches (the stage-2 data
 order of ``tokendrop train``); blocks of ``--steps`` steps alternate vanilla, PyramidDrop, vanilla,
@@ -15,11 +17,15 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
-from tokendrop.data.dataset import load_dataset
-from tokendrop.training.loop import TrainConfig, _Batches, build, load_stage1, train_vlm
+from tokendrop.data import load_dataset
+
+from recipes.default_model.checkpoint import load_stage1
+from recipes.default_model.config import TrainConfig
+from recipes.default_model.data_order import STAGE2, Batches, generator
+from recipes.default_model.stage2 import train_vlm
+from recipes.default_model.train import build
 
 
 def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: int) -> float:
@@ -27,17 +33,17 @@ def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: 
     torch.manual_seed(cfg.seed)
     processor, model, head = build(cfg, samples)
     load_stage1(model, head, checkpoint)
-    rng = np.random.default_rng((cfg.seed, 2))
+    rng = generator(cfg.seed, STAGE2)
     # grounding, tally and dropped inputs off in both: PyramidDrop training cannot use them, and the comparison is of the LM forward
     block = TrainConfig(**{**cfg.__dict__, "pdrop": pdrop, "ground_weight": 0.0, "tally_weight": 0.0, "drop_share": 0.0, "stage2_steps": steps,
                            "log_every": 10**9})
     start = time.perf_counter()
-    train_vlm(model, head, processor, block, _Batches(samples, cfg.stage2_batch, rng), rng, log=lambda _: None)
+    train_vlm(model, head, processor, block, Batches(samples, cfg.stage2_batch, rng), rng, log=lambda _: None)
     return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokendrop.training.steptime", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recipes.default_model.steptime", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="training dataset folder")
     parser.add_argument("--stage1-checkpoint", required=True, help="stage-1 file written by tokendrop train")
     parser.add_argument("--steps", type=int, default=30, help="steps per block (default 30)")

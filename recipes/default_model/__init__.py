@@ -1,5 +1,20 @@
 """Training of tokendrop's default model (a small stock LLaVA-NeXT) on the synthetic VQA data.
 
+The recipe that trained ``src/tokendrop/assets/model`` (docs/training_recipe.md), kept in the
+repository and not installed with the library; ``tokendrop train`` runs it from a clone. Modules:
+
+- ``model``: the model, processor and tokenizer builders (stock ``transformers`` classes, small sizes)
+- ``config``: ``TrainConfig``, everything a run depends on
+- ``train``: ``train(cfg)``, both stages end to end, and ``build`` (a fresh run's model)
+- ``stage1`` / ``stage2``: the two training loops; ``schedule``: learning rate and one update
+- ``vision_heads``: the stage-1 losses; ``losses``: the stage-2 word-alignment, grounding and tally losses
+- ``targets``: targets derived from the scene metadata; ``token_patches``: the same over a batch's tokens
+- ``batches``: samples to model inputs; ``data_order``: the seeded batch streams; ``words``: tokenizer
+  corpus and class-word ids; ``match_init``: the word-matcher start of the grounded heads
+- ``checkpoint``: saving the model, saving and loading stage 1; ``cli``: ``tokendrop train``
+- tools: ``python -m recipes.default_model.grounding`` (where a trained model's answers look) and
+  ``python -m recipes.default_model.steptime`` (vanilla against PyramidDrop step time)
+
 The prompt format is fixed and shared by training, ``tokendrop run`` and ``tokendrop eval``::
 
     "<image>\\nQ: {question} A:"   ->   the model answers " {answer}</s>"

@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from tokendrop.data.synth import COLORS, GLYPHS, SHAPES, TEMPLATES
-from tokendrop.training.model import pinpoints
+
+from recipes.default_model.model import pinpoints
 
 LABELS = (
     [f"shape:{s}" for s in SHAPES]

@@ -12,7 +12,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tokendrop.training import CHAT_TEMPLATE
+from recipes.default_model import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 PATCH = 14

@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokendrop.data.dataset import Sample
+from tokendrop.data import Sample
 from tokendrop.data.synth import SHAPES
-from tokendrop.training import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
-from tokendrop.training.targets import (
+
+from recipes.default_model import ANSWER_TEMPLATE, PROMPT_TEMPLATE, format_prompt
+from recipes.default_model.targets import (
     CAPTION_QUESTION,
     TALLY_MARKS,
     caption,
@@ -59,18 +60,10 @@ def encode_example(
 
     Returns a dict with ``input_ids``/``labels`` (L,) lists, ``pixel_values`` (V, 3, tile, tile),
     ``image_size`` (height, width), the [CLS] ``targets``/``mask`` (V, K), ``patch_targets``
-    (V, N, 3) and ``focus``: for every templated question, (position of the token that predicts its
-    answer, (V, N) bool mask of the patches that answer is about). With ``lead``, the question's
-    shape word and the tokens after it up to the answer-predicting one are grounded too (same mask,
-    appended after the answer positions): a query that holds the shape word itself is the easy
-    case, from which the grounded head learns the word-to-patch match before the answer position
-    has learned to gather the word.
-
-    With ``tally``, ``tally`` lists (position, (V, N) bool mask, n) for the same positions: the
-    patches of the objects that match the question exactly (its shape, and its colour when it names
-    one; empty when none does) and how many objects match (see ``loop.tally_loss``). With
-    ``tally_mark="centres"`` the mask holds only the patch with each matching object's centre, one per
-    view that shows it (``targets.match_centres``): the same number of tokens per object, whatever its size.
+    (V, N, 3), ``focus``: for every templated question, (position of the token that predicts its
+    answer, (V, N) bool mask of the patches that answer is about), and ``tally``: (position, (V, N)
+    bool mask, n) for the same positions (empty without ``tally``). ``lead``, ``tally`` and
+    ``tally_mark``: see ``_ground_turn``.
     """
     if tally_mark not in TALLY_MARKS:
         raise ValueError(f"tally_mark must be one of {TALLY_MARKS}, got {tally_mark!r}")
@@ -80,50 +73,83 @@ def encode_example(
     ids = enc["input_ids"][0].tolist()
     labels = [IGNORE] * len(ids)
     objects = sample.meta.get("objects") or []
-    turns = [(sample.question, sample.answer)]
-    if objects and n_extra:
-        turns += [t for t in extra_turns(objects, rng, n_extra) if t[0] != sample.question]
-    if objects and with_caption:
-        turns.append((CAPTION_QUESTION, caption(objects)))
+    turns = _turns(sample, objects, rng, n_extra, with_caption)
     classes = patch_targets(objects, image.height, image.width, tile) if objects else None
     shape_ids = _shape_word_ids(tok) if lead else set()
-    focus_list, lead_list, tally_list, tally_lead = [], [], [], []
+    found = {"focus": [], "lead": [], "tally": [], "tally_lead": []}
     for k, (question, reply) in enumerate(turns):
         prompt = [] if k == 0 else _turn_ids(tok, question)  # the first prompt is already in ids
         answer = _answer_ids(tok, reply)
         ids, labels = ids + prompt, labels + [IGNORE] * len(prompt)
         about = focus(question) if classes is not None else None
         if about is not None:
-            pos = len(ids) - 1  # predicts the answer
-            back = range(pos - 1, max(0, pos - 1 - _LEAD_WINDOW), -1)
-            word = next((i for i in back if ids[i] in shape_ids), None)
-            leads = range(word, pos) if word is not None else range(0)
             mask = torch.from_numpy(focus_mask(classes, *about))
-            if mask.any():
-                focus_list.append((pos, mask))
-                lead_list += [(i, mask) for i in leads]
-            if tally:
-                n = matches(objects, *about)
-                match = (match_centres(objects, *about, image.height, image.width, tile) if tally_mark == "centres"
-                         else match_mask(classes, *about))
-                match = torch.from_numpy(match)
-                if n == 0 or match.any():
-                    tally_list.append((pos, match, n))
-                    tally_lead += [(i, match, n) for i in leads]
+            match = _tally_match(objects, about, classes, image, tile, tally_mark) if tally else None
+            _ground_turn(found, ids, shape_ids, mask, match)
         ids, labels = ids + answer, labels + answer
     example = {
         "input_ids": ids,
         "labels": labels,
         "pixel_values": enc["pixel_values"][0],  # (Vmax=V, 3, tile, tile): one image, no padding
         "image_size": (image.height, image.width),
-        "focus": focus_list + lead_list,
-        "tally": tally_list + tally_lead,
+        "focus": found["focus"] + found["lead"],
+        "tally": found["tally"] + found["tally_lead"],
     }
     if objects:
         targets, mask = view_targets(objects, image.height, image.width, tile)
         example["targets"], example["mask"] = torch.from_numpy(targets), torch.from_numpy(mask)
         example["patch_targets"] = torch.from_numpy(classes)
     return example
+
+
+def _turns(sample: Sample, objects: list[dict], rng: np.random.Generator, n_extra: int,
+           with_caption: bool) -> list[tuple[str, str]]:
+    """(question, answer) turns of one example: the sample's own, the derived ones, the caption."""
+    turns = [(sample.question, sample.answer)]
+    if objects and n_extra:
+        turns += [t for t in extra_turns(objects, rng, n_extra) if t[0] != sample.question]
+    if objects and with_caption:
+        turns.append((CAPTION_QUESTION, caption(objects)))
+    return turns
+
+
+def _tally_match(objects: list[dict], about: tuple, classes: np.ndarray, image, tile: int,
+                 tally_mark: str) -> tuple[int, torch.Tensor]:
+    """(n, (V, N) bool mask): how many objects match the question exactly, and their tally tokens."""
+    n = matches(objects, *about)
+    match = (match_centres(objects, *about, image.height, image.width, tile) if tally_mark == "centres"
+             else match_mask(classes, *about))
+    return n, torch.from_numpy(match)
+
+
+def _ground_turn(found: dict, ids: list[int], shape_ids: set[int], mask: torch.Tensor,
+                 match: tuple[int, torch.Tensor] | None) -> None:
+    """Record the grounding targets of the templated question whose answer the last token of ``ids``
+    predicts: its patch ``mask`` (when not empty) and, with ``match``, its tally targets.
+
+    With ``lead`` (``shape_ids`` not empty), the question's shape word and the tokens after it up to
+    the answer-predicting one are grounded too (same mask, appended after the answer positions): a
+    query that holds the shape word itself is the easy case, from which the grounded head learns the
+    word-to-patch match before the answer position has learned to gather the word.
+
+    With ``tally`` (``match`` given), the tally targets are the patches of the objects that match the
+    question exactly (its shape, and its colour when it names one; empty when none does) and how many
+    objects match (see ``losses.tally_loss``). With ``tally_mark="centres"`` the mask holds only the
+    patch with each matching object's centre, one per view that shows it (``targets.match_centres``):
+    the same number of tokens per object, whatever its size.
+    """
+    pos = len(ids) - 1  # predicts the answer
+    back = range(pos - 1, max(0, pos - 1 - _LEAD_WINDOW), -1)
+    word = next((i for i in back if ids[i] in shape_ids), None)
+    leads = range(word, pos) if word is not None else range(0)
+    if mask.any():
+        found["focus"].append((pos, mask))
+        found["lead"] += [(i, mask) for i in leads]
+    if match is not None:
+        n, objects_mask = match
+        if n == 0 or objects_mask.any():
+            found["tally"].append((pos, objects_mask, n))
+            found["tally_lead"] += [(i, objects_mask, n) for i in leads]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:

@@ -1,13 +1,15 @@
 """Where does a trained model's answer look? Attention of the answer-predicting token on the patches
 of the objects the question is about, per LM layer and question type.
 
-    python -m tokendrop.training.grounding --model DIR --data /work/data/val --n 200
+    python -m recipes.default_model.grounding --model DIR --data /work/data/val --n 200
+
+(from the repository root, where ``recipes`` imports as a package)
 
 For every question (the first turn, as at evaluation) and every layer, the attention mass (mean over
 heads, and the grounded head of training) that the token before the answer puts on the image tokens
 of the question's objects (``targets.focus_mask``), next to the share of image tokens those objects
 cover (what attention spread evenly over the image would give). Then the tally head
-(``loop.tally_loss``): its attention on itself against the 1 / (n + 1) it was trained to put there,
+(``losses.tally_loss``): its attention on itself against the 1 / (n + 1) it was trained to put there,
 by the number n of objects that match the question.
 """
 
@@ -22,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokendrop.data.dataset import load_dataset
+from tokendrop.data import load_dataset
 from tokendrop.scoring import query_attention_rows
-from tokendrop.training.batches import collate, encode_example
-from tokendrop.training.loop import batch_token_patches, grounding_targets, tally_counts
-from tokendrop.training.targets import TALLY_MARKS
+
+from recipes.default_model.batches import collate, encode_example
+from recipes.default_model.token_patches import batch_token_patches, grounding_targets, tally_counts
+from recipes.default_model.targets import TALLY_MARKS
 
 
 @contextmanager
@@ -89,7 +92,7 @@ def grounding_report(model, processor, samples, batch: int = 20, head: int = 0) 
 
 @torch.no_grad()
 def tally_report(model, processor, samples, layer: int = 3, head: int = 1, batch: int = 20, mark: str = "objects") -> dict:
-    """What the tally head (``loop.tally_loss``) does at each answer-predicting token, by the number n
+    """What the tally head (``losses.tally_loss``) does at each answer-predicting token, by the number n
     of objects matching the question: {n: {"questions", "own" (mean attention on itself), "target"
     (1 / (n + 1)), "own_std", "objects" (mean mass on the matching objects' tokens: all of them, or
     their centre patches with ``mark="centres"``)}}."""

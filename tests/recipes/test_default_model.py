@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tokendrop
-from tokendrop.training import PROMPT_TEMPLATE, format_prompt
-from tokendrop.training.model import pinpoints
-from tokendrop.training.targets import (
+from recipes.default_model import PROMPT_TEMPLATE, format_prompt
+from recipes.default_model.model import pinpoints
+from recipes.default_model.targets import (
     LABELS,
     PATCH_FIELDS,
     best_resolution,
@@ -103,8 +103,8 @@ def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path
     from transformers import AutoProcessor
 
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.batches import IGNORE, encode_example
-    from tokendrop.training.targets import CAPTION_QUESTION, focus, focus_mask
+    from recipes.default_model.batches import IGNORE, encode_example
+    from recipes.default_model.targets import CAPTION_QUESTION, focus, focus_mask
 
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     tok = processor.tokenizer
@@ -151,7 +151,7 @@ def test_encode_example_puts_the_caption_last_and_grounds_each_question(tmp_path
 
 
 def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
-    from tokendrop.training.loop import ground_loss
+    from recipes.default_model.losses import ground_loss
 
     target = torch.zeros(1, 2, 10, dtype=torch.bool)
     target[0, 0, 2:4] = True
@@ -166,7 +166,8 @@ def test_ground_loss_is_low_when_the_answer_looks_at_its_objects():
 
 
 def test_tally_loss_is_lowest_when_the_own_share_is_one_over_n_plus_one():
-    from tokendrop.training.loop import tally_counts, tally_loss
+    from recipes.default_model.losses import tally_loss
+    from recipes.default_model.token_patches import tally_counts
 
     L = 10
     query = torch.tensor([[9, 9]])  # the query looks at itself at position 9
@@ -193,7 +194,7 @@ def test_tally_loss_is_lowest_when_the_own_share_is_one_over_n_plus_one():
 
 
 def test_tally_targets_count_the_objects_that_match_the_question():
-    from tokendrop.training.targets import match_mask, matches
+    from recipes.default_model.targets import match_mask, matches
 
     objects = [
         {"shape": "square", "color": "blue", "glyph": None, "box": [120, 10, 160, 50]},
@@ -209,7 +210,7 @@ def test_tally_targets_count_the_objects_that_match_the_question():
 
 
 def test_centre_targets_mark_one_patch_per_object_in_each_view_showing_its_centre():
-    from tokendrop.training.targets import centre_targets, match_centres
+    from recipes.default_model.targets import centre_targets, match_centres
 
     # 224 x 224 -> 2 x 2 tiles, scale 1, no padding; base view: the image squashed to 112 x 112
     objects = [
@@ -236,8 +237,8 @@ def test_encode_example_tallies_the_centre_patches_of_the_matching_objects(tmp_p
     from transformers import AutoProcessor
 
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.batches import encode_example
-    from tokendrop.training.targets import centre_targets
+    from recipes.default_model.batches import encode_example
+    from recipes.default_model.targets import centre_targets
 
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
     generate_dataset(tmp_path, 6, seed=5)
@@ -259,7 +260,9 @@ def test_encode_example_tallies_the_centre_patches_of_the_matching_objects(tmp_p
 
 
 def test_stage1_centre_head_is_optional_and_checked(next_model):
-    from tokendrop.training.loop import TrainConfig, VisionHeads, load_stage1
+    from recipes.default_model.checkpoint import load_stage1
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.vision_heads import VisionHeads
 
     heads = VisionHeads(16, centre=True)
     hidden = torch.randn(3, 1 + 64, 16)
@@ -289,8 +292,9 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
 
     from tokendrop.data import generate_dataset, load_dataset
     from tokendrop.evaluation.harness import Config, evaluate
-    from tokendrop.training.loop import TrainConfig, train
-    from tokendrop.training.model import ModelConfig
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
+    from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 8, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
@@ -346,8 +350,9 @@ def test_shipped_model_loads_offline_and_beats_chance_widely(tmp_path):
 
 def test_tiny_training_run_with_pyramiddrop(tmp_path):
     from tokendrop.data import generate_dataset
-    from tokendrop.training.loop import TrainConfig, train
-    from tokendrop.training.model import ModelConfig
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
+    from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 4, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=4, t_heads=2, t_mlp=64)
@@ -362,7 +367,7 @@ def test_tiny_training_run_with_pyramiddrop(tmp_path):
 
 def test_chat_template_writes_the_training_prompt():
     from tokendrop.loading import format_prompt as model_prompt
-    from tokendrop.training.model import build_processor, train_tokenizer
+    from recipes.default_model.model import build_processor, train_tokenizer
 
     processor = build_processor(train_tokenizer(["Q: what colour is it? A: red"]))
     assert model_prompt(processor, " What is written on the purple triangle? ") == format_prompt(
@@ -371,8 +376,9 @@ def test_chat_template_writes_the_training_prompt():
 
 def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
     from tokendrop.data import generate_dataset
-    from tokendrop.training.loop import TrainConfig, train
-    from tokendrop.training.model import ModelConfig
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
+    from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 6, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
@@ -402,7 +408,7 @@ def test_stage1_checkpoint_is_saved_then_reused_and_replays_the_run(tmp_path):
 
 def test_glyph_sheets_are_seeded_and_label_every_glyph():
     from tokendrop.data.synth import GLYPHS, glyph_sheet
-    from tokendrop.training.targets import sheet_targets
+    from recipes.default_model.targets import sheet_targets
 
     image, objects = glyph_sheet(np.random.default_rng(5), 112)
     again, _ = glyph_sheet(np.random.default_rng(5), 112)
@@ -418,9 +424,9 @@ def test_glyph_sheets_are_seeded_and_label_every_glyph():
 
 
 def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
-    from tokendrop.training.batches import encode_sheets
-    from tokendrop.training.loop import VisionHeads
-    from tokendrop.training.model import ModelConfig, build_model, build_processor, train_tokenizer
+    from recipes.default_model.batches import encode_sheets
+    from recipes.default_model.vision_heads import VisionHeads
+    from recipes.default_model.model import ModelConfig, build_model, build_processor, train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer(["<image>\nQ: What is written on the red circle? A: 7"], 300)
@@ -443,8 +449,8 @@ def test_stage1_with_glyph_sheets_lowers_the_sheet_loss_on_a_fixed_batch():
 
 
 def test_align_loss_prefers_the_patch_words_and_skips_none_and_ignored_patches():
-    from tokendrop.training.loop import align_loss
-    from tokendrop.training.targets import PATCH_FIELDS
+    from recipes.default_model.losses import align_loss
+    from recipes.default_model.targets import PATCH_FIELDS
 
     torch.manual_seed(0)
     vocab, dim = 40, 16
@@ -461,8 +467,8 @@ def test_align_loss_prefers_the_patch_words_and_skips_none_and_ignored_patches()
 
 
 def test_word_ids_are_one_token_per_class_word():
-    from tokendrop.training.loop import tokenizer_corpus, word_ids
-    from tokendrop.training.model import train_tokenizer
+    from recipes.default_model.words import tokenizer_corpus, word_ids
+    from recipes.default_model.model import train_tokenizer
 
     tok = train_tokenizer(tokenizer_corpus([]), 512)
     colour, shape, glyph = word_ids(tok)
@@ -476,7 +482,7 @@ def test_image_token_patches_follow_the_stock_packing(next_model, images):
     from conftest import PROMPTS
 
     from tokendrop.adapters.llava_next import LlavaNextAdapter
-    from tokendrop.training.loop import image_token_patches
+    from recipes.default_model.token_patches import image_token_patches
 
     model, processor = next_model
     processor.tokenizer.padding_side = "right"
@@ -501,7 +507,7 @@ def test_image_token_patches_follow_the_stock_packing(next_model, images):
 
 
 def test_focus_mask_picks_the_objects_a_question_is_about():
-    from tokendrop.training.targets import focus, focus_mask
+    from recipes.default_model.targets import focus, focus_mask
 
     objects = [
         {"shape": "circle", "color": "red", "glyph": None, "box": [10, 10, 50, 50]},
@@ -522,7 +528,7 @@ def test_focus_mask_picks_the_objects_a_question_is_about():
 
 def test_grounding_report_measures_attention_on_the_question_objects(next_model, tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.grounding import grounding_report, tally_report
+    from recipes.default_model.grounding import grounding_report, tally_report
 
     model, processor = next_model
     generate_dataset(tmp_path, 8, seed=2)
@@ -544,7 +550,7 @@ def test_grounding_report_measures_attention_on_the_question_objects(next_model,
 def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model, images):
     from conftest import PROMPTS
 
-    from tokendrop.training.loop import image_token_patches, kept_token_patches
+    from recipes.default_model.token_patches import image_token_patches, kept_token_patches
 
     model, processor = next_model
     image_id, grid = model.config.image_token_id, 8
@@ -565,8 +571,9 @@ def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model,
 
 def test_tiny_training_run_with_dropped_inputs(tmp_path):
     from tokendrop.data import generate_dataset
-    from tokendrop.training.loop import TrainConfig, train
-    from tokendrop.training.model import ModelConfig
+    from recipes.default_model.config import TrainConfig
+    from recipes.default_model.train import train
+    from recipes.default_model.model import ModelConfig
 
     generate_dataset(tmp_path / "data", 6, seed=0)
     tiny = ModelConfig(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)
@@ -595,7 +602,7 @@ def test_train_cli_rejects_bad_loss_settings_naming_the_flag(tmp_path, capsys, f
 
 
 def test_tally_head_settings_are_checked():
-    from tokendrop.training.loop import TrainConfig
+    from recipes.default_model.config import TrainConfig
 
     with pytest.raises(ValueError, match="tally_head must differ"):
         TrainConfig(train_dir="d", out_dir="o", tally_head=0, ground_head=0)
@@ -607,7 +614,7 @@ def test_tally_head_settings_are_checked():
 
 
 def test_balanced_tally_loss_weighs_every_count_the_same():
-    from tokendrop.training.loop import tally_loss
+    from recipes.default_model.losses import tally_loss
 
     torch.manual_seed(0)
     rows = torch.softmax(torch.randn(2, 4, 12), dim=-1)  # (B, Q, L)
@@ -625,9 +632,10 @@ def test_balanced_tally_loss_weighs_every_count_the_same():
 
 def test_bucketed_batches_pad_less_and_draw_the_same_samples(tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.batches import encode_example
-    from tokendrop.training.loop import _Batches, image_token_counts, tokenizer_corpus
-    from tokendrop.training.model import build_processor, train_tokenizer
+    from recipes.default_model.batches import encode_example
+    from recipes.default_model.data_order import Batches as _Batches, image_token_counts
+    from recipes.default_model.words import tokenizer_corpus
+    from recipes.default_model.model import build_processor, train_tokenizer
 
     generate_dataset(tmp_path / "data", 24, seed=3)
     samples = load_dataset(tmp_path / "data")
@@ -655,8 +663,9 @@ def test_bucketed_batches_pad_less_and_draw_the_same_samples(tmp_path):
 
 def test_matching_heads_start_as_word_matchers_on_the_slow_rope_dims(tmp_path):
     from tokendrop.data import generate_dataset, load_dataset
-    from tokendrop.training.loop import init_matching_heads, tokenizer_corpus, word_ids
-    from tokendrop.training.model import ModelConfig, build_model, train_tokenizer
+    from recipes.default_model.match_init import init_matching_heads
+    from recipes.default_model.words import tokenizer_corpus, word_ids
+    from recipes.default_model.model import ModelConfig, build_model, train_tokenizer
 
     generate_dataset(tmp_path / "data", 8, seed=0)
     tokenizer = train_tokenizer(tokenizer_corpus(load_dataset(tmp_path / "data")), 400)
@@ -688,5 +697,5 @@ def test_matching_heads_start_as_word_matchers_on_the_slow_rope_dims(tmp_path):
     with pytest.raises(ValueError, match="pairs must be in"):
         init_matching_heads(model, 1, [0], words, logit=5.0, pairs=3)
     with pytest.raises(ValueError, match="match_init"):
-        from tokendrop.training.loop import TrainConfig
+        from recipes.default_model.config import TrainConfig
         TrainConfig(train_dir="d", out_dir="o", match_init=-1.0)
