@@ -22,9 +22,10 @@ from recipes.default_model.train import train
 _TINY = dict(v_hidden=32, v_layers=2, v_heads=2, v_mlp=64, t_hidden=32, t_layers=2, t_heads=2, t_mlp=64)  # --tiny
 
 
-def run(args) -> int:
-    """Train with the flags in ``args``, save to ``--out``, and with ``--val`` write val_report.json there."""
-    cfg = config_from_args(args)
+def run(args, cfg: TrainConfig | None = None) -> int:
+    """Train with the flags in ``args`` (or the config already made from them), save to ``--out``, and
+    with ``--val`` write val_report.json there."""
+    cfg = cfg or config_from_args(args)
     log(f"training: {' '.join(sys.argv[1:]) or 'train'}")
     model, processor, seconds = train(cfg, log=log)
     if args.val and args.val_n:

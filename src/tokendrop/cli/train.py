@@ -82,4 +82,11 @@ def recipe_module(name: str = ""):
 
 
 def run(args) -> int:
-    return recipe_module("cli").run(args)
+    from tokendrop.cli import UsageError
+
+    recipe = recipe_module("cli")
+    try:
+        config = recipe.config_from_args(args)  # the flags' checks: ValueError naming the flag
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return recipe.run(args, config)
