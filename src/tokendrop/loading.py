@@ -56,7 +56,8 @@ def load_model(name_or_path: str, device=None):
     try:
         family_of(architecture=architecture)
     except ValueError:
-        raise ModelLoadError(f"{name_or_path!r} is a {architecture}; supported: {', '.join(supported_models())}") from None
+        what = architecture or f"{config.model_type!r} model with no architecture named"
+        raise ModelLoadError(f"{name_or_path!r} is a {what}; supported: {', '.join(supported_models())}") from None
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = resolve(architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
