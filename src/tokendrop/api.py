@@ -46,6 +46,7 @@ class Handle:
         self.layer_tokens: torch.Tensor | None = None
         self.kept_positions: torch.Tensor | None = None
         self._patches: list[tuple] = []  # (object, attribute, had, old) or (module, hook handle)
+        self._count: TokenCount | None = None  # the pre-LLM method's count per image
         self._live = Live()
 
     @property
@@ -55,10 +56,9 @@ class Handle:
 
     def num_tokens(self, image_size) -> int:
         """Visual tokens an image of (height, width) pixels gives the LLM under this handle's pre-LLM method."""
-        method = next((m for m in self.methods if isinstance(m, PreLLMMethod)), None)
-        if method is None:
+        if self._count is None:
             raise ValueError("this handle has no pre-LLM method; the stock processor counts the tokens")
-        return family_for(self.model).num_tokens(method, image_size)
+        return self._count(image_size)
 
     def remove(self) -> None:
         """Restore the model and processor exactly (idempotent)."""
@@ -213,9 +213,14 @@ def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
     def record(selections):
         handle.selections = selections
 
-    count = TokenCount(adapter.geometry, method)
     processor = handle.processor
-    _set_attr(handle, adapter.base, "get_image_features", adapter.encoder_patch(method, record))
+    geometry = adapter.processor_geometry(processor)
+    handle._count = count = TokenCount(geometry, method)
+    attributes, hooks = adapter.pre_llm_patches(method, record, geometry)
+    for name, value in attributes.items():
+        _set_attr(handle, adapter.base, name, value)
+    for hook in hooks:
+        _add_hook(handle, adapter.base, adapter.base.register_forward_pre_hook(hook, with_kwargs=True))
     _set_attr(handle, processor, "replace_image_token", Placeholders(processor, count, handle._live))
     if hasattr(processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
         _set_attr(handle, processor, "_get_num_multimodal_tokens", TokenQuery(processor, count, handle._live))
@@ -234,7 +239,7 @@ class Placeholders:
     def __call__(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         if not self.live.active:  # a copy made while patched, after remove(): stock again
             return type(self.processor).replace_image_token(self.processor, image_inputs, image_idx, **kwargs)
-        return self.processor.image_token * self.count(self.count.geometry.image_size(image_inputs, image_idx))
+        return self.processor.image_token * self.count.of_inputs(image_inputs, image_idx)
 
 
 class TokenQuery:
@@ -257,16 +262,17 @@ def _patch_in_llm(handle: Handle, adapter, method: InLLMMethod) -> None:
         handle.layer_tokens, handle.kept_positions = counts, origin
 
     compat.check_signature(type(lm).forward, LLMDropper.forward)  # a renamed keyword fails here, not in torch
-    dropper = LLMDropper(lm, method, record)
-    image_token_id = adapter.image_token_id
+    dropper = LLMDropper(lm, method, record, mrope=adapter.positions == "mrope")
+    token_ids = adapter.visual_token_ids
 
     def find_images(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
-            dropper.image_mask = input_ids == image_token_id
+            dropper.image_mask = torch.isin(input_ids, torch.tensor(token_ids, device=input_ids.device))
         elif kwargs.get("inputs_embeds") is not None:
-            token = module.get_input_embeddings()(torch.tensor(image_token_id, device=kwargs["inputs_embeds"].device))
-            dropper.image_mask = (kwargs["inputs_embeds"] == token).all(dim=-1)
+            embeds = kwargs["inputs_embeds"]
+            tokens = module.get_input_embeddings()(torch.tensor(token_ids, device=embeds.device))  # (V, D)
+            dropper.image_mask = (embeds[:, :, None] == tokens).all(dim=-1).any(dim=-1)
 
     _add_hook(handle, adapter.base, adapter.base.register_forward_pre_hook(find_images, with_kwargs=True))
     _set_attr(handle, lm, "forward", dropper.forward)

@@ -26,6 +26,9 @@ from importlib import metadata
 from tokendrop.adapters.llava import LlavaAdapter
 from tokendrop.adapters.llava_next import LlavaNextAdapter
 from tokendrop.adapters.llava_onevision import LlavaOnevisionAdapter
+from tokendrop.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from tokendrop.adapters.qwen2_vl import Qwen2VLAdapter
+from tokendrop.adapters.qwen3_vl import Qwen3VLAdapter
 from tokendrop.methods import BaseOnly, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
@@ -33,7 +36,7 @@ METHODS = (HiRED, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 #: the model families tokendrop runs on.
-FAMILIES = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter)
+FAMILIES = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 VANILLA = "none"
 ENTRY_POINTS = "tokendrop.methods"
 

@@ -48,7 +48,8 @@ def query_attention_row(
 
     Args:
         layer: a decoder layer with `input_layernorm` and `self_attn.{q,k}_proj` (Llama, Mistral,
-            Qwen2, ...); grouped-query attention is handled by repeating keys per group.
+            Qwen2, the Qwen-VL text models; Qwen3's `q_norm` / `k_norm` applied when present);
+            grouped-query attention is handled by repeating keys per group.
         hidden_states: (B, L, D) the layer's input.
         position_embeddings: (cos, sin), each (B or 1, L, hd): the RoPE tables of the current positions.
         query_mask: (B, L) bool, the query tokens of every sample (at least one each).
@@ -82,22 +83,37 @@ def query_attention_rows(
     Returns:
         (B, H, Q, L) fp32 rows, each summing to 1 over the keys it may see (causal and ``key_mask``).
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attn = layer.self_attn
     x = layer.input_layernorm(hidden_states)  # (B, L, D)
     B, L, D = x.shape
     Q, hd = query_index.shape[1], attn.head_dim
     x_q = x.gather(1, query_index[..., None].expand(-1, -1, D))  # (B, Q, D)
-    q = attn.q_proj(x_q).view(B, Q, -1, hd).transpose(1, 2)  # (B, Hq, Q, hd)
-    k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)  # (B, Hkv, L, hd)
+    q = head_norm(attn, "q_norm", attn.q_proj(x_q).view(B, Q, -1, hd)).transpose(1, 2)  # (B, Hq, Q, hd)
+    k = head_norm(attn, "k_norm", attn.k_proj(x).view(B, L, -1, hd)).transpose(1, 2)  # (B, Hkv, L, hd)
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # a batch of 1 when positions are shared
     pick = query_index[..., None].expand(-1, -1, cos.shape[-1])
-    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, pick), sin.gather(1, pick))
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q = rotate(q, cos.gather(1, pick), sin.gather(1, pick))
+    k = rotate(k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, L, hd)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, Hq, Q, L)
     allowed = torch.arange(L, device=x.device)[None, None, :] <= query_index[..., None]  # (B, Q, L) causal
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+
+
+def head_norm(attention: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:
+    """The attention's per-head norm of queries or keys (Qwen3: `q_norm`, `k_norm`), when it has one."""
+    norm = getattr(attention, name, None)
+    return states if norm is None else norm(states)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, H, T, hd) with tables (B, T, hd): x cos + rotate_half(x) sin.
+
+    The tables already hold any multimodal layout (M-RoPE sections are composed by the model's
+    rotary module), so this one formula serves Llama, Qwen2 and the Qwen-VL text models.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]

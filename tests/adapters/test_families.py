@@ -41,7 +41,7 @@ def test_declaration_is_complete(tiny):
     assert adapter.image_token_id == model.config.image_token_id
     for image in (random_image(*size) for size in SIZES):  # the stock count, known from the size alone
         ids = inputs(processor, [image])["input_ids"]
-        assert int((ids == adapter.image_token_id).sum()) == adapter.stock_tokens((image.height, image.width))
+        assert int((ids == adapter.image_token_id).sum()) == adapter.stock_tokens((image.height, image.width), processor)
 
 
 @pytest.mark.parametrize("name", method_names())

@@ -39,7 +39,7 @@ def reference_forward(lm, embeds, image, method, chosen):
     """Last-position hidden state of one sample; fills `chosen` (layer -> kept original indices) if empty."""
     depth = len(lm.layers)
     drops = dict(method.keep_counts(int(image.sum()), depth))
-    renumber = method.positions == "renumber"
+    renumber = method.positions in ("renumber", None)  # None: renumber on 1-D rotary models (these LLaVA ones)
     score_last = isinstance(method, td.FastV) or method.score_layer == "last"
     h, idx = embeds, torch.arange(embeds.shape[1])
     previous = None

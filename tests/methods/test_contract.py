@@ -87,7 +87,7 @@ def test_in_llm_schedule_is_consistent(name, depth, n):
     assert len(per_layer) == depth and per_layer[0] == (n if bounds[0] > 0 else kept[0])
     fractions = method.layer_fractions(depth)
     assert all(abs(n * f - c) < 1 for f, c in zip(fractions, per_layer)), "real-valued and integer counts agree"
-    assert method.positions in POSITION_RULES
+    assert method.positions in (None, *POSITION_RULES)  # None: the model's own rule
     for b in bounds:
         assert method.ranking_layer(b) in (b - 1, b, None)
 

@@ -12,6 +12,7 @@ on it; `apply()` checks every method's `requires()` against them and names what 
                  `rotary_emb`) behind `language_model`
     renumber     1-D rotary positions that may be renumbered       positions="renumber"
                  (M-RoPE families keep each token's 3-D position)
+    base_image   a downscaled whole image among the partitions    BaseOnly
 
 To add a family:
   1. Write `adapters/<family>.py` with a `Family` subclass: `name`, `model_type`, `model_classes`,
@@ -40,6 +41,7 @@ CAPABILITIES = {
     "cls_token": "a vision tower with a [CLS] token",
     "in_llm": "a Llama-style decoder (in-LLM dropping)",
     "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
+    "base_image": "a downscaled whole image among the partitions",
 }
 
 
@@ -47,15 +49,23 @@ CAPABILITIES = {
 class TokenCount:
     """Visual tokens a pre-LLM method gives one image: known from the image size before encoding.
 
-    Holds only the family's geometry (config values) and the method, so the processor patch that
-    uses it can be pickled (spawned DataLoader workers) and never keeps the model alive.
+    Holds only the family's geometry (config and processor values) and the method, so the
+    processor patch that uses it can be pickled (spawned DataLoader workers) and never keeps the
+    model alive. A geometry answers `layout(image_size)` and `input_layout(image_inputs, i)` ->
+    (Layout, (height, width) or None), the latter from what the processor computed for image i.
     """
 
-    geometry: object  # the family's geometry: .layout(image_size) -> Layout
+    geometry: object
     method: PreLLMMethod
 
     def __call__(self, image_size=None) -> int:
-        layout = self.geometry.layout(image_size)
+        return self.count(self.geometry.layout(image_size), image_size)
+
+    def of_inputs(self, image_inputs: dict, image_idx: int) -> int:
+        """The count for image `image_idx` of the processor's `image_inputs` (replace_image_token's view)."""
+        return self.count(*self.geometry.input_layout(image_inputs, image_idx))
+
+    def count(self, layout, image_size) -> int:
         count = self.method.num_tokens(layout)
         if count == 0:
             tokens = layout.num_partitions * layout.patches
@@ -117,6 +127,7 @@ class Family:
     cls_token: ClassVar[bool] = False
     in_llm: ClassVar[bool] = False
     positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
+    base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
 
     geometry = None  # image size -> Layout (pre_llm families)
 
@@ -130,7 +141,7 @@ class Family:
     def family_capabilities(cls) -> set[str]:
         """What every model of the family can do."""
         flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": cls.in_llm,
-                 "renumber": cls.positions == "rope"}
+                 "renumber": cls.positions == "rope", "base_image": cls.base_image}
         return {name for name, on in flags.items() if on}
 
     def capabilities(self) -> set[str]:
@@ -164,6 +175,12 @@ class Family:
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids whose tokens in-LLM methods rank and drop (images, and videos where a family has them)."""
+        video = getattr(self.config, "video_token_id", None)
+        return (self.image_token_id,) if video is None else (self.image_token_id, video)
+
     def layout(self, image_size=None):
         """`Layout` of an image of (height, width) pixels."""
         return self.geometry.layout(image_size)
@@ -172,8 +189,14 @@ class Family:
         """Visual tokens `method` gives an image of (height, width) pixels; ValueError if none."""
         return TokenCount(self.geometry, method)(image_size)
 
-    def stock_tokens(self, image_size=None) -> int:
-        """Visual tokens the stock processor writes for an image of (height, width) pixels."""
+    def processor_geometry(self, processor):
+        """The geometry the processor's placeholder patch carries (some families need the processor's
+        resize settings; the LLaVA ones read everything from the config)."""
+        return self.geometry
+
+    def stock_tokens(self, image_size=None, processor=None) -> int:
+        """Visual tokens the stock processor writes for an image of (height, width) pixels (some
+        families' counts depend on the processor's resize settings: pass it when there is one)."""
         raise NotImplementedError
 
     def check_processor(self, processor) -> None:
@@ -188,6 +211,14 @@ class Family:
     def encoder_patch(self, method: PreLLMMethod, record):
         """A replacement `get_image_features` keeping `method`'s tokens; `record(selections)` gets the picks."""
         raise NotImplementedError
+
+    def pre_llm_patches(self, method: PreLLMMethod, record, geometry):
+        """(attribute -> replacement on the inner model, forward pre-hooks on it) for a pre-LLM method.
+
+        Most families replace `get_image_features` only; families with positions that depend on the
+        image (M-RoPE) patch more.
+        """
+        return {"get_image_features": self.encoder_patch(method, record)}, []
 
     def shapes(self) -> Shapes:
         raise NotImplementedError

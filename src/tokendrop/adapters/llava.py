@@ -24,8 +24,8 @@ class SingleGeometry:
     def layout(self, image_size=None) -> Layout:
         return Layout(grid=self.grid)
 
-    def image_size(self, image_inputs: dict, image_idx: int):
-        return None  # every image is resized to one tile
+    def input_layout(self, image_inputs: dict, image_idx: int):
+        return self.layout(), None  # every image is resized to one tile
 
 
 class LlavaAdapter(LlavaStyle):
@@ -36,14 +36,14 @@ class LlavaAdapter(LlavaStyle):
     processor_class = "LlavaProcessor"
     image_processor_class = "transformers.models.llava.image_processing_pil_llava:LlavaImageProcessorPil"
     tiny = "tokendrop.tiny:tiny_llava"
-    pre_llm = cls_token = True
+    pre_llm = cls_token = base_image = True  # the one partition is the whole image
 
     def __init__(self, model):
         super().__init__(model)
         self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
         self.geometry = SingleGeometry(self.grid)
 
-    def stock_tokens(self, image_size=None) -> int:
+    def stock_tokens(self, image_size=None, processor=None) -> int:
         return self.grid * self.grid
 
     def encoder_patch(self, method: PreLLMMethod, record):

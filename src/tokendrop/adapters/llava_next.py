@@ -49,10 +49,11 @@ class NextGeometry:
             left, right = pad, canvas_w - pad
         return Layout(grid=self.grid, tiles=(rows, cols), crop=(top, bottom, left, right))
 
-    def image_size(self, image_inputs: dict, image_idx: int):
-        """(height, width) of image `image_idx` as the processor's `replace_image_token` sees it."""
+    def input_layout(self, image_inputs: dict, image_idx: int):
+        """(Layout, (height, width)) of image `image_idx` as the processor's `replace_image_token` sees it."""
         size = image_inputs["image_sizes"][image_idx]
-        return size.tolist() if hasattr(size, "tolist") else size
+        size = size.tolist() if hasattr(size, "tolist") else list(size)
+        return self.layout(size), size
 
 
 class LlavaNextAdapter(LlavaStyle):
@@ -63,7 +64,7 @@ class LlavaNextAdapter(LlavaStyle):
     processor_class = "LlavaNextProcessor"
     image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
     tiny = "tokendrop.tiny:tiny_llava_next"
-    pre_llm = cls_token = True
+    pre_llm = cls_token = base_image = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -72,7 +73,7 @@ class LlavaNextAdapter(LlavaStyle):
         self.grid = self.tile // vision.patch_size
         self.geometry = NextGeometry(self.tile, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
 
-    def stock_tokens(self, image_size=None) -> int:
+    def stock_tokens(self, image_size=None, processor=None) -> int:
         """Base + unpadded canvas + one newline per canvas row, as the stock model packs them."""
         layout = self.layout(image_size)
         return layout.patches + sum(layout.valid_counts()[1:]) + layout.canvas_rows

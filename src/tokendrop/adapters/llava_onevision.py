@@ -29,7 +29,7 @@ class LlavaOnevisionAdapter(LlavaStyle):
         self.grid = vision.image_size // vision.patch_size
         self.tiles = NextGeometry(vision.image_size, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
 
-    def stock_tokens(self, image_size=None) -> int:
+    def stock_tokens(self, image_size=None, processor=None) -> int:
         """Base + unpadded canvas (pooled down to `anyres_max_N` tiles' worth) + one newline per row."""
         top, bottom, left, right = self.tiles.layout(image_size).crop
         height, width = bottom - top, right - left

@@ -1,4 +1,5 @@
-"""In-LLM dropping: a replacement forward for a stock Llama-style decoder (Llama, Mistral, Qwen2).
+"""In-LLM dropping: a replacement forward for a stock Llama-style decoder (Llama, Mistral, Qwen2, and
+the Qwen-VL text models with M-RoPE and DeepStack).
 
 The stock `LlamaModel.forward` builds the mask and position embeddings once and runs every layer
 on the same sequence, so a hook on one layer cannot shorten it. This forward is the stock loop plus
@@ -12,6 +13,10 @@ Prefill (the layer-0 cache is empty) selects; decoding reuses the prefill's stat
   positions   = the caller's positions, minus the tokens dropped before the stage ("renumber").
 A sample's image tokens are found from its own input_ids; samples differ in length after a drop
 when they keep different numbers of tokens, and are then left-padded again (mask 0).
+M-RoPE (Qwen-VL): the 3-D rotary positions are gathered with the tokens, so kept tokens keep their
+original phases (renumbering is refused for these models); the text row, when the caller gives
+one, goes to the masks and layers as the stock forward passes it. DeepStack (Qwen3-VL): the visual
+features added after the first layers are added to the kept visual tokens only.
 
 B batch, L sequence, D width.
 """
@@ -43,21 +48,51 @@ class Stage:
 
 @dataclass
 class Tokens:
-    """The current sequence of a prefill and what each slot is. All (B, L[, D])."""
+    """The current sequence of a prefill and what each slot is. All (B, L[, D]) unless noted."""
 
     hidden: torch.Tensor
     mask: torch.Tensor  # bool: a real token (not padding)
-    positions: torch.Tensor  # long: position ids
-    image: torch.Tensor  # bool: an image token
+    positions: torch.Tensor  # long: position ids (the text row for M-RoPE models)
+    image: torch.Tensor  # bool: an image (or video) token
     query: torch.Tensor  # bool: a scoring query (last prompt token, or the token before each answer)
     origin: torch.Tensor  # long: index in the caller's sequence, -1 for padding added by a drop
+    rope: torch.Tensor | None = None  # (3, B, L) long: M-RoPE positions, or None (1-D rotary)
+    visual: torch.Tensor | None = None  # long: row of the DeepStack features, -1 for other slots
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Tokens":
         """The slots `index` (B, L'); slots where `valid` is False become padding."""
         pick = lambda t: t.gather(1, index) & valid  # noqa: E731
         hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        rope = None if self.rope is None else self.rope.gather(2, index[None].expand(3, -1, -1))
+        visual = None if self.visual is None else self.visual.gather(1, index).masked_fill(~valid, -1)
         return Tokens(hidden, pick(self.mask), self.positions.gather(1, index), pick(self.image), pick(self.query),
-                      self.origin.gather(1, index).masked_fill(~valid, -1))
+                      self.origin.gather(1, index).masked_fill(~valid, -1), rope, visual)
+
+    @property
+    def rotary(self) -> torch.Tensor:
+        """What the rotary embedding takes: the M-RoPE positions, else the position ids."""
+        return self.positions if self.rope is None else self.rope
+
+
+def split_positions(position_ids, past: int, B: int, L: int, device, mrope: bool):
+    """(text positions (B, L) or None, M-RoPE positions (3, B, L) or None) from what the caller passed.
+
+    M-RoPE callers pass (4, B, L) = text row + t/h/w rows (generate), (3, B, L), (B, L) or nothing;
+    1-D callers (B, L), (1, L) or nothing. Missing text positions of a 1-D model are counted from
+    `past`, as the stock forward does.
+    """
+    if not mrope:
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=device)[None]
+        return position_ids.expand(B, -1), None
+    if position_ids is None:
+        rope = torch.arange(past, past + L, device=device).view(1, 1, -1).expand(3, B, -1)
+        return None, rope
+    if position_ids.ndim == 2:
+        return None, position_ids[None].expand(3, B, -1)
+    if position_ids.shape[0] == 4:
+        return position_ids[0].expand(B, -1), position_ids[1:].expand(-1, B, -1)
+    return None, position_ids.expand(-1, B, -1)
 
 
 def same_sequence(before: "Tokens", after: "Tokens") -> bool:
@@ -109,6 +144,22 @@ def query_tokens(mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tenso
     return torch.where(before.any(dim=1, keepdim=True), before, last)
 
 
+def deepstack_rows(deepstack) -> torch.Tensor | None:
+    """(B, L) row of every visual slot in Qwen3-VL's DeepStack features (-1 elsewhere), or None."""
+    if deepstack is None:
+        return None
+    visual = deepstack[0].bool()  # (B, L) visual_pos_masks; features are in its row-major order
+    return (visual.flatten().long().cumsum(0) - 1).view_as(visual).masked_fill(~visual, -1)
+
+
+def add_deepstack(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """`hidden` with DeepStack `features` (Nv, D) added at the slots still holding visual tokens."""
+    where = rows >= 0
+    hidden = hidden.clone()
+    hidden[where] = hidden[where] + features.to(hidden.device, hidden.dtype)[rows[where]]
+    return hidden
+
+
 def check_cache(cache) -> None:
     """Refuse caches whose layers cannot grow to different lengths (static caches preallocate)."""
     from transformers.cache_utils import DynamicLayer
@@ -123,9 +174,11 @@ def check_cache(cache) -> None:
 class LLMDropper:
     """Replaces `language_model.forward` (instance attribute) for one in-LLM method."""
 
-    def __init__(self, language_model, method, record):
+    def __init__(self, language_model, method, record, mrope: bool = False):
         self.lm = language_model
         self.method = method
+        self.mrope = mrope  # 3-D rotary positions (Qwen-VL)
+        self.renumber = method.positions == "renumber" or (method.positions is None and not mrope)
         self.record = record  # callable(layer_tokens (B, depth) long, origin (B, L') long)
         self.depth = len(language_model.layers)
         self.boundaries = method.boundaries(self.depth)
@@ -139,12 +192,13 @@ class LLMDropper:
 
     # ---- entry --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, **kwargs):
+                use_cache=None, past_key_values=None, visual_pos_masks=None, deepstack_visual_embeds=None, **kwargs):
         """The stock language model's forward, under either name of the cache (`compat`).
 
         With `output_hidden_states`, entry i < depth of the returned `hidden_states` is the input of
         layer i with the tokens that layer saw (after any drop before it), the last entry the normed
         output, like the stock tuple of depth + 1 tensors; their lengths differ across a drop.
+        `visual_pos_masks` and `deepstack_visual_embeds` are Qwen3-VL's DeepStack inputs.
         """
         lm = self.lm
         cache = compat.cache_argument(cache, past_key_values)
@@ -163,24 +217,28 @@ class LLMDropper:
             cache = DynamicCache(config=lm.config)
         past = cache.get_seq_length(0) if cache is not None else 0
         B, L, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = torch.arange(past, past + L, device=inputs_embeds.device)[None]
-        position_ids = position_ids.expand(B, -1)
+        text, rope = split_positions(position_ids, past, B, L, inputs_embeds.device, self.mrope)
         if attention_mask is None:
             attention_mask = torch.ones(B, past + L, dtype=torch.bool, device=inputs_embeds.device)
         attention_mask = attention_mask.bool()
-        step = self.prefill if past == 0 else self.decode
-        hidden = lm.norm(step(inputs_embeds, attention_mask, position_ids, cache, use_cache, states, **kwargs))
+        self.pass_text = text is not None  # hand text positions to masks and layers as the stock forward does
+        positions = text if text is not None else (attention_mask[:, past:].long().cumsum(dim=1) - 1 + past)
+        deepstack = (visual_pos_masks, deepstack_visual_embeds) if deepstack_visual_embeds is not None else None
+        if past == 0:
+            hidden = self.prefill(inputs_embeds, attention_mask, positions, rope, deepstack, cache, use_cache, states, **kwargs)
+        else:
+            hidden = self.decode(inputs_embeds, attention_mask, positions, rope, cache, use_cache, states, **kwargs)
+        hidden = lm.norm(hidden)
         return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=hidden,
                                    hidden_states=None if states is None else (*states, hidden))
 
     # ---- prefill: select and compact -------------------------------------------------------------
-    def prefill(self, hidden, mask, positions, cache, use_cache, states, **kwargs):
+    def prefill(self, hidden, mask, positions, rope, deepstack, cache, use_cache, states, **kwargs):
         image = self.image_mask
         if image is None or image.shape != mask.shape:
             image = torch.zeros_like(mask)
         seq = Tokens(hidden, mask, positions, image.to(mask.device) & mask, query_tokens(mask, self.labels),
-                     torch.arange(mask.shape[1], device=mask.device).expand_as(mask))
+                     torch.arange(mask.shape[1], device=mask.device).expand_as(mask), rope, deepstack_rows(deepstack))
         original = seq.image.sum(dim=1)  # (B,) N per sample
         drops = dict(self._keep_counts(original))
         self.stages, self.prefill_length = [], mask.shape[1]
@@ -192,7 +250,7 @@ class LLMDropper:
                     scores = self._scores(i, seq, layer_input)  # (B, L)
                 before = seq
                 seq = seq.gather(*keep_index(scores, seq.image, drops[i], seq.query))
-                if self.method.positions == "renumber":
+                if self.renumber:
                     seq.positions = (seq.mask.long().cumsum(dim=1) - 1).clamp(min=0).masked_fill(~seq.mask, 0)
                     shift = original - seq.image.sum(dim=1)
                 else:
@@ -202,17 +260,23 @@ class LLMDropper:
                 self.stages.append(Stage(i, seq.mask, shift, same))
             if i == 0 or (i in drops and not self.stages[-1].same):
                 causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i)
-                rope = self.lm.rotary_emb(seq.hidden, seq.positions)
+                rotary = self.lm.rotary_emb(seq.hidden, seq.rotary)
             counts[:, i] = seq.image.sum(dim=1)
             layer_input = seq.hidden
             if states is not None:
                 states.append(seq.hidden)
-            seq.hidden = layer(seq.hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                               position_ids=seq.positions, use_cache=use_cache, position_embeddings=rope,
-                               **{self.cache_kw: cache}, **kwargs)
+            seq.hidden = self._layer(layer, seq.hidden, causal, seq.positions, rotary, cache, use_cache, **kwargs)
+            if deepstack is not None and i < len(deepstack[1]):  # Qwen3-VL: visual features after the first layers
+                seq.hidden = add_deepstack(seq.hidden, seq.visual, deepstack[1][i])
         self.origin = seq.origin
         self.record(counts, seq.origin)
         return seq.hidden
+
+    def _layer(self, layer, hidden, causal, positions, rotary, cache, use_cache, **kwargs):
+        """One decoder layer, called with the keywords the installed release names (`compat`)."""
+        return layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
+                     position_ids=positions if self.pass_text else None, use_cache=use_cache,
+                     position_embeddings=rotary, **{self.cache_kw: cache}, **kwargs)
 
     def _keep_counts(self, original: torch.Tensor):
         """(layer, (B,) kept image tokens) per boundary, from each sample's ORIGINAL count."""
@@ -227,11 +291,11 @@ class LLMDropper:
         if scorer is None:  # no attention to rank by (FastV with k = 0)
             return self.method.random_scores(seq.image)
         x = layer_input if scorer == i - 1 else seq.hidden  # that layer's input
-        rope = self.lm.rotary_emb(x, seq.positions)
-        return query_attention_row(self.lm.layers[scorer], x, rope, seq.query, key_mask=seq.mask)
+        rotary = self.lm.rotary_emb(x, seq.rotary)
+        return query_attention_row(self.lm.layers[scorer], x, rotary, seq.query, key_mask=seq.mask)
 
     # ---- decode: static keep sets ---------------------------------------------------------------
-    def decode(self, hidden, mask, positions, cache, use_cache, states, **kwargs):
+    def decode(self, hidden, mask, positions, rope, cache, use_cache, states, **kwargs):
         if not self.stages and self.boundaries and self.prefill_length == 0:
             raise RuntimeError("tokendrop: decoding with a cache that this model did not prefill")
         stage_of = {s.layer: s for s in self.stages}
@@ -244,12 +308,10 @@ class LLMDropper:
                     current_mask = torch.cat([stage.mask, new_tail], dim=1)
                     current_positions = positions - stage.shift[:, None]
                 causal = self._masks(hidden, current_mask, current_positions, cache, i)
-                rope = self.lm.rotary_emb(hidden, current_positions)
+                rotary = self.lm.rotary_emb(hidden, current_positions if rope is None else rope)
             if states is not None:
                 states.append(hidden)
-            hidden = layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                           position_ids=current_positions, use_cache=use_cache, position_embeddings=rope,
-                           **{self.cache_kw: cache}, **kwargs)
+            hidden = self._layer(layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
         return hidden
 
     # ---- masks ----------------------------------------------------------------------------------
@@ -257,7 +319,7 @@ class LLMDropper:
         """Causal masks per attention type, sized against layer `layer_idx`'s cache."""
         config = self.lm.config
         args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
-                    position_ids=positions, layer_idx=layer_idx)
+                    position_ids=positions if self.pass_text else None, layer_idx=layer_idx)
         masks = {"full_attention": causal_mask(**args)}
         if getattr(config, "sliding_window", None) is not None:
             masks["sliding_attention"] = sliding_window_mask(**args)

@@ -25,6 +25,9 @@ class BaseOnly(PreLLMMethod):
 
     name = "base-only"
 
+    def requires(self) -> set[str]:
+        return super().requires() | {"base_image"}
+
     def counts(self, layout: Layout, scores=None) -> list[int]:
         return [layout.patches] + [0] * layout.num_tiles
 

@@ -24,15 +24,27 @@ class Layout:
         tiles: (rows, cols) of the high-resolution tile grid; (0, 0) for single-partition models.
         crop: (top, bottom, left, right) of the unpadded canvas in token units; the canvas is
             (rows*G, cols*G) tokens and the model keeps rows [top, bottom) and cols [left, right).
+        grid_cols: columns of a single partition that is not square (Qwen-VL's native-resolution
+            grid of `grid` rows x `grid_cols` merged tokens); 0 means square.
     """
 
     grid: int
     tiles: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+    grid_cols: int = 0
+
+    def __post_init__(self):
+        if self.grid_cols and self.tiles != (0, 0):
+            raise ValueError("a tiled layout has square tiles: grid_cols applies to single-partition layouts")
+
+    @property
+    def cols(self) -> int:
+        """Token columns of a partition (G for square tiles)."""
+        return self.grid_cols or self.grid
 
     @property
     def patches(self) -> int:
-        return self.grid * self.grid
+        return self.grid * self.cols
 
     @property
     def num_tiles(self) -> int:
@@ -56,9 +68,12 @@ class Layout:
 
     def valid(self) -> torch.Tensor:
         """(P, N) bool: tokens of every partition that can be kept (all of the base partition)."""
+        base = torch.ones(1, self.patches, dtype=torch.bool)
+        if not self.num_tiles:
+            return base
         rows, cols, g = self.tiles[0], self.tiles[1], self.grid
         tiles = self.canvas_valid().view(rows, g, cols, g).permute(0, 2, 1, 3).reshape(rows * cols, g * g)
-        return torch.cat([torch.ones(1, g * g, dtype=torch.bool), tiles])
+        return torch.cat([base, tiles])
 
     def valid_counts(self) -> list[int]:
         """Valid tokens per partition, base first."""

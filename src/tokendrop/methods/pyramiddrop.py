@@ -16,6 +16,8 @@ their rows averaged, and the selection is a hard top-k on detached scores (no gr
 Deviations from the paper and the official code:
   - score_layer="next" (default) ranks with the first layer of the next stage, as the official code
     does; the paper's text says the stage's last layer ("last").
+  - On M-RoPE models (Qwen-VL) kept tokens keep their original 3-D positions (step 3 would destroy
+    them); positions="renumber" is refused there.
   - The query is never dropped: a last prompt token that is itself an image token (a prompt ending
     with its image) is kept and counts as one of the kept image tokens (docs/design.md).
   - Grouped-query attention, padded batches (each sample its own keep set, from its own N) and
@@ -42,13 +44,15 @@ class PyramidDrop(InLLMMethod):
         ratio: lambda in (0, 1]; stage s keeps int(N * ratio**s) of the ORIGINAL N image tokens.
         score_layer: "next" scores with the first layer of the next stage (official code);
             "last" with the stage's last layer (paper text).
-        positions: "renumber" (positions contiguous after each drop, official) or "original".
+        positions: "renumber" (positions contiguous after each drop, official) or "original"; None
+            (default): "renumber" on 1-D rotary models, "original" on M-RoPE models (Qwen-VL), whose
+            3-D positions cannot be renumbered.
     """
 
     layers: tuple[int, ...] | None = None
     ratio: float = LAMBDA
     score_layer: str = "next"
-    positions: str = "renumber"
+    positions: str | None = None
 
     name = "pdrop"
 
@@ -62,7 +66,7 @@ class PyramidDrop(InLLMMethod):
             set_field(self, "layers", layers)
         set_field(self, "ratio", check_number("ratio", self.ratio, 0.0, 1.0, low_open=True))
         check_choice("score_layer", self.score_layer, ("next", "last"))
-        check_choice("positions", self.positions, POSITION_RULES)
+        check_choice("positions", self.positions, (None, *POSITION_RULES))
 
     def boundaries(self, depth: int) -> tuple[int, ...]:
         layers = self.layers or tuple(s * depth // STAGES for s in range(1, STAGES))

@@ -35,13 +35,13 @@ class SpatialDrop(PreLLMMethod):
     def select(self, layout: Layout, scores=None) -> list[torch.Tensor]:
         keep = []
         for valid, count in zip(layout.valid(), self.counts(layout)):
-            grid = valid.view(layout.grid, layout.grid)  # the valid tokens form a rectangle
+            grid = valid.view(layout.grid, layout.cols)  # the valid tokens form a rectangle
             rows, cols = grid.any(dim=1).nonzero().squeeze(1), grid.any(dim=0).nonzero().squeeze(1)
             if count == 0:
                 keep.append(torch.empty(0, dtype=torch.long))
                 continue
             r, c = lattice(rows.numel(), cols.numel(), count)
-            keep.append((rows[r] * layout.grid + cols[c]).sort().values)
+            keep.append((rows[r] * layout.cols + cols[c]).sort().values)
         return keep
 
 

@@ -1,0 +1,235 @@
+"""What the Qwen-VL families share: a native-resolution grid, a 2x2 patch merger, M-RoPE positions.
+
+An image of H x W pixels is resized (`smart_resize`) to multiples of patch * merge pixels and cut
+into (H'/patch) x (W'/patch) patches; the merger turns every 2x2 group into one LLM token, so an
+image gives one partition of (H'/28) x (W'/28) tokens (Qwen3-VL: 32 px), raster order, no [CLS],
+no base image. The LLM places image tokens by 3-D rotary positions (t, h, w) from `get_rope_index`.
+
+Pre-LLM methods patch three seams (instance attributes, undone by `remove()`):
+  * `get_image_features`: the stock one (the tower, the merger, Qwen3-VL's DeepStack features),
+    then the method's kept rows of every image (the same rows of every DeepStack level);
+  * `get_rope_index`: each image's short run of placeholders is expanded to its full grid for the
+    stock function, and the positions of the kept tokens are gathered back, so kept tokens keep
+    their original (t, h, w) and the text after an image keeps its original positions;
+  * a forward pre-hook on the inner model: `generate()` computes position ids before the encoder
+    runs (the selection is not known yet), so at prefill the image rows are computed again from the
+    selection the encoder just made. Decoding continues at the original maximum + 1.
+Videos are refused by pre-LLM methods (they drop image tokens only).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from tokendrop.adapters.base import Family, Shapes
+from tokendrop.lazy import torch
+from tokendrop.methods.base import PreLLMMethod
+from tokendrop.methods.layout import Layout
+
+
+@dataclass(frozen=True)
+class QwenGeometry:
+    """Image size -> `Layout` (one partition of merged tokens) as the Qwen-VL image processor resizes it."""
+
+    patch: int  # pixels per patch side (14; Qwen3-VL 16)
+    merge: int  # patches per merged token side (2)
+    min_pixels: int
+    max_pixels: int
+
+    def layout(self, image_size) -> Layout:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        factor = self.patch * self.merge
+        height, width = smart_resize(int(image_size[0]), int(image_size[1]), factor=factor,
+                                     min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return Layout(grid=height // factor, grid_cols=width // factor)
+
+    def input_layout(self, image_inputs: dict, image_idx: int):
+        """(Layout, resized (height, width)) of image `image_idx` from its `image_grid_thw`."""
+        t, h, w = (int(x) for x in image_inputs["image_grid_thw"][image_idx])
+        return self.grid_layout(t, h, w), (h * self.patch, w * self.patch)
+
+    def grid_layout(self, t: int, h: int, w: int) -> Layout:
+        """The layout of an image's (t, h, w) patch grid: one partition of (h / merge) x (w / merge) tokens."""
+        if t != 1:
+            raise ValueError(f"an image has one temporal patch, got a grid of {t} (videos are not dropped before the LLM)")
+        return Layout(grid=h // self.merge, grid_cols=w // self.merge)
+
+
+class QwenVLStyle(Family):
+    """Base of the Qwen-VL family adapters."""
+
+    pre_llm = in_llm = True
+    positions = "mrope"
+    default_pixels = (56 * 56, 28 * 28 * 1280)  # the processors' defaults (min, max)
+
+    def __init__(self, model):
+        super().__init__(model)
+        vision = self.config.vision_config
+        self.merge = vision.spatial_merge_size
+        self.geometry = QwenGeometry(vision.patch_size, self.merge, *self.default_pixels)
+
+    @property
+    def tower(self):
+        return self.base.visual
+
+    def processor_geometry(self, processor):
+        images = processor.image_processor
+        size = getattr(images, "size", None) or {}
+        get = size.get if isinstance(size, dict) else lambda key, default=None: getattr(size, key, default)
+        return QwenGeometry(images.patch_size, images.merge_size, get("shortest_edge") or self.default_pixels[0],
+                            get("longest_edge") or self.default_pixels[1])
+
+    def stock_tokens(self, image_size=None, processor=None) -> int:
+        geometry = self.geometry if processor is None else self.processor_geometry(processor)
+        return geometry.layout(image_size).patches
+
+    def check_processor(self, processor) -> None:
+        super().check_processor(processor)
+        images = getattr(processor, "image_processor", None)
+        vision = self.config.vision_config
+        for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size)):
+            got = getattr(images, name, None)
+            if got != want:
+                raise ValueError(f"processor does not belong to the model: image_processor.{name} is {got!r}, "
+                                 f"the model expects {want!r}")
+
+    def hint(self, missing: list[str]) -> str:
+        if "renumber" in missing:
+            return ": M-RoPE gives every image token a 3-D position, which renumbering would destroy"
+        return ""
+
+    # ---- pre-LLM -------------------------------------------------------------------------------------
+    def pre_llm_patches(self, method: PreLLMMethod, record, geometry: QwenGeometry):
+        """The three seams of the module docstring: (attribute patches on the inner model, pre-hooks)."""
+        state = {"kept": None, "grids": None}  # of the last encoder call: kept indices per image, image_grid_thw
+        features = self.encoder_patch(method, record, geometry, state)
+        rope_index = self.rope_index_patch(state)
+
+        def refresh_positions(module, args, kwargs):
+            ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
+            if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
+                raise ValueError("pre-LLM methods drop image tokens; video inputs are not supported while one is "
+                                 "applied (remove the handle, or use an in-LLM method)")
+            if ids is None or positions is None or positions.ndim != 3 or kwargs.get("mm_encoder_outputs") is None:
+                return None
+            if not bool((ids == self.image_token_id).any()) or ids.shape[1] != positions.shape[-1]:
+                return None
+            grids = kwargs.get("image_grid_thw")  # generate() passes it to the encoder, not always to the prefill
+            rope, _ = rope_index(ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+                                 image_grid_thw=state["grids"] if grids is None else grids,
+                                 attention_mask=kwargs.get("attention_mask"))
+            positions = positions.clone()
+            positions[-3:] = rope.to(positions.device)  # the t/h/w rows (a 4-row tensor keeps its text row)
+            return args, {**kwargs, "position_ids": positions}
+
+        return {"get_image_features": features, "get_rope_index": rope_index}, [refresh_positions]
+
+    def encoder_patch(self, method: PreLLMMethod, record, geometry: QwenGeometry, state: dict):
+        """A `get_image_features`: the stock one, then each image's kept rows (and DeepStack rows)."""
+        base, stock = self.base, type(self.base).get_image_features
+        scorer = self.scorer(method)
+
+        def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+            with scorer(image_grid_thw) as scores:
+                outputs = stock(base, pixel_values, image_grid_thw, **kwargs)
+            kept, packed, selections = [], [], []
+            for i, (rows, grid) in enumerate(zip(outputs.pooler_output, image_grid_thw.tolist())):
+                layout = geometry.grid_layout(*grid)
+                keep = method.select(layout, {name: s[i][None] for name, s in scores.items()})[0].to(rows.device)
+                kept.append(keep)
+                packed.append(rows[keep])
+                selections.append(torch.stack([torch.zeros_like(keep), keep // layout.cols, keep % layout.cols], dim=1))
+            if getattr(outputs, "deepstack_features", None) is not None:  # Qwen3-VL: the same rows at every level
+                outputs.deepstack_features = [tuple(f[k] for f, k in zip(level, kept)) for level in outputs.deepstack_features]
+            outputs.pooler_output = tuple(packed)
+            state["kept"], state["grids"] = kept, image_grid_thw
+            record(selections)
+            return outputs
+
+        return get_image_features
+
+    def scorer(self, method: PreLLMMethod):
+        """A context manager factory: given image_grid_thw, yields a dict name -> per-image scores
+        filled while the tower runs (empty when the method reads none)."""
+        if method.scores():
+            raise NotImplementedError(f"{type(self).__name__} computes no scores")
+        return _no_scores
+
+    def rope_index_patch(self, state: dict):
+        """A `get_rope_index` that takes runs of kept placeholders (see the module docstring)."""
+        base, stock = self.base, type(self.base).get_rope_index
+        merge = self.merge
+
+        def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
+                           attention_mask=None, **kwargs):
+            B, L = input_ids.shape
+            if mm_token_type_ids is None:
+                mm_token_type_ids = (input_ids == self.image_token_id).long()
+            grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+            kept = iter(state["kept"] or [])
+            positions = torch.zeros(3, B, L, dtype=input_ids.dtype, device=input_ids.device)
+            deltas = []
+            for b in range(B):
+                valid = attention_mask[b].bool() if attention_mask is not None else torch.ones(L, dtype=torch.bool)
+                ids, types = input_ids[b][valid], mm_token_type_ids[b][valid]
+                runs = [(key, len(list(group))) for key, group in itertools.groupby(types.tolist())]
+                long_ids, long_types, picks, grid_rows, start = [], [], [], [], 0
+                for key, length in runs:
+                    if key == 1:  # an image: expand its placeholders to the full merged grid
+                        grid = next(grids)
+                        full = grid[0] * grid[1] * grid[2] // merge**2
+                        chosen = next(kept, None)
+                        if chosen is None or chosen.numel() != length:
+                            chosen = torch.arange(length)  # provisional: refreshed once the encoder has chosen
+                        picks.append(len(long_ids) + chosen.cpu())
+                        long_ids += [self.image_token_id] * full
+                        long_types += [1] * full
+                        grid_rows.append(grid)
+                    else:
+                        picks.append(torch.arange(len(long_ids), len(long_ids) + length))
+                        long_ids += ids[start:start + length].tolist()
+                        long_types += types[start:start + length].tolist()
+                    start += length
+                as_tensor = lambda x: torch.tensor([x], dtype=input_ids.dtype, device=input_ids.device)  # noqa: E731
+                grid_tensor = torch.tensor(grid_rows, device=input_ids.device) if grid_rows else None
+                full_positions, _ = stock(base, as_tensor(long_ids), mm_token_type_ids=as_tensor(long_types),
+                                          image_grid_thw=grid_tensor)
+                short = full_positions[:, 0, torch.cat(picks).to(input_ids.device)]  # (3, valid length)
+                positions[:, b, valid] = short
+                deltas.append(int(short.max()) + 1 - short.shape[1])
+            return positions, torch.tensor(deltas, device=input_ids.device)[:, None]
+
+        return get_rope_index
+
+    # ---- costs ---------------------------------------------------------------------------------------
+    def shapes(self) -> Shapes:
+        import torch as torch_
+
+        lm, tower = self.language_model, self.tower
+        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        block = tower.blocks[0]
+        linears = lambda module: [m.weight.shape for m in module.modules() if isinstance(m, torch_.nn.Linear)]  # noqa: E731
+        mlp_out = linears(block.mlp)[0][0]
+        conv = tower.patch_embed.proj.weight  # (vd, 3, t, p, p)
+        merger = [x for shape in linears(tower.merger) for x in (shape[1], shape[0])]
+        return Shapes(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
+                      q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
+                      vocab=self.model.lm_head.weight.shape[0], vd=block.attn.qkv.weight.shape[1], vm=mlp_out,
+                      vision_depth=len(tower.blocks), patch_inputs=conv[0].numel(), projector=tuple(merger),
+                      vision_tokens_extra=0)
+
+
+class _NoScores:
+    def __call__(self, image_grid_thw):
+        return self
+
+    def __enter__(self):
+        return {}
+
+    def __exit__(self, *exc):
+        return False
+
+
+_no_scores = _NoScores()
