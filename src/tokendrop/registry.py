@@ -29,10 +29,11 @@ from tokendrop.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokendrop.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from tokendrop.adapters.qwen2_vl import Qwen2VLAdapter
 from tokendrop.adapters.qwen3_vl import Qwen3VLAdapter
-from tokendrop.methods import BaseOnly, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop
+from tokendrop.methods import (BaseOnly, DominantDrop, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop,
+                               SpatialDrop)
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
-METHODS = (HiRED, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
+METHODS = (HiRED, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 #: the model families tokendrop runs on.

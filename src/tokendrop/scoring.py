@@ -117,3 +117,81 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
+
+
+#: queries per block in `received_attention`, chosen so that a block's (H, queries, keys) fp32
+#: probabilities stay near 2**24 elements (64 MB) whatever the image size
+RECEIVED_BLOCK_ELEMENTS = 2**24
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, segments: list[tuple[int, int]]) -> torch.Tensor:
+    """Attention each token receives, averaged over heads and over the queries of its segment.
+
+    Exact, at full resolution, without an N x N map for all heads: the queries of a segment go in
+    blocks (`RECEIVED_BLOCK_ELEMENTS`), each block's softmax rows are summed into the keys' totals.
+    Compute is that of one attention map (H * n^2 * hd multiply-adds per segment of n tokens).
+
+    Args:
+        q, k: (N, H, hd) queries and keys (rotary already applied), any float dtype.
+        scale: the attention's softmax scale.
+        segments: [start, end) ranges of N that attend only among themselves (images, frames, tiles).
+    Returns:
+        (N,) fp32; within every segment the values sum to 1.
+    """
+    out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    heads = q.shape[1]
+    for start, end in segments:
+        keys = k[start:end].float().transpose(0, 1)  # (H, n, hd)
+        n = end - start
+        block = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * n))
+        for first in range(start, end, block):
+            queries = q[first:min(first + block, end)].float().transpose(0, 1)  # (H, c, hd)
+            probs = (queries @ keys.transpose(-1, -2) * scale).softmax(dim=-1)  # (H, c, n)
+            out[start:end] += probs.sum(dim=(0, 1))
+        out[start:end] /= heads * n
+    return out
+
+
+def received_attention_clip(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`received_attention` in a CLIP / SigLIP encoder layer, each image of the batch its own segment.
+
+    Args:
+        layer: an encoder layer with `layer_norm1` and `self_attn.{q,k}_proj`, `.scale`.
+        hidden_states: (T, N, D) the layer's input.
+    Returns:
+        (T, N) fp32, every row summing to 1 (the [CLS] column included, when there is one).
+    """
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden_states)
+    T, N, _ = x.shape
+    q = attn.q_proj(x).view(T * N, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(T * N, attn.num_heads, attn.head_dim)
+    return received_attention(q, k, attn.scale, [(t * N, (t + 1) * N) for t in range(T)]).view(T, N)
+
+
+def received_attention_qwen(block: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                            position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`received_attention` in a Qwen-VL vision block, from the block's own inputs.
+
+    Args:
+        block: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision block (`norm1`, `attn.qkv`, `attn.scaling`).
+        hidden_states: (N, D) the block's input, all patches of all images in the block's order.
+        cu_seqlens: (S + 1,) boundaries of the segments that attend among themselves.
+        position_embeddings: (cos, sin), each (N, hd): the vision rotary tables.
+    Returns:
+        (N,) fp32 per patch, in the block's order.
+    """
+    attn = block.attn
+    x = block.norm1(hidden_states)
+    N = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(N, 3, attn.num_heads, -1).unbind(1)  # each (N, H, hd)
+    cos, sin = (t.float()[:, None] for t in position_embeddings)  # (N, 1, hd)
+    q, k = (rotate_half_vision(t.float(), cos, sin) for t in (q, k))
+    bounds = cu_seqlens.tolist()
+    return received_attention(q, k, attn.scaling, list(zip(bounds[:-1], bounds[1:])))
+
+
+def rotate_half_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin for (N, H, hd) vision queries / keys."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

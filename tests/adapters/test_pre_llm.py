@@ -129,8 +129,8 @@ def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, reque
     with torch.no_grad():
         _, features, rows = tower_pass(tower, pixels, layer, blocks)
         out = eager(pixels, output_attentions=True, output_hidden_states=True)
-    assert blocks == {"init": 0, "final": len(tower.encoder.layers) - 2}
-    for name, block in blocks.items():
+    assert blocks == {"init": ("cls", 0), "final": ("cls", len(tower.encoder.layers) - 2)}
+    for name, (_, block) in blocks.items():
         torch.testing.assert_close(rows[name], out.attentions[block][:, :, 0, 1:].sum(dim=1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(features, out.hidden_states[layer][:, 1:], atol=1e-5, rtol=1e-5)
 

@@ -53,7 +53,8 @@ class LlavaAdapter(LlavaStyle):
 
         def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer))
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer),
+                                                 cls=self.config.vision_feature_select_strategy == "default")
             packed, selections = [], []
             for i in range(features.shape[0]):
                 keep = method.select(layout, {name: row[i : i + 1] for name, row in rows.items()})[0]

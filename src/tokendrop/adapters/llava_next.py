@@ -80,6 +80,9 @@ class LlavaNextAdapter(LlavaStyle):
 
     def check_processor(self, processor) -> None:
         super().check_processor(processor)
+        self.check_pinpoints(processor)
+
+    def check_pinpoints(self, processor) -> None:
         pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
         got = [list(p) for p in pinpoints] if pinpoints is not None else None
         if got != [list(p) for p in self.config.image_grid_pinpoints]:
@@ -96,7 +99,8 @@ class LlavaNextAdapter(LlavaStyle):
             layouts = [self.layout(size) for size in torch.as_tensor(image_sizes).tolist()]
             if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer))
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer),
+                                                 cls=self.config.vision_feature_select_strategy == "default")
             packed, selections, start = [], [], 0
             for lay in layouts:
                 part = slice(start, start + lay.num_partitions)

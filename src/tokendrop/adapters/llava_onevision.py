@@ -1,19 +1,54 @@
-"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`, Qwen2 LM): in-LLM methods.
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP tower (no [CLS]), Qwen2 LM.
 
-Its SigLIP tower has no [CLS] token (vision_feature_select_strategy "full"), so HiRED has nothing
-to rank by; `apply()` refuses it naming the missing capability. The in-LLM methods need only the
-language model and the image token id.
+Tiles, unpadding and packing are LLaVA-NeXT's (base tokens, then the unpadded canvas row by row,
+a newline after every row), so pre-LLM methods reuse `LlavaNextAdapter`'s encoder patch. Two
+stock behaviours have no exact token layout to drop from, and are refused with a clear error
+instead: a canvas larger than `anyres_max_N` tiles, which the model pools (bilinear) to fewer
+tokens, and samples of several images, which the model encodes base-only. HiRED needs a [CLS]
+token and is refused (DominantDrop is the [CLS]-free attention method); the in-LLM methods need
+only the language model.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from tokendrop.adapters.llava_common import LlavaStyle
-from tokendrop.adapters.llava_next import NextGeometry
+from tokendrop.adapters.base import Family
+from tokendrop.adapters.llava_next import LlavaNextAdapter, NextGeometry
+from tokendrop.methods.layout import Layout
 
 
-class LlavaOnevisionAdapter(LlavaStyle):
+@dataclass(frozen=True)
+class OnevisionGeometry(NextGeometry):
+    """LLaVA-NeXT's tiles and unpadding, for the images whose canvas the model does not pool."""
+
+    max_tiles: int = 9  # `anyres_max_N`
+
+    def pooled_canvas(self, image_size) -> tuple[int, int] | None:
+        """(rows, cols) the stock model pools the unpadded canvas to, or None if it keeps it."""
+        layout = NextGeometry.layout(self, image_size)
+        top, bottom, left, right = layout.crop
+        height, width = bottom - top, right - left
+        ratio = math.sqrt(height * width / (self.max_tiles * self.grid**2))
+        return (int(height // ratio), int(width // ratio)) if ratio > 1.1 else None
+
+    def layout(self, image_size) -> Layout:
+        if self.pooled_canvas(image_size) is not None:
+            raise ValueError(f"an image of {image_size[0]}x{image_size[1]} pixels fills more than {self.max_tiles} "
+                             "tiles, and LLaVA-OneVision pools its canvas (anyres_max) into tokens that are not patch "
+                             "tokens; pre-LLM methods drop from unpooled canvases only: use a smaller image, or an "
+                             "in-LLM method")
+        return NextGeometry.layout(self, image_size)
+
+    def input_layout(self, image_inputs: dict, image_idx: int):
+        if any(int(n) > 1 for n in image_inputs.get("batch_num_images", [])):
+            raise ValueError("pre-LLM methods on LLaVA-OneVision take one image per sample (the model encodes the "
+                             "images of a multi-image sample base-only)")
+        return super().input_layout(image_inputs, image_idx)
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
     name = "llava-onevision"
     model_type = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
@@ -22,22 +57,23 @@ class LlavaOnevisionAdapter(LlavaStyle):
     image_processor_class = (
         "transformers.models.llava_onevision.image_processing_pil_llava_onevision:LlavaOnevisionImageProcessorPil")
     tiny = "tokendrop.tiny:tiny_llava_onevision"
+    cls_token = False
 
     def __init__(self, model):
         super().__init__(model)
-        vision = self.config.vision_config
-        self.grid = vision.image_size // vision.patch_size
-        self.tiles = NextGeometry(vision.image_size, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
+        max_tiles = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        self.geometry = OnevisionGeometry(self.tile, self.grid, self.geometry.pinpoints, max_tiles)
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         """Base + unpadded canvas (pooled down to `anyres_max_N` tiles' worth) + one newline per row."""
-        top, bottom, left, right = self.tiles.layout(image_size).crop
-        height, width = bottom - top, right - left
-        max_tiles = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        ratio = math.sqrt(height * width / (max_tiles * self.grid**2))
-        if ratio > 1.1:  # the stock model interpolates large canvases down
-            height, width = int(height // ratio), int(width // ratio)
-        return self.grid * self.grid + height * width + height
+        pooled = self.geometry.pooled_canvas(image_size)
+        if pooled is None:
+            return super().stock_tokens(image_size)
+        return self.grid * self.grid + pooled[0] * pooled[1] + pooled[0]
+
+    def hint(self, missing: list[str]) -> str:
+        return ": SigLIP has no [CLS]; DominantDrop ranks by the attention each token receives" if "cls_token" in missing else ""
 
     def check_processor(self, processor) -> None:
-        pass  # in-LLM methods only: the processor's counts stay the stock ones
+        Family.check_processor(self, processor)  # its processor counts by num_image_tokens, not patch_size
+        self.check_pinpoints(processor)

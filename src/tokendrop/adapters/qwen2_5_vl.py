@@ -18,3 +18,21 @@ class Qwen2_5_VLAdapter(QwenVLStyle):
     processor_class = "Qwen2_5_VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.tiny:tiny_qwen2_5_vl"
+
+    def score_block(self, layer: int | None) -> int:
+        """Full-attention blocks only: window blocks normalise attention per window, so their scores
+        cannot rank an image's tokens against each other. None: the last full-attention block."""
+        full = sorted(self.tower.fullatt_block_indexes)
+        block = super().score_block(full[-1] if layer is None else layer)
+        if block not in full:
+            raise ValueError(f"layer {layer} of Qwen2.5-VL's vision tower uses window attention; DominantDrop scores a "
+                             f"full-attention block: {full}")
+        return block
+
+    def block_order(self, image_grid_thw):
+        from transformers.vision_utils import get_vision_window_index
+
+        tower = self.tower
+        window_index, _ = get_vision_window_index(image_grid_thw, spatial_merge_size=tower.spatial_merge_size,
+                                                  window_size=tower.window_size, patch_size=tower.patch_size)
+        return window_index

@@ -137,7 +137,7 @@ class QwenVLStyle(Family):
             kept, packed, selections = [], [], []
             for i, (rows, grid) in enumerate(zip(outputs.pooler_output, image_grid_thw.tolist())):
                 layout = geometry.grid_layout(*grid)
-                keep = method.select(layout, {name: s[i][None] for name, s in scores.items()})[0].to(rows.device)
+                keep = method.select(layout, {name: s[i][None] for name, s in scores.items()})[0].to(rows.device)  # (K,)
                 kept.append(keep)
                 packed.append(rows[keep])
                 selections.append(torch.stack([torch.zeros_like(keep), keep // layout.cols, keep % layout.cols], dim=1))
@@ -151,11 +151,32 @@ class QwenVLStyle(Family):
         return get_image_features
 
     def scorer(self, method: PreLLMMethod):
-        """A context manager factory: given image_grid_thw, yields a dict name -> per-image scores
-        filled while the tower runs (empty when the method reads none)."""
-        if method.scores():
-            raise NotImplementedError(f"{type(self).__name__} computes no scores")
-        return _no_scores
+        """A context manager factory: given image_grid_thw, yields a dict name -> per-image (N_i,)
+        scores in raster order of the merged grid, filled while the tower runs."""
+        blocks = {}
+        for name, score in method.scores().items():
+            if score.kind != "received":
+                raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; {type(self.model).__name__}'s "
+                                 "tower has no [CLS] token and gives 'received' attention scores only")
+            blocks[name] = self.score_block(score.layer)
+        return lambda image_grid_thw: ReceivedScores(self, blocks, image_grid_thw)
+
+    def score_block(self, layer: int | None) -> int:
+        """The vision block (0-based) that scores; None: the last one."""
+        depth = len(self.tower.blocks)
+        block = depth - 1 if layer is None else layer
+        if not -depth <= block < depth:
+            raise ValueError(f"layer must be in [{-depth}, {depth}) for a {depth}-block vision tower, got {block}")
+        return block % depth
+
+    def block_order(self, image_grid_thw):
+        """The merge groups' order inside the blocks (None: raster order, the processor's)."""
+        return None
+
+    def check(self, method) -> None:
+        super().check(method)
+        if method.stage == "pre":
+            self.scorer(method)  # a layer or score kind this tower cannot give fails now
 
     def rope_index_patch(self, state: dict):
         """A `get_rope_index` that takes runs of kept placeholders (see the module docstring)."""
@@ -219,6 +240,44 @@ class QwenVLStyle(Family):
                       vocab=self.model.lm_head.weight.shape[0], vd=block.attn.qkv.weight.shape[1], vm=mlp_out,
                       vision_depth=len(tower.blocks), patch_inputs=conv[0].numel(), projector=tuple(merger),
                       vision_tokens_extra=0)
+
+
+class ReceivedScores:
+    """Forward pre-hooks on the scoring blocks: per image, the attention each LLM token's 2x2 patch
+    group receives (summed over the group), in raster order of the merged grid."""
+
+    def __init__(self, family: QwenVLStyle, blocks: dict[str, int], image_grid_thw):
+        self.family, self.blocks, self.grids = family, blocks, image_grid_thw
+        self.scores, self.hooks = {}, []
+
+    def __enter__(self) -> dict:
+        from tokendrop.scoring import received_attention_qwen
+
+        for name, index in self.blocks.items():
+            block = self.family.tower.blocks[index]
+
+            def hook(module, args, kwargs, name=name):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                with torch.no_grad():
+                    patches = received_attention_qwen(module, hidden, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+                self.scores[name] = self.per_image(patches)
+
+            self.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        return self.scores
+
+    def per_image(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        merge = self.family.merge
+        tokens = patches.view(-1, merge * merge).sum(dim=1)  # (tokens,) in the blocks' order
+        order = self.family.block_order(self.grids)
+        if order is not None:
+            tokens = tokens[torch.argsort(order.to(tokens.device))]  # back to raster order
+        sizes = (self.grids.prod(-1) // merge**2).tolist()
+        return list(torch.split(tokens, sizes))
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return False
 
 
 class _NoScores:

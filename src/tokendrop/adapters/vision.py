@@ -1,4 +1,4 @@
-"""The vision half shared by the LLaVA adapters: run the tower once, read features and [CLS] rows.
+"""The vision half shared by the LLaVA adapters: run the tower once, read features and score rows.
 
 Imported when a pre-LLM method is applied (it needs torch and transformers), not by the family
 declarations.
@@ -12,7 +12,7 @@ import torch
 
 from tokendrop.compat import record_hidden_states
 from tokendrop.methods.base import PreLLMMethod
-from tokendrop.scoring import cls_attention_row
+from tokendrop.scoring import cls_attention_row, received_attention_clip
 
 
 def feature_block(tower, feature_layer: int) -> int:
@@ -24,38 +24,52 @@ def feature_block(tower, feature_layer: int) -> int:
     return index - 1
 
 
-def score_blocks(method: PreLLMMethod, tower, feature_layer: int) -> dict[str, int]:
-    """Encoder block (0-based) of every [CLS] row the method needs, validated against the tower.
+def score_blocks(method: PreLLMMethod, tower, feature_layer: int) -> dict[str, tuple[str, int]]:
+    """(kind, encoder block, 0-based) of every score the method reads, validated against the tower.
 
-    A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer).
+    A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer) or its
+    `layer` (DominantDrop); None means the block whose output is `feature_layer`.
     """
     depth = len(tower.encoder.layers)
     blocks = {}
     for name, score in method.scores().items():
+        if score.kind not in SCORE_KINDS:
+            raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score, which this tower does not "
+                             f"compute (known: {', '.join(SCORE_KINDS)})")
         block = feature_block(tower, feature_layer) if score.layer is None else score.layer
         if not -depth <= block < depth:
-            raise ValueError(f"{name}_layer must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")
-        blocks[name] = block % depth
+            field = f"{name}_layer" if f"{name}_layer" in method.options() else "layer"
+            raise ValueError(f"{field} must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")
+        blocks[name] = (score.kind, block % depth)
     return blocks
 
 
-def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, int]):
+def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True):
     """Run the vision tower once (its own attention backend) and read what selection needs.
 
     Args:
         pixel_values: (T, 3, S, S) every partition of every image.
-        blocks: name -> encoder block whose [CLS] row to compute.
+        blocks: name -> (score kind, encoder block) of every score to compute.
+        cls: the tower puts a [CLS] token in front of the patches (CLIP; SigLIP has none).
     Returns:
         outputs: the tower's output object.
         features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
-        rows: name -> (T, N) fp32 [CLS] -> patch attention summed over heads.
+        scores: name -> (T, N) fp32 per patch: "cls", the [CLS] row summed over heads; "received",
+            the attention each patch receives averaged over heads and queries.
     """
     layers = tower.encoder.layers
     feature_index = feature_layer % (len(layers) + 1)
-    with record_hidden_states(layers, [feature_index, *blocks.values()]) as hidden:
+    with record_hidden_states(layers, [feature_index, *(block for _, block in blocks.values())]) as hidden:
         outputs = tower(pixel_values, return_dict=True)
-    rows = {}
-    for name, block in blocks.items():
-        row = cls_attention_row(layers[block], hidden[block])  # (T, H, N+1)
-        rows[name] = row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
-    return outputs, hidden[feature_index][:, 1:], rows
+    first = int(cls)  # the first patch column
+    scores = {}
+    for name, (kind, block) in blocks.items():
+        if kind == "cls":
+            row = cls_attention_row(layers[block], hidden[block])  # (T, H, N+1)
+            scores[name] = row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
+        else:
+            scores[name] = received_attention_clip(layers[block], hidden[block])[:, first:]  # (T, N)
+    return outputs, hidden[feature_index][:, first:], scores
+
+
+SCORE_KINDS = ("cls", "received")

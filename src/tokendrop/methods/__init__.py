@@ -5,6 +5,7 @@ A test imports this package with transformers blocked; `tokendrop methods` lists
 
 from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
 from tokendrop.methods.base_only import BaseOnly
+from tokendrop.methods.dominant_drop import DominantDrop
 from tokendrop.methods.fastv import FastV
 from tokendrop.methods.hired import HiRED, official_budget_split, paper_allocation
 from tokendrop.methods.layout import Layout, allocate, budget_tokens, top_k_sorted
@@ -14,6 +15,7 @@ from tokendrop.methods.spatial_drop import SpatialDrop
 
 __all__ = [
     "BaseOnly",
+    "DominantDrop",
     "FastV",
     "HiRED",
     "InLLMMethod",
