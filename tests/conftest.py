@@ -68,3 +68,20 @@ def tiny_folder(tmp_path_factory):
     image = folder / "img.png"
     random_image(150, 260).save(image)
     return folder, image
+
+
+@pytest.fixture(scope="session")
+def qwen_folder(tmp_path_factory):
+    """A tiny Qwen2.5-VL saved as a checkpoint folder (weights, tokenizer, image processor, chat template;
+    no video processor: it needs torchvision, which these machines cannot import)."""
+    from tokendrop.tiny import tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl()
+    folder = tmp_path_factory.mktemp("qwen")
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    (folder / "chat_template.jinja").write_text(processor.chat_template)
+    image = folder / "img.png"
+    random_image(200, 260).save(image)
+    return folder, image

@@ -39,3 +39,24 @@ def test_env_json(capsys):
     assert main(["env", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert {"tokendrop", "torch", "transformers", "python"} <= set(info)
+
+
+def test_run_a_qwen_checkpoint_folder(qwen_folder, capsys):
+    # loaded with stock classes from a folder; the processor is built image-only without torchvision
+    folder, image = qwen_folder
+    code = main(["run", "--model", str(folder), "--image", str(image), "--method", "none,dominant,random+fastv,pdrop",
+                 "--budget", "0.25", "--max-new-tokens", "2", "--warmup", "0", "--json"])
+    assert code == 0
+    records = {r["label"]: r for r in json.loads(capsys.readouterr().out)}
+    stock = records["none"]["visual_tokens"]
+    assert records["dominant@0.25"]["visual_tokens"] == int(0.25 * stock)  # exact budget of the merged grid
+    assert records["pdrop"]["visual_tokens"] == stock and records["pdrop"]["equivalent_tokens"] < stock
+    assert records["random+fastv@0.25"]["equivalent_tokens"] < records["random+fastv@0.25"]["visual_tokens"]
+
+
+def test_hired_on_a_qwen_checkpoint_names_the_missing_capability(qwen_folder, capsys):
+    folder, image = qwen_folder
+    assert main(["run", "--model", str(folder), "--image", str(image), "--method", "hired"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("tokendrop run:")]  # (transformers' loading bar aside)
+    assert len(errors) == 1 and "[CLS] token (capability 'cls_token')" in errors[0] and "Traceback" not in err

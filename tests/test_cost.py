@@ -9,7 +9,7 @@ import pytest
 import tokendrop as td
 from tokendrop import cost
 from tokendrop.cli import main
-from tokendrop.registry import build_methods
+from tokendrop.registry import build_methods, family_for
 from tokendrop.tiny import tiny_tokenizer
 
 from conftest import random_image
@@ -171,3 +171,23 @@ def test_cost_cli_bad_arguments_exit_2(capsys, argv, message):
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
+def test_qwen_archs_count_what_their_image_processor_writes(arch):
+    from tests.conftest import random_image
+
+    spec = cost.load_arch(arch)
+    model = cost.meta_model(cost.arch_config(spec))
+    images = cost.arch_geometry_processor(spec)
+    for size in [(672, 672), (480, 1024), (1400, 900)]:
+        grid = images.image_processor(images=[random_image(*size)], return_tensors="pt")["image_grid_thw"]
+        expected = int(grid.prod()) // 4  # one LLM token per 2x2 merged patches
+        stock = cost.method_cost(model, (), size, processor=images)
+        assert stock["visual_tokens"] == stock["stock_visual_tokens"] == expected, size
+        kept = cost.method_cost(model, build_methods("dominant", budget=0.2), size, processor=images)
+        assert kept["visual_tokens"] == int(0.2 * expected)  # floor of the exact product
+        assert kept["vision_flops"] == stock["vision_flops"] and kept["scoring_flops"] > 0  # the merger runs on all
+        assert kept["kv_cache_bytes"] < stock["kv_cache_bytes"] / 2  # 20% of the image tokens, plus the text
+    shapes = family_for(model).shapes()
+    assert shapes.vision_tokens_extra == 0 and shapes.depth == spec["model"]["text_config"]["num_hidden_layers"]

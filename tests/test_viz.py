@@ -143,3 +143,14 @@ def test_format_prompt_uses_the_chat_template_or_the_image_token():
     plain = type("Plain", (), {"image_token": "<image>", "chat_template": None})()
     assert format_prompt(plain, "What is it?") == "<image>\nWhat is it?"
     assert format_prompt(plain, "<image>\nQ: what? A:") == "<image>\nQ: what? A:"  # already formatted
+
+
+def test_show_draws_a_qwen_grid(qwen_folder, tmp_path, capsys):
+    folder, image = qwen_folder
+    out = tmp_path / "kept.png"
+    assert main(["show", "--model", str(folder), "--image", str(image), "--method", "dominant,spatial",
+                 "--budget", "0.3", "--out", str(out)]) == 0
+    with Image.open(out) as picture:
+        assert picture.size == viz.figure_size(2)
+    printed = capsys.readouterr().out
+    assert "tokens)" in printed and printed.count("kept ") == 2

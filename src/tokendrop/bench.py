@@ -35,7 +35,7 @@ from tokendrop.registry import build_methods, check_options, configurations, fam
 RSS_INTERVAL = 0.002
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 TIMED = ("vision_ms", "prefill_ms", "decode_ms", "e2e_ms", "tokens_per_s", "peak_mem_bytes", "preprocess_ms")
-PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+QUESTION = "Describe the image in detail."  # in the model's own prompt format (`loading.format_prompt`)
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -56,22 +56,26 @@ def load_model(model: str | None = None, arch: str | None = None, layers: int | 
 
 def _arch_model(arch: str, layers, vision_layers, seed):
     """Random weights with the arch's real widths; `tiny_tokenizer` ids (vocab size kept)."""
-    from tokendrop.tiny import tiny_tokenizer
-
     spec = cost.load_arch(arch)
     config = cost.arch_config(spec, layers, vision_layers)
-    tokenizer = tiny_tokenizer()
-    config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    family = family_of(config.model_type)
+    tokenizer = resolve(family.tokenizer)()
+    family.bind_tokenizer(config, tokenizer)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = resolve(family_of(config.model_type).model_classes[0])(config).to(torch.float32).eval()
-    what = f"{arch} shapes, random weights, {config.text_config.num_hidden_layers} LLM layers"
-    return model, cost.arch_processor(spec, tokenizer), what + f", {config.vision_config.num_hidden_layers} vision layers"
+    model = resolve(family.model_classes[0])(config).to(torch.float32).eval()
+    vision = config.vision_config
+    depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+    what = f"{arch} shapes, random weights, {config.text_config.num_hidden_layers} LLM layers, {depth} vision layers"
+    return model, cost.arch_processor(spec, tokenizer), what
 
 
 def default_image_size(model) -> tuple[int, int]:
-    """A 2x2-grid image for tiling models (two tiles a side), one tile otherwise."""
-    tile = model.config.vision_config.image_size
+    """A 2x2-grid image for tiling models (two tiles a side), one tile otherwise; 672 x 672 pixels
+    for native-resolution models (Qwen-VL: 576 tokens, as a LLaVA-1.5 image)."""
+    tile = getattr(model.config.vision_config, "image_size", None)
+    if tile is None:
+        return (672, 672)
     tiles = family_for(model).layout((2 * tile, 2 * tile)).num_tiles
     return (2 * tile, 2 * tile) if tiles else (tile, tile)
 
@@ -263,6 +267,9 @@ def run_grid(model, processor, grid: Grid, progress: bool = True) -> list[dict]:
     """Run every configuration `grid.warmup + grid.repeats` times, interleaved; one record per configuration."""
     from tqdm import tqdm
 
+    from tokendrop.loading import format_prompt
+
+    prompt = format_prompt(processor, QUESTION)
     sizes = grid.image_sizes or [default_image_size(model)]
     configs = grid.configs()
     total = len(sizes) * len(grid.batches) * (grid.warmup + grid.repeats) * len(configs)
@@ -277,7 +284,7 @@ def run_grid(model, processor, grid: Grid, progress: bool = True) -> list[dict]:
                 for name, budget in configs[shift:] + configs[:shift]:  # rotated round-robin
                     bar.set_postfix_str(f"{name} b={budget} B={batch} {size[0]}x{size[1]}")
                     methods = build_methods(name, budget=budget, **grid.options)
-                    result = measure(model, processor, methods, [image] * batch, [PROMPT] * batch, grid.new_tokens)
+                    result = measure(model, processor, methods, [image] * batch, [prompt] * batch, grid.new_tokens)
                     if rep >= grid.warmup:
                         samples[(name, budget)].append(result)
                     bar.update()

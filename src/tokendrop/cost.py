@@ -63,7 +63,10 @@ def arch_config(spec: dict, layers: int | None = None, vision_layers: int | None
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
-            model[sub]["num_hidden_layers"] = value
+            depth_key = "depth" if "depth" in model[sub] else "num_hidden_layers"  # Qwen-VL towers say depth
+            model[sub][depth_key] = value
+            if "fullatt_block_indexes" in model[sub]:  # Qwen2.5-VL: the full-attention blocks that remain
+                model[sub]["fullatt_block_indexes"] = [b for b in model[sub]["fullatt_block_indexes"] if b < value] or [value - 1]
     family = family_of(model.pop("model_type"))
     return resolve(family.config_class)(**model)
 
@@ -81,7 +84,7 @@ def arch_processor(spec: dict, tokenizer):
     image_settings = settings.pop("image_processor")
     family = family_of(spec["model"]["model_type"])
     images = resolve(family.image_processor_class)(**image_settings)
-    return resolve(family.processor_class)(image_processor=images, tokenizer=tokenizer, **settings)
+    return family.build_processor(images, tokenizer, **settings)
 
 
 # ---- paper conventions (multiply-add = 1 FLOP, LLM only) ---------------------------------------------
@@ -117,7 +120,7 @@ def fastv_convention_macs(shapes: Shapes, n: float, inner=None, system: int = FA
 def vision_flops(shapes: Shapes, tiles: int, projected: int, patches: int) -> float:
     """Vision tower over `tiles` tiles of `patches` patches (+[CLS]), then the projector over `projected` tokens."""
     t = patches + shapes.vision_tokens_extra  # + [CLS] when the tower has one
-    layer = 4 * t * shapes.vd ** 2 + 2 * t * t * shapes.vd + 2 * t * shapes.vd * shapes.vm
+    layer = 4 * t * shapes.vd ** 2 + 2 * t * t * shapes.vd + shapes.vision_mlp_matrices * t * shapes.vd * shapes.vm
     tower = tiles * (patches * shapes.patch_inputs * shapes.vd + shapes.vision_depth * layer)
     pairs = zip(shapes.projector[::2], shapes.projector[1::2])
     return 2.0 * (tower + projected * sum(a * b for a, b in pairs))
@@ -127,6 +130,20 @@ def cls_scoring_flops(shapes: Shapes, tiles: int, patches: int, rows: int) -> fl
     """HiRED-style [CLS] rows: per tile and row, k_proj over all tokens, q_proj of [CLS], one q.K^T."""
     t = patches + shapes.vision_tokens_extra  # + [CLS] when the tower has one
     return 2.0 * tiles * rows * (t * shapes.vd ** 2 + shapes.vd ** 2 + t * shapes.vd)
+
+
+def received_scoring_flops(shapes: Shapes, tiles: int, patches: int) -> float:
+    """DominantDrop-style received attention: per tile, q and k projections and one full q.K^T map."""
+    t = patches + shapes.vision_tokens_extra
+    return 2.0 * tiles * (2 * t * shapes.vd**2 + t * t * shapes.vd)
+
+
+def arch_geometry_processor(spec: dict):
+    """An object holding the arch's image processor: what families with processor-dependent counts read."""
+    from types import SimpleNamespace
+
+    family = family_of(spec["model"]["model_type"])
+    return SimpleNamespace(image_processor=resolve(family.image_processor_class)(**spec["processor"]["image_processor"]))
 
 
 def last_token_scoring_flops(shapes: Shapes, lengths_before: list[int]) -> float:
@@ -166,7 +183,7 @@ def split_methods(methods) -> tuple:
 
 
 def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKENS, batch: int = 1,
-                bytes_per_element: int = 2, tokens: int | None = None) -> dict:
+                bytes_per_element: int = 2, tokens: int | None = None, processor=None) -> dict:
     """Every analytic figure for `methods` (a tuple from `tokendrop.registry.build_methods`) on one image size.
 
     Args:
@@ -177,12 +194,15 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
         bytes_per_element: 2 for fp16 / bf16 caches, 4 for fp32.
         tokens: override the stock visual-token count (papers use 2880 = 5 x 576 for LLaVA-NeXT);
             a pre-LLM method then keeps floor(budget * tokens).
+        processor: the model's processor (or an object with its `image_processor`), for families
+            whose token count depends on its resize settings (Qwen-VL); None: the family defaults.
     """
     family = family_for(model)
     shapes = family.shapes()
-    layout = family.layout(image_size)
+    geometry = family.geometry if processor is None else family.processor_geometry(processor)
+    layout = geometry.layout(image_size)
     pre, inner = split_methods(methods)
-    stock = family.stock_tokens(image_size) if tokens is None else tokens
+    stock = family.stock_tokens(image_size, processor) if tokens is None else tokens
     if pre is None:
         n = stock
     else:
@@ -191,11 +211,13 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
     lengths = [text_tokens + x for x in image_layers]
     boundaries = inner.boundaries(shapes.depth) if inner is not None else ()
     scoring = last_token_scoring_flops(shapes, [lengths[b - 1] for b in boundaries if b > 0])
+    tiles, patches = family.vision_work(layout)  # what the tower runs on
     if pre is not None:
-        cls_rows = sum(score.kind == "cls" for score in pre.scores().values())
-        scoring += cls_scoring_flops(shapes, layout.num_partitions, layout.patches, cls_rows)
-    projected = layout.num_partitions * layout.patches if pre is None else n
-    vision = vision_flops(shapes, layout.num_partitions, projected, layout.patches)
+        kinds = [score.kind for score in pre.scores().values()]
+        scoring += cls_scoring_flops(shapes, tiles, patches, kinds.count("cls"))
+        scoring += kinds.count("received") * received_scoring_flops(shapes, tiles, patches)
+    projected = layout.num_partitions * layout.patches if pre is None or family.projects_all else n
+    vision = vision_flops(shapes, tiles, projected, patches)
     kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)
     llm = prefill_flops(shapes, lengths)
     return {

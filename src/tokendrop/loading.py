@@ -54,14 +54,19 @@ def load_model(name_or_path: str, device=None):
         raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
     architecture = (config.architectures or [None])[0]
     try:
-        family_of(architecture=architecture)
+        family = family_of(architecture=architecture)
     except ValueError:
         what = architecture or f"{config.model_type!r} model with no architecture named"
         raise ModelLoadError(f"{name_or_path!r} is a {what}; supported: {', '.join(supported_models())}") from None
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = resolve(architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        try:
+            processor = AutoProcessor.from_pretrained(name_or_path)
+        except ImportError as err:  # a video processor needs torchvision; images do not
+            if "torchvision" not in str(err).lower():
+                raise
+            processor = family.image_only_processor(name_or_path)
     except (OSError, ValueError) as err:  # missing or corrupt weights / processor files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err

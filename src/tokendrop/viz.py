@@ -110,7 +110,7 @@ def kept_masks(layout: Layout, selection: torch.Tensor) -> tuple[torch.Tensor, t
     """
     g, (rows, cols) = layout.grid, layout.tiles
     sel = selection.long().cpu()
-    base = torch.zeros(g, g, dtype=torch.bool)
+    base = torch.zeros(g, layout.cols, dtype=torch.bool)
     part0 = sel[sel[:, 0] == 0]
     base[part0[:, 1], part0[:, 2]] = True
     canvas = torch.zeros(rows * g, cols * g, dtype=torch.bool)
@@ -126,8 +126,11 @@ def partition_counts(layout: Layout, selection: torch.Tensor) -> list[int]:
 
 
 def count_line(layout: Layout, selection: torch.Tensor) -> str:
-    """'base 32 | tiles 8/11/7/6 | total 64 of 320' (of all P*N patch tokens)."""
+    """'base 32 | tiles 8/11/7/6 | total 64 of 320' (of all P*N patch tokens); 'kept 115 of 576' for a
+    native-resolution grid (Qwen-VL)."""
     counts = partition_counts(layout, selection)
+    if layout.grid_cols:
+        return f"kept {counts[0]} of {layout.patches} ({layout.grid}x{layout.cols} tokens)"
     tiles = f" | tiles {'/'.join(map(str, counts[1:]))}" if layout.num_tiles else ""
     return f"base {counts[0]}{tiles} | total {sum(counts)} of {layout.num_partitions * layout.patches}"
 
@@ -164,6 +167,13 @@ def _setup(ax, pixels: np.ndarray, title: str) -> None:
 
 def _draw_base(ax, image, layout, kept, tile_px, squash) -> None:
     patch_px = tile_px // layout.grid
+    if layout.grid_cols:  # a native-resolution grid: the image resized to rows x cols tokens
+        size = (layout.cols * patch_px, layout.grid * patch_px)
+        pixels = _shade(np.asarray(image.resize(size, Image.BICUBIC)), kept, torch.ones_like(kept), patch_px)
+        _setup(ax, pixels, f"image (resized to {size[0]}x{size[1]} px, {patch_px} px per token): "
+                           f"{int(kept.sum())} of {layout.patches} kept")
+        _outline_kept(ax, kept, patch_px, linewidth=0.8)
+        return
     pixels = _shade(base_pixels(image, tile_px, squash), kept, torch.ones_like(kept), patch_px)
     how = "squashed" if squash else "centre-cropped"
     _setup(ax, pixels, f"base image ({how} to {tile_px}x{tile_px} px): {int(kept.sum())} of {layout.patches} kept")
@@ -209,10 +219,11 @@ def _draw_row(fig, row: int, num_rows: int, image, layout, label, selection, til
     if row == 0:
         fig.text(1 - 0.15 / FIG_WIDTH_IN, (row_top - 0.12) / height, LEGEND, fontsize=8, color="0.35", va="top", ha="right")
     base_kept, canvas_kept = kept_masks(layout, selection)
-    _draw_base(axes(*_BASE_BOX_IN), image, layout, base_kept, tile_px, squash=layout.num_tiles > 0)
+    box = (_BASE_BOX_IN[0], _BASE_BOX_IN[1] + _CANVAS_BOX_IN[1]) if layout.grid_cols else _BASE_BOX_IN  # the whole row
+    _draw_base(axes(*box), image, layout, base_kept, tile_px, squash=layout.num_tiles > 0)
     if layout.num_tiles:
         _draw_canvas(axes(*_CANVAS_BOX_IN), image, layout, canvas_kept, partition_counts(layout, selection), tile_px)
-    else:
+    elif not layout.grid_cols:
         fig.text((_CANVAS_BOX_IN[0] + 0.2) / FIG_WIDTH_IN, (bottom + panel_h / 2) / height,
                  "single-partition model: no high-resolution canvas", fontsize=10, va="center")
 
@@ -225,6 +236,7 @@ def draw(image: Image.Image, layout: Layout, rows, tile_px: int):
         layout: its `Layout` (from `tokendrop.registry.family_for(model).layout((height, width))`).
         rows: sequence of (label, selection) with selection a (K, 3) long (partition, row, col) tensor.
         tile_px: S, pixels per tile side (config.vision_config.image_size); a multiple of layout.grid.
+            For a native-resolution grid (Qwen-VL), the pixels of its `grid` rows of tokens.
     """
     Figure, FigureCanvasAgg = _figure_class()
     rows = list(rows)
@@ -294,8 +306,9 @@ def show_selection(model, processor, image, prompt: str, methods, out_path=None)
     require_matplotlib()
     image = (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB")
     rows = collect(model, processor, image, prompt, methods)
-    layout = family_for(model).layout((image.height, image.width))
-    fig = draw(image, layout, rows, model.config.vision_config.image_size)
+    family = family_for(model)
+    layout = family.processor_geometry(processor).layout((image.height, image.width))
+    fig = draw(image, layout, rows, family.token_pixels() * layout.grid)
     if out_path is not None:
         fig.savefig(out_path, dpi=DPI, format="png")
     return to_image(fig)

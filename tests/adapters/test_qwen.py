@@ -289,3 +289,28 @@ def test_video_inputs_are_refused_by_pre_llm_methods(qwen):
     with td.apply(model, processor, td.RandomDrop(0.5)):
         with pytest.raises(ValueError, match="video inputs are not supported"):
             model(input_ids=inputs["input_ids"], pixel_values_videos=inputs["pixel_values"], video_grid_thw=grid)
+
+
+def video_inputs(model, processor):
+    """A one-frame video built from an image's patches (no torchvision here to decode real videos)."""
+    inputs = encode(processor, [random_image(*SIZES[0])])
+    image = inputs["input_ids"] == model.config.image_token_id
+    ids = inputs["input_ids"].masked_fill(image, model.config.video_token_id)
+    return {"input_ids": ids, "attention_mask": inputs["attention_mask"], "mm_token_type_ids": inputs["mm_token_type_ids"] * 2,
+            "pixel_values_videos": inputs["pixel_values"], "video_grid_thw": inputs["image_grid_thw"]}
+
+
+def test_in_llm_methods_drop_video_tokens_like_image_tokens(qwen):
+    model, processor, _ = qwen
+    inputs = video_inputs(model, processor)
+    n = int((inputs["input_ids"] == model.config.video_token_id).sum())
+    with torch.no_grad():
+        stock = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with td.apply(model, processor, td.FastV(k=1, drop=0.0)):  # keep-all: the stock model
+            same = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with td.apply(model, processor, td.FastV(k=1, drop=0.5)) as handle:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert handle.layer_tokens[0].tolist() == [n] + [round(n * 0.5)] * (len(handle.layer_tokens[0]) - 1)
+    assert torch.equal(same.sequences, stock.sequences)
+    for a, b in zip(same.logits, stock.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -92,6 +92,7 @@ class Shapes:
     patch_inputs: int  # 3 * patch * patch
     projector: tuple[int, ...]  # (in, out) of every projector linear layer
     vision_tokens_extra: int = 1  # tokens the tower adds per tile besides the patches ([CLS])
+    vision_mlp_matrices: int = 2  # vd x vm matrices of a vision MLP (SwiGLU: 3)
 
     @classmethod
     def from_model(cls, model) -> "Shapes":
@@ -122,6 +123,8 @@ class Family:
     processor_class: ClassVar[str] = ""
     image_processor_class: ClassVar[str] = ""  # "module:Class" (the PIL processor: no torchvision)
     tiny: ClassVar[str] = ""  # "tokendrop.tiny:function" building a tiny random (model, processor)
+    tokenizer: ClassVar[str] = "tokendrop.tiny:tiny_tokenizer"  # a tiny tokenizer with the family's special tokens
+    projects_all: ClassVar[bool] = False  # the projector runs on every token (pre-LLM selection after it)
     # capabilities of the family (an instance may lack some: see `capabilities`)
     pre_llm: ClassVar[bool] = False
     cls_token: ClassVar[bool] = False
@@ -222,6 +225,30 @@ class Family:
 
     def shapes(self) -> Shapes:
         raise NotImplementedError
+
+    def vision_work(self, layout) -> tuple[int, int]:
+        """(tiles, patches per tile) the vision tower runs on for an image of `layout` (cost)."""
+        return layout.num_partitions, layout.patches
+
+    def token_pixels(self) -> int:
+        """Image pixels per LLM token side (pictures of the kept tokens)."""
+        return self.config.vision_config.patch_size
+
+    @classmethod
+    def build_processor(cls, image_processor, tokenizer, **settings):
+        """The family's processor around an image processor and a tokenizer (benchmark models)."""
+        return resolve(cls.processor_class)(image_processor=image_processor, tokenizer=tokenizer, **settings)
+
+    @classmethod
+    def image_only_processor(cls, name_or_path: str):
+        """The processor without its video processor, for machines without torchvision (which video
+        processors need): the PIL image processor, the tokenizer and the checkpoint's chat template."""
+        raise ImportError(f"{cls.name}'s processor needs torchvision here: pip install torchvision")
+
+    @classmethod
+    def bind_tokenizer(cls, config, tokenizer) -> None:
+        """Point `config`'s special-token ids at `tokenizer`'s (benchmark models built from an arch)."""
+        config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
 
 def is_llama_style(language_model) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from tokendrop.adapters.base import Family, Shapes
+from tokendrop.adapters.base import Family, Shapes, resolve
 from tokendrop.lazy import torch
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
@@ -60,8 +60,9 @@ class QwenGeometry:
 class QwenVLStyle(Family):
     """Base of the Qwen-VL family adapters."""
 
-    pre_llm = in_llm = True
+    pre_llm = in_llm = projects_all = True
     positions = "mrope"
+    tokenizer = "tokendrop.tiny:tiny_qwen_tokenizer"
     default_pixels = (56 * 56, 28 * 28 * 1280)  # the processors' defaults (min, max)
 
     def __init__(self, model):
@@ -225,21 +226,52 @@ class QwenVLStyle(Family):
         return get_rope_index
 
     # ---- costs ---------------------------------------------------------------------------------------
+    def vision_work(self, layout) -> tuple[int, int]:
+        """One 'tile' of 4 patches per LLM token (window attention counted as full: an upper bound)."""
+        return 1, layout.patches * self.merge**2
+
+    def token_pixels(self) -> int:
+        return self.config.vision_config.patch_size * self.merge
+
+    @classmethod
+    def build_processor(cls, image_processor, tokenizer, chat_template=None, **settings):
+        from tokendrop.tiny import QWEN_CHAT_TEMPLATE, image_only
+
+        processor_class = image_only(resolve(cls.processor_class))  # no video processor: no torchvision needed
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                               chat_template=chat_template or QWEN_CHAT_TEMPLATE, **settings)
+
+    @classmethod
+    def image_only_processor(cls, name_or_path: str):
+        from transformers import AutoTokenizer
+
+        images = resolve(cls.image_processor_class).from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return cls.build_processor(images, tokenizer, chat_template=tokenizer.chat_template)
+
+    @classmethod
+    def bind_tokenizer(cls, config, tokenizer) -> None:
+        from tokendrop.tiny import _qwen_ids
+
+        for name, value in _qwen_ids(tokenizer).items():
+            setattr(config, name, value)
+
     def shapes(self) -> Shapes:
         import torch as torch_
 
         lm, tower = self.language_model, self.tower
-        attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        attn, lm_mlp = lm.layers[0].self_attn, lm.layers[0].mlp
         block = tower.blocks[0]
         linears = lambda module: [m.weight.shape for m in module.modules() if isinstance(m, torch_.nn.Linear)]  # noqa: E731
-        mlp_out = linears(block.mlp)[0][0]
+        mlp = linears(block.mlp)
+        mlp_out = mlp[0][0]
         conv = tower.patch_embed.proj.weight  # (vd, 3, t, p, p)
         merger = [x for shape in linears(tower.merger) for x in (shape[1], shape[0])]
-        return Shapes(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
+        return Shapes(d=attn.q_proj.weight.shape[1], m=lm_mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
                       q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
                       vocab=self.model.lm_head.weight.shape[0], vd=block.attn.qkv.weight.shape[1], vm=mlp_out,
                       vision_depth=len(tower.blocks), patch_inputs=conv[0].numel(), projector=tuple(merger),
-                      vision_tokens_extra=0)
+                      vision_tokens_extra=0, vision_mlp_matrices=len(mlp))
 
 
 class ReceivedScores:

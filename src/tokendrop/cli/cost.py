@@ -48,12 +48,13 @@ def run(args) -> int:
     with flag("--arch"):
         spec = cost.load_arch(args.arch)
     model = cost.meta_model(cost.arch_config(spec))
+    images = cost.arch_geometry_processor(spec)  # the arch's resize settings (Qwen-VL counts depend on them)
     records = []
     for size in sizes:
         for name, budget in configs:
             methods = build_methods(name, budget=budget, **options)
             record = cost.method_cost(model, methods, size, text_tokens=text_tokens, batch=batch,
-                                      bytes_per_element=DTYPE_BYTES[args.dtype], tokens=tokens)
+                                      bytes_per_element=DTYPE_BYTES[args.dtype], tokens=tokens, processor=images)
             record.update(method=name, budget=budget, arch=args.arch)
             records.append(record)
     if args.json == "-":

@@ -75,11 +75,12 @@ def run(args) -> int:
     if "pre_llm" not in family.capabilities():
         raise UsageError(f"--model: {family.name} models have no pre-LLM dropping to draw")
     rows = viz.collect(model, processor, image, args.prompt, methods)
-    layout = family.layout((image.height, image.width))
-    fig = viz.draw(image, layout, rows, model.config.vision_config.image_size)
+    layout = family.processor_geometry(processor).layout((image.height, image.width))
+    fig = viz.draw(image, layout, rows, family.token_pixels() * layout.grid)
     fig.savefig(out, dpi=viz.DPI, format="png")
-    print(f"model {model_name}; image {args.image or image_note} ({image.width}x{image.height} px, "
-          f"{layout.tiles[0]}x{layout.tiles[1]} tiles of {layout.grid}x{layout.grid} patches)")
+    grid = (f"{layout.grid}x{layout.cols} tokens" if layout.grid_cols else
+            f"{layout.tiles[0]}x{layout.tiles[1]} tiles of {layout.grid}x{layout.grid} patches")
+    print(f"model {model_name}; image {args.image or image_note} ({image.width}x{image.height} px, {grid})")
     for label, selection in rows:
         print(f"{label}: {viz.count_line(layout, selection)}")
     width, height = viz.figure_size(len(rows))
