@@ -5,10 +5,12 @@
     handle.remove()  # or: with td.apply(...): ...
 
 Patches are instance attributes and hooks only (never classes), each recorded with its undo; a
-failure half-way undoes what was done. A pre-LLM method (HiRED, RandomDrop, SpatialDrop, BaseOnly)
-replaces `get_image_features` and the processor's `replace_image_token` (and its token-count query
-`_get_num_multimodal_tokens`, when it has one); an in-LLM method
-(PyramidDrop, FastV) replaces the language model's `forward`. One of each kind composes.
+failure half-way undoes what was done. A pre-LLM method (HiRED, DominantDrop, RandomDrop,
+SpatialDrop, BaseOnly) replaces `get_image_features` (and what the model family needs besides:
+Qwen-VL's `get_rope_index`) and the processor's `replace_image_token` (and its token-count query
+`_get_num_multimodal_tokens`, when it has one); an in-LLM method (PyramidDrop, FastV) replaces the
+language model's `forward`. One of each kind composes. Which methods a model runs is its family's
+capabilities (`tokendrop.adapters.base`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tokendrop.adapters.base import TokenCount
 from tokendrop.adapters.llm import LLMDropper
 from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 from tokendrop.registry import family_for
+
 #: handles whose patches are in place. Weak: a model that is never `remove()`d is still freed.
 _ACTIVE: "weakref.WeakSet[Handle]" = weakref.WeakSet()
 
@@ -33,7 +36,7 @@ class Handle:
     Attributes:
         selections: for every image of the last encoder call, a (K, 3) long tensor of the kept patch
             tokens as (partition, row, col) in the order they reach the LLM; partition 0 is the base
-            image, 1..k the tiles in raster order.
+            image, 1..k the tiles in raster order (Qwen-VL: partition 0, the merged token grid).
         layer_tokens: (B, depth) long, image tokens each LLM layer saw in the last prefill (in-LLM
             methods), or None.
         kept_positions: (B, L') long, for in-LLM methods: the input position of every position of

@@ -6,6 +6,8 @@ through the stock `generate()`, and refuses the others naming the missing capabi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,18 +71,32 @@ def test_every_method_runs_or_is_refused_by_capability(tiny, name):
     assert "forward" not in vars(adapter.language_model) and "get_image_features" not in vars(model.model)
 
 
+def keep_all(name: str):
+    """The method at its keep-everything setting, or None (BaseOnly keeps the base image only)."""
+    cls = method_class(name)
+    if cls.stage == "in":
+        return cls(**({"ratio": 1.0} if "ratio" in cls.options() else {"drop": 0.0}))
+    if "budget" in cls.options() and cls.options()["budget"].default is dataclasses.MISSING:
+        return build_methods(name, budget=1.0, keep_newlines=True)[0]  # newlines: the stock packing
+    return None
+
+
 def test_keep_all_settings_are_the_stock_model(tiny):
     family, model, processor = tiny
+    adapter = family_for(model)
     images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
     batch = inputs(processor, images)
     with torch.no_grad():
         stock = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    keep_all = [n for n in method_names() if method_class(n).stage == "in"]
-    for name in keep_all:
-        cls = method_class(name)
-        options = {"ratio": 1.0} if "ratio" in cls.options() else {"drop": 0.0}
-        with td.apply(model, processor, cls(**options)), torch.no_grad():
-            ours = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for name in method_names():
+        method = keep_all(name)
+        if method is None or not method.requires() <= adapter.capabilities():
+            continue
+        with td.apply(model, processor, method), torch.no_grad():
+            again = inputs(processor, images)
+            assert torch.equal(again["input_ids"], batch["input_ids"]), name
+            ours = model.generate(**again, max_new_tokens=3, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
         assert torch.equal(ours.sequences, stock.sequences), name
         for a, b in zip(ours.logits, stock.logits):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -54,15 +54,19 @@ def one_int(text, what: str, low: int = 0) -> int | None:
 
 
 def parse_budgets(text: str) -> list[float]:
+    """'0.1,0.2' -> [0.1, 0.2], each checked by the methods' own rule for a budget."""
+    from tokendrop.methods.base import check_budget
+
     budgets = []
     for item in comma_list(text, "--budget"):
         try:
             value = float(item)
         except ValueError:
             raise UsageError(f"--budget must be comma-separated numbers in (0, 1], got {item!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise UsageError(f"--budget must be in (0, 1], got {item}")
-        budgets.append(value)
+        try:
+            budgets.append(check_budget(value))
+        except ValueError as err:  # "budget must be in (0, 1], ..." names the field: the flag is --budget
+            raise UsageError(f"--{err}") from None
     return budgets
 
 

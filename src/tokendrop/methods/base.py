@@ -73,6 +73,11 @@ def check_int(name: str, value, low: int, high: int | None = None, allowed: str 
     return value
 
 
+def check_budget(budget) -> float:
+    """A pre-LLM budget: a fraction in (0, 1] of the patch tokens."""
+    return check_number("budget", budget, 0.0, 1.0, low_open=True)
+
+
 SEED_MAX = 2**63 - 1  # torch generators take a signed 64-bit seed
 
 
@@ -127,7 +132,7 @@ class PreLLMMethod(Method):
     stage: ClassVar[str] = "pre"
 
     def __post_init__(self):
-        set_field(self, "budget", check_number("budget", self.budget, 0.0, 1.0, low_open=True))
+        set_field(self, "budget", check_budget(self.budget))
         if not isinstance(self.keep_newlines, bool):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
 
