@@ -160,6 +160,16 @@ def add_deepstack(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tens
     return hidden
 
 
+def extend_mask(mask):
+    """A single-query mask one key longer, the new key attended like the previous one (the last token
+    is always attended); NotImplemented for a mask type that cannot grow (flex attention's BlockMask)."""
+    if mask is None:  # no padding anywhere: the backend runs without a mask, and still does
+        return None
+    if isinstance(mask, torch.Tensor):  # (B, 1, 1, K) bool / additive float, or (B, K) for flash
+        return torch.cat([mask, mask[..., -1:]], dim=-1)
+    return NotImplemented
+
+
 def check_cache(cache) -> None:
     """Refuse caches whose layers cannot grow to different lengths (static caches preallocate)."""
     from transformers.cache_utils import DynamicLayer
@@ -187,6 +197,7 @@ class LLMDropper:
         self.origin = None  # (B, L') long, caller's index of every output slot of the last prefill
         self.stages: list[Stage] = []
         self.prefill_length = 0
+        self.decode_masks: dict = {}  # stage layer -> (masks of the last decode step, their key length)
         # the installed release's name for the cache keyword of a decoder layer (renamed in 5.24)
         self.cache_kw = compat.cache_keyword(type(language_model.layers[0]).forward)
 
@@ -241,7 +252,7 @@ class LLMDropper:
                      torch.arange(mask.shape[1], device=mask.device).expand_as(mask), rope, deepstack_rows(deepstack))
         original = seq.image.sum(dim=1)  # (B,) N per sample
         drops = dict(self._keep_counts(original))
-        self.stages, self.prefill_length = [], mask.shape[1]
+        self.stages, self.prefill_length, self.decode_masks = [], mask.shape[1], {}
         counts = torch.zeros(hidden.shape[0], self.depth, dtype=torch.long, device=hidden.device)
         layer_input = hidden
         for i, layer in enumerate(self.lm.layers):
@@ -307,12 +318,24 @@ class LLMDropper:
                     stage = stage_of[i]
                     current_mask = torch.cat([stage.mask, new_tail], dim=1)
                     current_positions = positions - stage.shift[:, None]
-                causal = self._masks(hidden, current_mask, current_positions, cache, i)
+                causal = self._step_masks(hidden, current_mask, current_positions, cache, i)
                 rotary = self.lm.rotary_emb(hidden, current_positions if rope is None else rope)
             if states is not None:
                 states.append(hidden)
             hidden = self._layer(layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
         return hidden
+
+    def _step_masks(self, hidden, mask, positions, cache, layer_idx):
+        """A decode step's masks for the stage starting at `layer_idx`: the previous step's, one key
+        longer, when nothing else changed (one new token, attended, no sliding window); else built."""
+        previous = self.decode_masks.get(layer_idx)
+        grows = (previous is not None and hidden.shape[1] == 1 and previous[1] + 1 == mask.shape[1]
+                 and bool(mask[:, -1].all()) and getattr(self.lm.config, "sliding_window", None) is None)
+        masks = {kind: extend_mask(m) for kind, m in previous[0].items()} if grows else None
+        if masks is None or any(m is NotImplemented for m in masks.values()):
+            masks = self._masks(hidden, mask, positions, cache, layer_idx)
+        self.decode_masks[layer_idx] = (masks, mask.shape[1])
+        return masks
 
     # ---- masks ----------------------------------------------------------------------------------
     def _masks(self, hidden, mask, positions, cache, layer_idx):
