@@ -16,10 +16,18 @@ RELEASE = compat._release(transformers.__version__)
 
 
 def language_model_classes():
-    """The decoder classes the in-LLM loop runs on (Llama, Mistral, Qwen2 families)."""
+    """Every decoder class the in-LLM loop replaces: each registered family's (from its tiny model),
+    and the Llama-family decoders LLaVA checkpoints ship with."""
     from transformers import LlamaModel, MistralModel, Qwen2Model
 
-    return [LlamaModel, MistralModel, Qwen2Model]
+    from tokendrop.adapters.base import resolve
+    from tokendrop.registry import FAMILIES, family_for
+
+    classes = [LlamaModel, MistralModel, Qwen2Model]
+    for family in FAMILIES:
+        model, _ = resolve(family.tiny)()
+        classes.append(type(family_for(model).language_model))
+    return list(dict.fromkeys(classes))
 
 
 @pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
@@ -33,10 +41,12 @@ def test_replacement_forward_accepts_every_keyword_of_the_stock_forward(cls):
 
 @pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
 def test_cache_keyword_is_the_installed_releases(cls):
+    import sys
+
     expected = "cache" if RELEASE >= (5, 24) else "past_key_values"  # renamed in 5.24
-    layer_cls = type(cls(cls.config_class(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1)).layers[0])
-    assert compat.cache_keyword(layer_cls.forward) == expected
+    layer_class = next(obj for name, obj in vars(sys.modules[cls.__module__]).items()
+                       if name.endswith("DecoderLayer") and isinstance(obj, type))
+    assert compat.cache_keyword(layer_class.forward) == expected
     assert compat.cache_keyword(cls.forward) == expected
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
