@@ -23,6 +23,17 @@ def no_model_left_patched():
     assert not leaked, f"the test left {len(leaked)} model(s) patched: {leaked}"
 
 
+@pytest.fixture
+def registry_restored():
+    """Methods a test registers are forgotten after it."""
+    from tokendrop import registry
+
+    saved = dict(registry._registered())
+    yield
+    registry._methods.clear()
+    registry._methods.update(saved)
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))

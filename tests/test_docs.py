@@ -18,14 +18,6 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.fixture
-def registry_restored():
-    saved = dict(registry._registered())
-    yield
-    registry._methods.clear()
-    registry._methods.update(saved)
-
-
 def test_extending_md_runs_against_the_bundled_model(registry_restored, capsys):
     from tokendrop.loading import bundled_model_path
 

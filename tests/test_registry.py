@@ -10,14 +10,6 @@ import tokendrop as td
 from tokendrop import registry
 
 
-@pytest.fixture
-def registry_restored():
-    saved = dict(registry._registered())
-    yield
-    registry._methods.clear()
-    registry._methods.update(saved)
-
-
 def test_parse_options_lmms_eval_style():
     assert registry.parse_options("alpha=0.5, variant=official,layers=[8,16,24],fastv.seed=1") == {
         "alpha": "0.5", "variant": "official", "layers": "[8,16,24]", "fastv.seed": "1"}

@@ -17,19 +17,24 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with LLaVA's special tokens, trained on a few sentences."""
+def _bpe(vocab_size: int, special_tokens: list[str], **names):
+    """A byte-level BPE tokenizer trained in a second on a few sentences, with `special_tokens`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **names)
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with LLaVA's special tokens."""
+    return _bpe(vocab_size, SPECIAL_TOKENS, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                extra_special_tokens={"image_token": "<image>"})
 
 
 def _vision_config(tile: int, layers: int):
@@ -139,17 +144,8 @@ QWEN_CHAT_TEMPLATE = (
 
 def tiny_qwen_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen-VL's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    return _bpe(vocab_size, QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
 
 
 def _qwen_ids(tok) -> dict:
