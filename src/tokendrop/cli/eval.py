@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from tokendrop.data.dataset import load_dataset
     from tokendrop.evaluation.harness import Config, evaluate, markdown_table, plot
-    from tokendrop.evaluation.metrics import get_metric
+    from tokendrop.evaluation.metrics import RULES, get_metric
     from tokendrop.evaluation.results import ResultsFile
     from tokendrop.registry import configurations
 
@@ -81,10 +81,11 @@ def run(args) -> int:
     by_label = {**{k: v for k, v in done.items() if v is not None}, **{r["label"]: r for r in new}}
     records = [by_label[c.label] for c in configs]
     # 3. the table, and the files made from all records
+    caption = f"{metrics[0]} (%), {len(samples)} questions. Metric: {RULES[metrics[0]]}."
     table = markdown_table(records, metrics[0])
-    print(f"{metrics[0]} (%), {len(samples)} questions\n{table}")
+    print(f"{caption}\n{table}")
     if markdown is not None:
-        markdown.write_text(table + "\n")
+        markdown.write_text(f"{caption}\n\n{table}\n")
     if picture is not None:
         plot(records, str(picture), metrics[0])
     if json_path is not None:
