@@ -90,13 +90,14 @@ def load_default(name_or_path: str | None = None, seed: int = 0, device=None):
     return model, processor, f"tiny_llava_next(), a tiny RANDOM-WEIGHT LLaVA-NeXT{why}: answers are noise"
 
 
-def format_prompt(processor, question: str) -> str:
-    """The model's prompt for one image and a question: the chat template when the processor has
-    one, else "<image>\\n" + question; a question that already holds the image token is used as is."""
+def format_prompt(processor, question: str, images: int = 1) -> str:
+    """The model's prompt for `images` images (default one) and a question: the chat template when the
+    processor has one, else one "<image>\\n" per image before the question; a question that already holds
+    the image token is used as is."""
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in question:
         return question
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{image_token}\n{question}"
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return f"{image_token}\n" * images + question
