@@ -74,32 +74,35 @@ def load_model(name_or_path: str, device=None):
     return model, processor
 
 
-def load_default(name_or_path: str | None = None, seed: int = 0):
+def load_default(name_or_path: str | None = None, seed: int = 0, device=None):
     """(model, processor, note): `name_or_path`, else the bundled model, else a tiny random one.
 
     `name_or_path` may also be "tiny" for the tiny random LLaVA-NeXT. `note` says what was loaded
-    when it was not the caller's choice (None otherwise).
+    when it was not the caller's choice (None otherwise). `device` as in `load_model`.
     """
     if name_or_path not in (None, TINY):
-        return (*load_model(name_or_path), None)
+        return (*load_model(name_or_path, device), None)
     bundled = bundled_model_path()
     if name_or_path is None and bundled is not None:
-        return (*load_model(str(bundled)), f"the bundled trained model, from_pretrained({str(bundled)!r})")
+        return (*load_model(str(bundled), device), f"the bundled trained model, from_pretrained({str(bundled)!r})")
     from tokendrop.tiny import tiny_llava_next
 
     model, processor = tiny_llava_next(text_layers=8, seed=seed)
+    if device is not None:
+        model.to(device)
     processor.tokenizer.padding_side = "left"
     why = "" if name_or_path == TINY else " (no bundled model in this install)"
     return model, processor, f"tiny_llava_next(), a tiny RANDOM-WEIGHT LLaVA-NeXT{why}: answers are noise"
 
 
-def format_prompt(processor, question: str) -> str:
-    """The model's prompt for one image and a question: the chat template when the processor has
-    one, else "<image>\\n" + question; a question that already holds the image token is used as is."""
+def format_prompt(processor, question: str, images: int = 1) -> str:
+    """The model's prompt for `images` images (default one) and a question: the chat template when the
+    processor has one, else one "<image>\\n" per image before the question; a question that already holds
+    the image token is used as is."""
     image_token = getattr(processor, "image_token", "<image>")
     if image_token in question:
         return question
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{image_token}\n{question}"
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return f"{image_token}\n" * images + question

@@ -1,7 +1,9 @@
-"""`tokendrop eval`: accuracy of methods x budgets on a VQA dataset (folder format: docs/data_format.md).
+"""`tokendrop eval`: accuracy of methods x budgets on a VQA dataset (docs/data_format.md).
 
     tokendrop eval --data data/heldout --method none,hired,random --budget 0.1,0.2 --json results.jsonl
     tokendrop eval ... --json results.jsonl --resume        # after an interruption: only what is missing
+    tokendrop eval --data textvqa_val.parquet --columns id=question_id --metrics vqa_accuracy ...
+    torchrun --nproc_per_node 2 -m tokendrop eval ...        # questions shared by rank, results on rank 0
 
 Every argument, output path and the dataset are checked before the model is loaded; each
 configuration's record is appended to --json (JSON lines) as soon as it finishes.
@@ -18,7 +20,14 @@ from tokendrop.cli.options import (add_json, add_method_options, check_on_model,
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy of token-dropping methods on a VQA dataset")
-    p.add_argument("--data", required=True, help="dataset folder with questions.jsonl (see docs/data_format.md)")
+    p.add_argument("--data", required=True,
+                   help="a tokendrop dataset folder (questions.jsonl + images), or with `datasets` installed: a "
+                        "save_to_disk folder, a .parquet/.json/.jsonl/.csv file, or a hub id in the local cache "
+                        "(docs/data_format.md)")
+    p.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
+                   help="for `datasets` sources: the columns of the fields image, question, answers, id, type, answer "
+                        "(default: the column named like the field), e.g. id=question_id,answers=answer")
+    p.add_argument("--split", default=None, help="for `datasets` sources with several splits: the one to read")
     p.add_argument("--model", help="HF id or folder, or 'tiny' (default: the bundled model)")
     add_method_options(p, default="none,hired", budget="0.1,0.2,0.4")
     p.add_argument("--metrics", default="exact_match,vqa_accuracy,anls,relaxed_accuracy",
@@ -34,13 +43,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from tokendrop.data.dataset import load_dataset
-    from tokendrop.evaluation.harness import Config, evaluate, markdown_table, plot
+    from tokendrop.data.hf import parse_columns
+    from tokendrop.data.sources import load_samples
+    from tokendrop.evaluation import distributed
+    from tokendrop.evaluation.harness import Config
     from tokendrop.evaluation.metrics import get_metric
     from tokendrop.evaluation.results import ResultsFile
     from tokendrop.registry import configurations
 
-    # 1. every argument and output path, before anything is loaded
+    # 1. every argument and output path, before anything is loaded (every rank checks the same)
     names, budgets, options = method_configs(args)
     with flag("--metrics"):
         metrics = comma_list(args.metrics, "--metrics")
@@ -55,38 +66,69 @@ def run(args) -> int:
     json_path = output_path(args.json, "--json")
     if picture is not None:
         require_matplotlib("--plot")
-    # 2. the dataset (every image path checked), then the model
+    with flag("--columns"):
+        columns = parse_columns(args.columns)
     with flag("--data"):
-        samples = load_dataset(args.data, limit=limit)
+        try:
+            samples = load_samples(args.data, columns, args.split, limit)
+        except ImportError as err:  # a `datasets` source without `datasets`
+            raise UsageError(f"--data: {err}") from None
+    # 2. what an earlier run finished (--resume)
     configs = [Config(name, budget) for name, budget in configurations(names, budgets)]
     results = None
     if json_path is not None:
-        settings = {"model": args.model or "bundled", "data": str(Path(args.data).resolve()), "n": len(samples),
-                    "metrics": metrics, "method_args": options, "max_new_tokens": new_tokens}
+        data = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data  # a path, or a hub id
+        settings = {"model": args.model or "bundled", "data": data, "columns": columns, "split": args.split,
+                    "n": len(samples), "metrics": metrics, "method_args": options, "max_new_tokens": new_tokens}
         with flag("--json"):
             results = ResultsFile(json_path, settings, resume=args.resume)
     done = {c.label: results.done(c.label) for c in configs} if results is not None else {}
     todo = [c for c in configs if done.get(c.label) is None]
-    if len(todo) < len(configs):
+    # 3. the missing configurations, shared by the ranks when several processes run
+    with flag("WORLD_SIZE / RANK / LOCAL_RANK"):
+        ranks = distributed.from_env()
+    if ranks.main and len(todo) < len(configs):
         print(f"resuming {json_path}: {len(configs) - len(todo)} of {len(configs)} configurations already done")
     new = []
     if todo:
-        model, processor, note = load_model(args.model)
-        if note:
-            print(f"model: {note}")
-        check_on_model(model, processor, names, budgets, options)
-        new = evaluate(model, processor, samples, todo, metrics=metrics, batch_size=batch_size, max_new_tokens=new_tokens,
-                       progress=not args.no_progress, method_args=options,
-                       on_record=results.add if results is not None else None)
+        distributed.init()
+        try:
+            new = _evaluate(args, samples, todo, names, budgets, options, metrics, batch_size, new_tokens,
+                            results if ranks.main else None, ranks)
+        finally:
+            distributed.close()
+    if not ranks.main:
+        return 0
     by_label = {**{k: v for k, v in done.items() if v is not None}, **{r["label"]: r for r in new}}
-    records = [by_label[c.label] for c in configs]
-    # 3. the table, and the files made from all records
-    table = markdown_table(records, metrics[0])
-    print(f"{metrics[0]} (%), {len(samples)} questions\n{table}")
+    _report([by_label[c.label] for c in configs], metrics[0], len(samples), markdown, picture, json_path)
+    return 0
+
+
+def _evaluate(args, samples, todo, names, budgets, options, metrics, batch_size, new_tokens, results, ranks):
+    """Records of the configurations in `todo` (on rank 0; [] on the others)."""
+    from tokendrop.evaluation import distributed
+    from tokendrop.evaluation.harness import evaluate
+
+    model, processor, note = load_model(args.model, device=distributed.device(ranks))
+    if note and ranks.main:
+        print(f"model: {note}")
+    check_on_model(model, processor, names, budgets, options)
+    return evaluate(model, processor, samples, todo, metrics=metrics, batch_size=batch_size,
+                    max_new_tokens=new_tokens, progress=not args.no_progress, method_args=options,
+                    on_record=results.add if results is not None else None, ranks=ranks)
+
+
+def _report(records, metric, n, markdown, picture, json_path) -> None:
+    """The table (with its metric's rule), and the files made from all records."""
+    from tokendrop.evaluation.harness import markdown_table, plot
+    from tokendrop.evaluation.metrics import RULES
+
+    caption = f"{metric} (%), {n} questions. Metric: {RULES[metric]}."
+    table = markdown_table(records, metric)
+    print(f"{caption}\n{table}")
     if markdown is not None:
-        markdown.write_text(table + "\n")
+        markdown.write_text(f"{caption}\n\n{table}\n")
     if picture is not None:
-        plot(records, str(picture), metrics[0])
+        plot(records, str(picture), metric)
     if json_path is not None:
         print(f"results: {json_path} ({len(records)} configurations)")
-    return 0

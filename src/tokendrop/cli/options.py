@@ -157,11 +157,11 @@ def require_matplotlib(name: str) -> None:
         raise UsageError(f"{name} needs matplotlib: pip install 'tokendrop[plot]'") from None
 
 
-def load_model(spec: str | None, seed: int = 0):
+def load_model(spec: str | None, seed: int = 0, device=None):
     """(model, processor, note) for --model (None: the bundled model); a bad id or folder is a UsageError."""
     from tokendrop.loading import ModelLoadError, load_default
 
     try:
-        return load_default(spec, seed=seed)
+        return load_default(spec, seed=seed, device=device)
     except ModelLoadError as err:
         raise UsageError(f"--model {err}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,24 +25,28 @@ class Sample:
 
     Attributes:
         id: unique id (the line number when the file has no ``id``).
-        image_path: absolute path of the image.
+        image_path: absolute path of the image (None when the image comes from a dataset row).
         question: the question text.
         answers: annotator answers (at least one).
         answer: canonical answer (the most frequent annotator answer when the file has none).
         type: question type, or None.
         meta: every other field of the JSON object (e.g. ``objects`` and ``grid`` in synthetic data).
+        image_loader: reads the image when it is not a file (a Hugging Face `datasets` row), else None.
     """
 
     id: str
-    image_path: Path
+    image_path: Path | None
     question: str
     answers: list[str]
     answer: str
     type: str | None = None
     meta: dict = field(default_factory=dict)
+    image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
         """The image as RGB."""
+        if self.image_loader is not None:
+            return self.image_loader().convert("RGB")
         with Image.open(self.image_path) as im:
             return im.convert("RGB")
 

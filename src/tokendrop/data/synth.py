@@ -51,7 +51,7 @@ TEMPLATES = {
     "count": "How many {shape}s are there?",
     "exists": "Is there a {color} {shape}?",
 }
-N_ANNOTATORS = 3  # synthetic "annotator" answers: the canonical answer repeated
+N_ANNOTATORS = 10  # synthetic "annotator" answers: the canonical answer repeated, as many as VQAv2 and TextVQA have
 
 # 5x7 bitmaps ('#' = ink), drawn by hand for this project. Digits 2-9: 3/8, 5/6, 6/8/9 differ in
 # one or two strokes, which is exactly the detail lost when the image is squashed to one tile.

@@ -2,12 +2,14 @@
 
 from tokendrop.evaluation.metrics import (
     METRICS,
+    RULES,
     anls,
     exact_match,
     get_metric,
     normalize_answer,
     relaxed_accuracy,
     vqa_accuracy,
+    vqa_normalize,
 )
 
-__all__ = ["METRICS", "anls", "exact_match", "get_metric", "normalize_answer", "relaxed_accuracy", "vqa_accuracy"]
+__all__ = ["METRICS", "RULES", "anls", "exact_match", "get_metric", "normalize_answer", "relaxed_accuracy", "vqa_accuracy", "vqa_normalize"]

@@ -3,7 +3,8 @@
 Every configuration answers every question with greedy decoding, batched with left padding,
 through the stock `generate()` of a model patched by `tokendrop.apply`. Scores: every requested
 metric per question, averaged overall and per question type; with the visual tokens that reached
-the LLM (and, for in-LLM methods, their average over layers).
+the LLM (and, for in-LLM methods, their average over layers). Under several processes each answers
+its share of the questions and rank 0 scores them all (`tokendrop.evaluation.distributed`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tokendrop.data.dataset import Sample
+from tokendrop.evaluation.distributed import Ranks
 from tokendrop.evaluation.metrics import get_metric
 
 
@@ -44,19 +46,23 @@ def grid(methods: list[str], budgets: list[float]) -> list[Config]:
 
 def evaluate(model, processor, samples: list[Sample], configs: list[Config], metrics=("exact_match",),
              batch_size: int = 8, max_new_tokens: int = 8, progress: bool = True, method_args: dict | None = None,
-             on_record=None) -> list[dict]:
+             on_record=None, ranks: Ranks | None = None) -> list[dict]:
     """One summary record per configuration (see `summarize`).
 
     Args:
         method_args: method options (dataclass fields) shared by the grid, e.g. {"alpha": 0.6}.
         on_record: called with each record as soon as its configuration finishes (to save it).
+        ranks: this process's place among several (`tokendrop.evaluation.distributed`): it answers
+            its share of `samples`, rank 0 gathers, scores and returns the records (other ranks: []).
     """
     from tqdm.auto import tqdm
 
     if not samples:
         raise ValueError("the dataset has no samples")
+    ranks = ranks or Ranks()
+    mine = ranks.shard(samples)
     scorers = {name: get_metric(name) for name in metrics}
-    bar = tqdm(total=len(configs) * len(samples), disable=not progress, unit="q", desc="eval")
+    bar = tqdm(total=len(configs) * len(mine), disable=not (progress and ranks.main), unit="q", desc="eval")
     records = []
     side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
@@ -64,8 +70,13 @@ def evaluate(model, processor, samples: list[Sample], configs: list[Config], met
         for config in configs:
             bar.set_postfix_str(config.label)
             start = time.perf_counter()
-            answers, visual, equivalent = run_config(model, processor, samples, config, batch_size, max_new_tokens,
+            answers, visual, equivalent = run_config(model, processor, mine, config, batch_size, max_new_tokens,
                                                      method_args or {}, bar)
+            rows = ranks.gather(list(zip(answers, visual, equivalent or [None] * len(answers))))
+            if not ranks.main:
+                continue
+            answers, visual, equivalent = (list(column) for column in zip(*rows))
+            equivalent = None if None in equivalent else equivalent
             records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start))
             if on_record is not None:
                 on_record(records[-1])
