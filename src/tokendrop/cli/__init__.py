@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "show": "tokendrop.cli.show",
     "train": "tokendrop.cli.train",
     "env": "tokendrop.cli.env",
+    "serve": "tokendrop.cli.serve",
 }
 
 

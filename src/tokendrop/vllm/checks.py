@@ -24,7 +24,7 @@ def check_config(config, method: PreLLMMethod) -> str:
 
     stock = stock_architecture(config)
     if stock not in FAMILIES:
-        raise ValueError(f"tokendrop.vllm serves {', '.join(FAMILIES)}; the model is {stock or config.model_type!r}. "
+        raise ValueError(f"tokendrop.vllm serves {', '.join(FAMILIES)}; the model is {(stock or config.model_type)!r}. "
                          "Other families run with transformers (tokendrop.apply)")
     family = FAMILIES[stock]
     missing = sorted(method.requires() - capabilities(config, family))
@@ -36,10 +36,14 @@ def check_config(config, method: PreLLMMethod) -> str:
 
 
 def stock_architecture(config) -> str | None:
-    """The stock architecture a config names (a config already served by tokendrop names its own)."""
+    """The stock architecture a config names (a config already served by tokendrop names its own; a
+    config without `architectures` is read by its model_type, as vLLM does)."""
     from tokendrop.vllm import ARCHITECTURES
 
     name = (getattr(config, "architectures", None) or [None])[0]
+    if not name:
+        by_type = {family.model_type: stock for stock, family in FAMILIES.items()}
+        name = by_type.get(getattr(config, "model_type", None))
     served = {ours: stock for stock, ours in ARCHITECTURES.items()}
     return served.get(name, name)
 
