@@ -32,22 +32,10 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 def save_hub_layout(model, processor, folder: Path) -> Path:
-    """Save a transformers model the way hub checkpoints are laid out (`vision_tower.vision_model.*`),
-    which stock vLLM 0.32 loads; transformers 5.x writes `vision_tower.embeddings.*` (workaround 4 of
-    shared/reference/vllm.md). tokendrop's classes load both layouts."""
-    from safetensors.torch import load_file, save_file
+    """Save in the hub layout stock vLLM 0.32 loads (workaround 4 of shared/reference/vllm.md)."""
+    from tokendrop.vllm.bench import save_for_vllm
 
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    path = folder / "model.safetensors"
-    weights = load_file(path)
-    renamed = {}
-    for name, tensor in weights.items():
-        for part in ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."):
-            name = name.replace(f"vision_tower.{part}", f"vision_tower.vision_model.{part}")
-        renamed[name] = tensor
-    save_file(renamed, path, metadata={"format": "pt"})
-    return folder
+    return save_for_vllm(model, processor, folder)
 
 
 @pytest.fixture(scope="session")

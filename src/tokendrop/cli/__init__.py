@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "train": "tokendrop.cli.train",
     "env": "tokendrop.cli.env",
     "serve": "tokendrop.cli.serve",
+    "serve-bench": "tokendrop.cli.serve_bench",
 }
 
 
