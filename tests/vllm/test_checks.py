@@ -1,0 +1,78 @@
+"""What `tokendrop.vllm` refuses before vLLM starts, with the parameter and the reason in the message.
+
+These need no vLLM (the checks read HF configs only), so they run in the main suite too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import tokendrop as td
+import tokendrop.vllm
+from tokendrop.cli import main
+
+
+@pytest.fixture(scope="module")
+def next_config():
+    from tokendrop.tiny import tiny_llava_next
+
+    return tiny_llava_next(text_layers=1)[0].config
+
+
+def test_in_llm_methods_are_refused_with_the_reason():
+    for method in (td.PyramidDrop(), td.FastV()):
+        with pytest.raises(ValueError, match="paged KV cache"):
+            tokendrop.vllm.overrides(method)
+
+
+def test_one_method_instance():
+    with pytest.raises(TypeError, match="method instances"):
+        tokendrop.vllm.overrides(td.HiRED)
+    with pytest.raises(ValueError, match="exactly one pre-LLM method"):
+        tokendrop.vllm.overrides(td.HiRED(0.2), td.SpatialDrop(0.2))
+
+
+def test_unsupported_family_is_named():
+    from tokendrop.tiny import tiny_qwen2_vl
+
+    config = tiny_qwen2_vl(text_layers=1)[0].config
+    with pytest.raises(ValueError, match="tokendrop.vllm serves .*the model is 'qwen2_vl'"):
+        tokendrop.vllm.overrides(td.SpatialDrop(0.2)).for_config(config)
+
+
+def test_hired_needs_a_cls_token(next_config):
+    config = next_config.__class__.from_dict({**next_config.to_dict(), "vision_feature_select_strategy": "full"})
+    with pytest.raises(ValueError, match="capability 'cls_token'"):
+        tokendrop.vllm.overrides(td.HiRED(0.2)).for_config(config)
+    tokendrop.vllm.overrides(td.SpatialDrop(0.2)).for_config(config)  # score-free methods need no [CLS]
+
+
+def test_scored_layers_must_be_built_by_vllm(next_config):
+    # the tiny tower has 3 blocks and vision_feature_layer -2: vLLM builds blocks 0 and 1 only
+    with pytest.raises(ValueError, match="vLLM builds the tower only up to vision_feature_layer=-2"):
+        tokendrop.vllm.overrides(td.HiRED(0.2, final_layer=2)).for_config(next_config)
+    with pytest.raises(ValueError, match="init_layer must be in"):
+        tokendrop.vllm.overrides(td.HiRED(0.2, init_layer=7)).for_config(next_config)
+
+
+def test_settings_round_trip_through_the_config(next_config):
+    method = td.HiRED(0.3, variant="official", alpha=0.25, keep_newlines=True)
+    served = tokendrop.vllm.overrides(method)(next_config.__class__.from_dict(next_config.to_dict()))
+    assert served.architectures == ["TokendropLlavaNextForConditionalGeneration"]
+    assert tokendrop.vllm.method_of(served) == method
+
+
+def test_serve_errors_are_one_line_usage_errors(capsys, tmp_path):
+    assert main(["serve", "--method", "pdrop", "--print-command"]) == 2
+    assert "--method: PyramidDrop drops tokens inside the LLM" in capsys.readouterr().err
+    assert main(["serve", "--method", "hired", "--budget", "0", "--print-command"]) == 2
+    assert "--budget must be in (0, 1]" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--method", "hired", "--print-command"]) == 2
+    assert "tokendrop serve: error: --model" in capsys.readouterr().err
+
+
+def test_serve_passes_vllm_options_through(capsys):
+    assert main(["serve", "--method", "spatial", "--budget", "0.4", "--port", "8123", "--print-command"]) == 0
+    command = capsys.readouterr().out
+    assert "vllm.entrypoints.openai.api_server" in command and command.rstrip().endswith("--port 8123")
+    assert '\\"name\\": \\"spatial\\", \\"budget\\": 0.4' in command
