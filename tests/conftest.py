@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from sample_inputs import SIZES, random_image
 
 torch.set_num_threads(2)
 
@@ -34,11 +33,6 @@ def registry_restored():
     registry._methods.update(saved)
 
 
-def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="session")
 def next_model():
     """(model, processor): tiny LLaVA-NeXT, 112-px tiles (8x8 patches), 8-layer Llama LM with GQA (4 q / 2 kv heads)."""
@@ -56,11 +50,6 @@ def llava_model():
     model, processor = tiny_llava(text_layers=4)
     processor.tokenizer.padding_side = "left"
     return model, processor
-
-
-# Three images whose anyres grids differ: 2x2, 1x2 (wide), 3x1 (tall).
-SIZES = [(224, 224), (150, 300), (330, 100)]
-PROMPTS = ["<image>\nQ: what is it? A:", "<image>\nQ: what colour is the big one? A:", "<image>\nQ: how many? A:"]
 
 
 @pytest.fixture(scope="session")

@@ -226,7 +226,7 @@ def test_a_model_that_is_never_removed_is_freed(method):
 ])
 def test_budgets_that_keep_no_token_are_refused_with_size_and_budget(next_model, images, method, size, message):
     model, processor = next_model
-    from tests.conftest import random_image
+    from sample_inputs import random_image
 
     with td.apply(model, processor, method):
         with pytest.raises(ValueError, match=message):

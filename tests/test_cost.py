@@ -12,7 +12,7 @@ from tokendrop.cli import main
 from tokendrop.registry import build_methods, family_for
 from tokendrop.tiny import tiny_tokenizer
 
-from conftest import random_image
+from sample_inputs import random_image
 
 NEXT_ARCHS = ["llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-mistral-7b"]
 
@@ -175,7 +175,7 @@ def test_cost_cli_bad_arguments_exit_2(capsys, argv, message):
 
 @pytest.mark.parametrize("arch", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
 def test_qwen_archs_count_what_their_image_processor_writes(arch):
-    from tests.conftest import random_image
+    from sample_inputs import random_image
 
     spec = cost.load_arch(arch)
     model = cost.meta_model(cost.arch_config(spec))

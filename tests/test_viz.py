@@ -19,7 +19,7 @@ from tokendrop.loading import format_prompt  # noqa: E402
 from tokendrop.cli import show as show_cli  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 
-from conftest import random_image  # noqa: E402
+from sample_inputs import random_image  # noqa: E402
 
 TILE = 112  # tiny model's tile pixels (8x8 patches of 14 px)
 

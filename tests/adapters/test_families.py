@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tokendrop as td
-from tests.conftest import random_image
+from sample_inputs import random_image
 from tokendrop.adapters.base import CAPABILITIES, Family, resolve
 from tokendrop.loading import format_prompt
 from tokendrop.registry import FAMILIES, build_methods, family_for, method_class, method_names

@@ -15,7 +15,7 @@ import torch
 
 import tokendrop as td
 from tokendrop.compat import output_cache
-from tests.conftest import PROMPTS
+from sample_inputs import PROMPTS
 
 STEPS = 4
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokendrop as td
-from tests.conftest import PROMPTS, SIZES, random_image
+from sample_inputs import PROMPTS, SIZES, random_image
 from tokendrop.registry import family_for as adapter_for
 from tokendrop.methods import budget_tokens
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tokendrop as td
-from tests.conftest import random_image
+from sample_inputs import random_image
 from tokendrop.adapters.base import resolve
 from tokendrop.loading import format_prompt
 from tokendrop.registry import family_for

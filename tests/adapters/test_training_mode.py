@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokendrop as td
-from tests.conftest import PROMPTS, SIZES, random_image
+from sample_inputs import PROMPTS, SIZES, random_image
 
 ANSWERS = [" red", " two squares", " yes"]
 

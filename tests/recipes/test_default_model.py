@@ -479,7 +479,7 @@ def test_word_ids_are_one_token_per_class_word():
 def test_image_token_patches_follow_the_stock_packing(next_model, images):
     """The patch shown by each image token (from the model's own pack_image_features) matches the
     adapter's independent geometry (base raster, then the unpadded canvas row by row)."""
-    from conftest import PROMPTS
+    from sample_inputs import PROMPTS
 
     from tokendrop.adapters.llava_next import LlavaNextAdapter
     from recipes.default_model.token_patches import image_token_patches
@@ -548,7 +548,7 @@ def test_grounding_report_measures_attention_on_the_question_objects(next_model,
 
 
 def test_kept_token_patches_are_the_stock_patches_that_a_method_kept(next_model, images):
-    from conftest import PROMPTS
+    from sample_inputs import PROMPTS
 
     from recipes.default_model.token_patches import image_token_patches, kept_token_patches
 
