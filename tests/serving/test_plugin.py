@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import tokendrop as td  # noqa: E402
 import tokendrop.vllm  # noqa: E402
-from tests.vllm.conftest import IMAGE_SIZES, PROMPT, engine, first_logprobs, random_image  # noqa: E402
+from tests.serving.conftest import IMAGE_SIZES, PROMPT, engine, first_logprobs, random_image  # noqa: E402
 
 TOL = 1e-4
 #: every pre-LLM method, with options that make each one differ from the others

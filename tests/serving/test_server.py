@@ -20,7 +20,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (its environment is bu
 import torch  # noqa: E402
 
 import tokendrop as td  # noqa: E402
-from tests.vllm.conftest import random_image  # noqa: E402
+from tests.serving.conftest import random_image  # noqa: E402
 
 STARTUP_SECONDS = 300
 QUESTION = "What is shown in this image?"

