@@ -85,16 +85,19 @@ def qwen_config():
     return tiny_qwen2_5_vl(text_layers=1)[0].config
 
 
-def test_qwen2_5_vl_serves_score_free_methods(qwen_config):
-    for method in (td.RandomDrop(0.3, seed=1), td.SpatialDrop(0.4)):
+def test_qwen2_5_vl_serves_pre_llm_methods(qwen_config):
+    for method in (td.RandomDrop(0.3, seed=1), td.SpatialDrop(0.4), td.DominantDrop(0.3), td.DominantDrop(0.3, layer=1)):
         served = tokendrop.vllm.overrides(method)(qwen_config.__class__.from_dict(qwen_config.to_dict()))
         assert served.architectures == ["TokendropQwen2_5_VLForConditionalGeneration"]
         assert tokendrop.vllm.method_of(served) == method
 
 
 def test_qwen2_5_vl_refuses_what_it_cannot_serve(qwen_config):
-    with pytest.raises(ValueError, match="DominantDrop ranks tokens by their vision scores.*before the encoder runs"):
-        tokendrop.vllm.overrides(td.DominantDrop(0.3)).for_config(qwen_config)
+    # the tiny tower: window attention in blocks 0 and 2, full attention in 1 and 3
+    with pytest.raises(ValueError, match=r"layer 2 of Qwen2.5-VL's vision tower uses window attention.*\[1, 3\]"):
+        tokendrop.vllm.overrides(td.DominantDrop(0.3, layer=2)).for_config(qwen_config)
+    with pytest.raises(ValueError, match=r"layer must be in \[-4, 4\)"):
+        tokendrop.vllm.overrides(td.DominantDrop(0.3, layer=9)).for_config(qwen_config)
     with pytest.raises(ValueError, match="BaseOnly needs .*capability 'base_image'"):
         tokendrop.vllm.overrides(td.BaseOnly()).for_config(qwen_config)
     with pytest.raises(ValueError, match="HiRED needs .*capability 'cls_token'"):

@@ -20,8 +20,10 @@ from tests.serving.conftest import QWEN_PROMPT, engine, logprobs, random_image  
 TOL = 1e-4
 #: (height, width): merged grids 7x11, 11x5 and 4x4 after the processor's resize to multiples of 28 px
 SIZES = [(200, 300), (300, 130), (112, 112)]
-IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
-METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4)}
+#: the first image twice: a second request with the same image reuses the first one's choice
+IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)] + [random_image(*SIZES[0], seed=0)]
+METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4), "dominant": td.DominantDrop(0.3),
+           "dominant-block-1": td.DominantDrop(0.3, layer=1)}
 
 
 def transformers_path(model, processor, method, images, steps=2):

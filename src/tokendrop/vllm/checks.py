@@ -24,7 +24,7 @@ def check_config(config, method: PreLLMMethod) -> str:
 
     Checks the family (LLaVA-NeXT, LLaVA-1.5, Qwen2.5-VL), the capabilities the method needs, and the
     vision layers it scores against the layers vLLM builds (only up to `vision_feature_layer`);
-    on Qwen2.5-VL, only score-free methods (see `tokendrop.vllm.qwen`).
+    on Qwen2.5-VL, the scored block must use full attention (`qwen_score_blocks`).
     """
     from tokendrop.vllm import ARCHITECTURES
 
@@ -38,11 +38,7 @@ def check_config(config, method: PreLLMMethod) -> str:
         need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
         raise ValueError(f"{type(method).__name__} needs {need}, which {stock} with this config does not have")
     if stock == QWEN:
-        if method.scores():
-            raise ValueError(f"{type(method).__name__} ranks tokens by their vision scores, which tokendrop.vllm does "
-                             f"not serve on {stock}: vLLM computes M-RoPE positions when a request arrives, before "
-                             "the encoder runs, so the kept tokens must follow from the image size alone. Serve a "
-                             "score-free method (RandomDrop, SpatialDrop), or use transformers (tokendrop.apply)")
+        qwen_score_blocks(config, method)
     else:
         score_blocks(config, method)
     return ARCHITECTURES[stock]
@@ -104,6 +100,27 @@ def token_count(config, method: PreLLMMethod) -> TokenCount:
         pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
         return TokenCount(NextGeometry(vision.image_size, grid, pinpoints), method)
     return TokenCount(SingleGeometry(grid), method)
+
+
+def qwen_score_blocks(config, method: PreLLMMethod) -> dict[str, int]:
+    """Qwen2.5-VL: the vision block (0-based) of every score `method` reads, as the transformers path
+    (`Qwen2_5_VLAdapter.score_block`) chooses and validates it: a full-attention block (window blocks
+    normalise attention per window); None: the last one."""
+    vision = config.vision_config
+    depth, full = vision.depth, sorted(vision.fullatt_block_indexes)
+    blocks = {}
+    for name, score in method.scores().items():
+        if score.kind != "received":
+            raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; Qwen2.5-VL's tower has no [CLS] "
+                             "token and gives 'received' attention scores only")
+        layer = full[-1] if score.layer is None else score.layer
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer must be in [{-depth}, {depth}) for a {depth}-block vision tower, got {layer}")
+        if layer % depth not in full:
+            raise ValueError(f"layer {score.layer} of Qwen2.5-VL's vision tower uses window attention; "
+                             f"{type(method).__name__} scores a full-attention block: {full}")
+        blocks[name] = layer % depth
+    return blocks
 
 
 class QwenCount:

