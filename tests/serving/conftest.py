@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(test function): read the served model
 
 #: image sizes (height, width): a wide, a tall and a square one (three different tile grids and paddings)
 IMAGE_SIZES = [(200, 300), (300, 130), (112, 112)]
