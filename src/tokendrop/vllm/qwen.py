@@ -99,8 +99,7 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
             return tuple(rows[self.kept(grid).to(rows.device)] for rows, grid in zip(embeddings, grids))  # (K, D)
         if image_input["type"] == "image_embeds":
-            raise ValueError(f"{type(self.method).__name__} scores the image in the vision tower: "
-                             "precomputed image embeddings cannot be served with it")
+            raise self.no_pixels()
         digests = self.digests(image_input["pixel_values"], grids)
         if all(d in self.encoded for d in digests):  # encoded when the request's positions were computed
             return tuple(self.encoded.pop(d) for d in digests)
@@ -122,6 +121,10 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             kept.append(rows[keep.to(rows.device)])  # (K, D)
         return tuple(kept)
 
+    def no_pixels(self) -> ValueError:
+        return ValueError(f"{type(self.method).__name__} scores the image in the vision tower: precomputed image "
+                          "embeddings (image_embeds) cannot be served with it; use a score-free method")
+
     @torch.inference_mode()
     def choose(self, feature) -> str | None:
         """A scored method's choice for an image of a request that just arrived: encoded now (the
@@ -129,6 +132,8 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         if not self.blocks:
             return None
         batch = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=self.visual.device))[2]
+        if "pixel_values" not in batch:
+            raise self.no_pixels()
         digest = self.digests(batch["pixel_values"], batch["image_grid_thw"].tolist())[0]
         if digest not in self.selected:
             self.encoded[digest] = self.embed_multimodal(**batch)[0]
