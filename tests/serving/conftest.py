@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(test function): read the served model
 
 #: image sizes (height, width): a wide, a tall and a square one (three different tile grids and paddings)
 IMAGE_SIZES = [(200, 300), (300, 130), (112, 112)]
@@ -58,11 +59,11 @@ def llava_checkpoint(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def engine(folder, hf_overrides=None):
+def engine(folder, hf_overrides=None, **options):
     """A vLLM `LLM` on `folder`, shut down (its engine process ended) on exit."""
     from vllm import LLM
 
-    llm = LLM(model=str(folder), hf_overrides=hf_overrides or {}, **ENGINE_ARGS)
+    llm = LLM(model=str(folder), hf_overrides=hf_overrides or {}, **{**ENGINE_ARGS, **options})
     try:
         yield llm
     finally:
@@ -71,11 +72,76 @@ def engine(folder, hf_overrides=None):
         gc.collect()
 
 
-def first_logprobs(llm, images) -> list[tuple[int, dict[int, float]]]:
-    """(prompt length, token id -> logprob of the 5 likeliest first tokens) for PROMPT with each image."""
+def first_logprobs(llm, images, prompt=PROMPT) -> list[tuple[int, dict[int, float]]]:
+    """(prompt length, token id -> logprob of the 5 likeliest first tokens) for `prompt` with each image."""
+    return [(length, steps[0]) for length, steps, _ in logprobs(llm, images, prompt, steps=1)]
+
+
+def logprobs(llm, images, prompt=PROMPT, steps=2) -> list[tuple[int, list[dict[int, float]], list[int]]]:
+    """(prompt length, per step: token id -> logprob of the 5 likeliest, the greedy tokens) for each image."""
     from vllm import SamplingParams
 
-    requests = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in images]
-    outputs = llm.generate(requests, SamplingParams(max_tokens=1, logprobs=5, temperature=0), use_tqdm=False)
-    return [(len(out.prompt_token_ids), {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
-            for out in outputs]
+    requests = [{"prompt": prompt, "multi_modal_data": {"image": image}} for image in images]
+    outputs = llm.generate(requests, SamplingParams(max_tokens=steps, logprobs=5, temperature=0), use_tqdm=False)
+    return [(len(out.prompt_token_ids), [{t: lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs],
+             list(out.outputs[0].token_ids)) for out in outputs]
+
+
+#: Test-only remote code for the Qwen checkpoint: transformers' Qwen2-VL video processor needs torchvision, which
+#: these CPU machines lack, and the Qwen2.5-VL processor (stock vLLM's too) loads one. A stand-in with no videos.
+VIDEO_STUB = '''
+import importlib.util
+
+import transformers
+
+
+class NoVideoKwargs:
+    __annotations__ = {}
+
+
+class StubVideoProcessor(dict):
+    valid_kwargs = NoVideoKwargs
+    merge_size = 2
+    temporal_patch_size = 2
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        return cls()
+
+    @classmethod
+    def register_for_auto_class(cls, *args, **kwargs):
+        pass
+
+
+if importlib.util.find_spec("torchvision") is None:
+    transformers.VideoProcessorMixin = StubVideoProcessor  # the class the processor checks its video processor against
+'''
+QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random Qwen2.5-VL (4 vision blocks, 2 of them window attention,
+    4 LLM layers) saved for vLLM (load with trust_remote_code=True: the video-processor stand-in). The LLM's
+    heads are 32 wide: vLLM's CPU attention has no kernel for the tiny builder's 16."""
+    import json
+
+    import torch
+    import transformers
+
+    from tokendrop.tiny import tiny_qwen2_5_vl
+
+    model, processor = tiny_qwen2_5_vl(text_layers=4)
+    text = model.config.text_config
+    text.num_attention_heads, text.num_key_value_heads = 2, 1
+    text.rope_parameters["mrope_section"] = [4, 6, 6]  # sums to head_dim / 2 = 16
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(model.config).eval()
+    folder = tmp_path_factory.mktemp("qwen2.5-vl")
+    model.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "video_stub.py").write_text(VIDEO_STUB)
+    (folder / "video_preprocessor_config.json").write_text(
+        json.dumps({"auto_map": {"AutoVideoProcessor": "video_stub.StubVideoProcessor"}}))
+    return folder, model, processor

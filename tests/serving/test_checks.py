@@ -76,3 +76,29 @@ def test_serve_passes_vllm_options_through(capsys):
     command = capsys.readouterr().out
     assert "vllm.entrypoints.openai.api_server" in command and command.rstrip().endswith("--port 8123")
     assert '\\"name\\": \\"spatial\\", \\"budget\\": 0.4' in command
+
+
+@pytest.fixture(scope="module")
+def qwen_config():
+    from tokendrop.tiny import tiny_qwen2_5_vl
+
+    return tiny_qwen2_5_vl(text_layers=1)[0].config
+
+
+def test_qwen2_5_vl_serves_pre_llm_methods(qwen_config):
+    for method in (td.RandomDrop(0.3, seed=1), td.SpatialDrop(0.4), td.DominantDrop(0.3), td.DominantDrop(0.3, layer=1)):
+        served = tokendrop.vllm.overrides(method)(qwen_config.__class__.from_dict(qwen_config.to_dict()))
+        assert served.architectures == ["TokendropQwen2_5_VLForConditionalGeneration"]
+        assert tokendrop.vllm.method_of(served) == method
+
+
+def test_qwen2_5_vl_refuses_what_it_cannot_serve(qwen_config):
+    # the tiny tower: window attention in blocks 0 and 2, full attention in 1 and 3
+    with pytest.raises(ValueError, match=r"layer 2 of Qwen2.5-VL's vision tower uses window attention.*\[1, 3\]"):
+        tokendrop.vllm.overrides(td.DominantDrop(0.3, layer=2)).for_config(qwen_config)
+    with pytest.raises(ValueError, match=r"layer must be in \[-4, 4\)"):
+        tokendrop.vllm.overrides(td.DominantDrop(0.3, layer=9)).for_config(qwen_config)
+    with pytest.raises(ValueError, match="BaseOnly needs .*capability 'base_image'"):
+        tokendrop.vllm.overrides(td.BaseOnly()).for_config(qwen_config)
+    with pytest.raises(ValueError, match="HiRED needs .*capability 'cls_token'"):
+        tokendrop.vllm.overrides(td.HiRED(0.2)).for_config(qwen_config)

