@@ -190,18 +190,22 @@ def run(folder: str, configs: list[tuple[str, object]], levels: list[tuple[int, 
     return records
 
 
+FIELDS = ("requests_per_s", "output_tokens_per_s", "ttft_ms", "kv_cache_peak")
+
+
 def summary(records: list[dict]) -> list[dict]:
-    """Median over rounds per (config, concurrency), in first-seen order."""
-    keys = []
-    for r in records:
-        if (r["config"], r["concurrency"]) not in keys:
-            keys.append((r["config"], r["concurrency"]))
+    """Per (config, concurrency), in first-seen order: the median over rounds of every field, and its
+    spread as `<field>_min` / `<field>_max`."""
+    keys = list(dict.fromkeys((r["config"], r["concurrency"]) for r in records))
     rows = []
     for config, concurrency in keys:
         group = [r for r in records if r["config"] == config and r["concurrency"] == concurrency]
-        row = {"config": config, "concurrency": concurrency, "prompt_tokens": group[0]["prompt_tokens"]}
-        for field in ("requests_per_s", "output_tokens_per_s", "ttft_ms", "kv_cache_peak"):
-            row[field] = statistics.median(r[field] for r in group)
+        row = {"config": config, "concurrency": concurrency, "prompt_tokens": group[0]["prompt_tokens"],
+               "rounds": len(group)}
+        for field in FIELDS:
+            values = [r[field] for r in group]
+            row[field] = statistics.median(values)
+            row[f"{field}_min"], row[f"{field}_max"] = min(values), max(values)
         rows.append(row)
     return rows
 
@@ -218,20 +222,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([HEADER, *(format_row(r) for r in rows)])
 
 
+PLOTTED = (("requests_per_s", "requests / s", 1.0), ("ttft_ms", "time to first token (s)", 1e-3),
+           ("kv_cache_peak", "KV cache peak (% of the cache)", 100.0))
+
+
 def plot(rows: list[dict], path: str) -> None:
+    """Requests/s, TTFT and KV-cache peak against concurrency, one line per configuration: the median
+    over rounds, bars from the smallest to the largest round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(13, 3.8))
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
         c = [r["concurrency"] for r in mine]
-        for ax, field in zip(axes, ("requests_per_s", "ttft_ms", "kv_cache_peak")):
-            ax.plot(c, [r[field] for r in mine], marker="o", label=config)
+        for ax, (field, title, scale) in zip(axes, PLOTTED):
+            mid = [r[field] * scale for r in mine]
+            low = [m - r.get(f"{field}_min", r[field]) * scale for m, r in zip(mid, mine)]
+            high = [r.get(f"{field}_max", r[field]) * scale - m for m, r in zip(mid, mine)]
+            ax.errorbar(c, mid, yerr=[low, high], marker="o", capsize=3, label=config)
             ax.set_xlabel("concurrent requests")
-            ax.set_title(field)
-    axes[0].legend()
+            ax.set_title(title)
+    rounds = max(r.get("rounds", 1) for r in rows)
+    axes[0].legend(title=f"median of {rounds} rounds, bars min-max" if rounds > 1 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
