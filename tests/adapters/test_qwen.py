@@ -314,3 +314,58 @@ def test_in_llm_methods_drop_video_tokens_like_image_tokens(qwen):
     assert torch.equal(same.sequences, stock.sequences)
     for a, b in zip(same.logits, stock.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---- generate() expanding prompts: beams, several sequences per prompt --------------------------------
+@pytest.mark.parametrize("settings", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2),
+                                      dict(do_sample=True, num_return_sequences=2)], ids=["beams", "beams-2seq", "sample-2seq"])
+def test_expanded_prompts_at_keep_all_equal_stock(qwen, settings):
+    model, processor, _ = qwen
+    images = [random_image(*SIZES[0]), random_image(*SIZES[1], seed=1)]
+    processor.tokenizer.padding_side = "left"
+    inputs = encode(processor, images, ("what is it?", "and the big one, what colour is it?"))
+    run = lambda: (torch.manual_seed(0), model.generate(**inputs, max_new_tokens=3, **settings))[1]  # noqa: E731
+    with torch.no_grad():
+        stock = run()
+        with td.apply(model, processor, td.RandomDrop(1.0)):
+            same = run()
+    assert torch.equal(same, stock)
+
+
+def test_expanded_rows_see_their_prompts_kept_tokens(qwen):
+    """Each of the r rows generate() makes of a prompt gets that prompt's kept rows and positions:
+    its first-step logits equal the unexpanded run's."""
+    model, processor, _ = qwen
+    images = [random_image(*SIZES[0]), random_image(*SIZES[2], seed=2)]
+    processor.tokenizer.padding_side = "left"
+    first = lambda **kw: model.generate(**inputs, max_new_tokens=1, output_logits=True,  # noqa: E731
+                                        return_dict_in_generate=True, **kw).logits[0]
+    with torch.no_grad(), td.apply(model, processor, td.RandomDrop(0.5)) as handle:
+        inputs = encode(processor, images, ("what is it?", "and the big one, what colour is it?"))
+        once = first(do_sample=False)
+        kept = [s.clone() for s in handle.selections]
+        torch.manual_seed(0)
+        twice = first(do_sample=True, num_return_sequences=2)
+        assert all(torch.equal(a, b) for a, b in zip(handle.selections, kept))
+    torch.testing.assert_close(twice, once.repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_images_per_row_follows_generates_expansion():
+    from tokendrop.adapters.qwen_common import images_per_row
+
+    assert images_per_row([1, 2, 0], 3) == [[0], [1, 2], []]
+    assert images_per_row([1, 1, 2, 2, 0, 0], 3) == [[0], [0], [1, 2], [1, 2], [], []]  # r = 2
+    with pytest.raises(RuntimeError, match="do not match"):
+        images_per_row([1, 2], 2)  # 3 runs, 2 images, no expansion explains it
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["video", "image+video"])
+def test_video_inputs_in_generate_are_refused_by_pre_llm_methods(qwen, with_image):
+    model, processor, _ = qwen
+    inputs = video_inputs(model, processor)
+    if with_image:
+        image = encode(processor, [random_image(*SIZES[1])])
+        inputs = {**image, "pixel_values_videos": inputs["pixel_values_videos"], "video_grid_thw": inputs["video_grid_thw"]}
+    with td.apply(model, processor, td.RandomDrop(0.5)):
+        with pytest.raises(ValueError, match="video inputs are not supported"):
+            model.generate(**inputs, max_new_tokens=2)

@@ -110,16 +110,14 @@ class QwenVLStyle(Family):
 
         def refresh_positions(module, args, kwargs):
             ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
-            if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
-                raise ValueError("pre-LLM methods drop image tokens; video inputs are not supported while one is "
-                                 "applied (remove the handle, or use an in-LLM method)")
+            refuse_videos(kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw"))
             if ids is None or positions is None or positions.ndim != 3 or kwargs.get("mm_encoder_outputs") is None:
                 return None
             if not bool((ids == self.image_token_id).any()) or ids.shape[1] != positions.shape[-1]:
                 return None
-            grids = kwargs.get("image_grid_thw")  # generate() passes it to the encoder, not always to the prefill
-            rope, _ = rope_index(ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"),
-                                 image_grid_thw=state["grids"] if grids is None else grids,
+            # the encoder's own grids, to which its kept indices are aligned (generate() may pass expanded
+            # copies, or none, to the prefill)
+            rope, _ = rope_index(ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"), image_grid_thw=state["grids"],
                                  attention_mask=kwargs.get("attention_mask"))
             positions = positions.clone()
             positions[-3:] = rope.to(positions.device)  # the t/h/w rows (a 4-row tensor keeps its text row)
@@ -186,23 +184,29 @@ class QwenVLStyle(Family):
 
         def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
                            attention_mask=None, **kwargs):
+            refuse_videos(kwargs.get("pixel_values_videos"), video_grid_thw)  # generate() asks here first
             B, L = input_ids.shape
             if mm_token_type_ids is None:
                 mm_token_type_ids = (input_ids == self.image_token_id).long()
-            grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-            kept = iter(state["kept"] or [])
+            grids = image_grid_thw.tolist() if image_grid_thw is not None else []
+            kept = state["kept"] if state["kept"] is not None and len(state["kept"]) == len(grids) else None
+            valid_rows = [attention_mask[b].bool() if attention_mask is not None else torch.ones(L, dtype=torch.bool)
+                          for b in range(B)]
+            runs = [[(key, len(list(group))) for key, group in itertools.groupby(mm_token_type_ids[b][valid].tolist())]
+                    for b, valid in enumerate(valid_rows)]
+            images = images_per_row([sum(key == 1 for key, _ in row) for row in runs], len(grids))
             positions = torch.zeros(3, B, L, dtype=input_ids.dtype, device=input_ids.device)
             deltas = []
-            for b in range(B):
-                valid = attention_mask[b].bool() if attention_mask is not None else torch.ones(L, dtype=torch.bool)
+            for b, valid in enumerate(valid_rows):
                 ids, types = input_ids[b][valid], mm_token_type_ids[b][valid]
-                runs = [(key, len(list(group))) for key, group in itertools.groupby(types.tolist())]
+                row_images = iter(images[b])
                 long_ids, long_types, picks, grid_rows, start = [], [], [], [], 0
-                for key, length in runs:
+                for key, length in runs[b]:
                     if key == 1:  # an image: expand its placeholders to the full merged grid
-                        grid = next(grids)
+                        image = next(row_images)
+                        grid = grids[image]
                         full = grid[0] * grid[1] * grid[2] // merge**2
-                        chosen = next(kept, None)
+                        chosen = kept[image] if kept is not None else None
                         if chosen is None or chosen.numel() != length:
                             chosen = torch.arange(length)  # provisional: refreshed once the encoder has chosen
                         picks.append(len(long_ids) + chosen.cpu())
@@ -272,6 +276,35 @@ class QwenVLStyle(Family):
                       vocab=self.model.lm_head.weight.shape[0], vd=block.attn.qkv.weight.shape[1], vm=mlp_out,
                       vision_depth=len(tower.blocks), patch_inputs=conv[0].numel(), projector=tuple(merger),
                       vision_tokens_extra=0, vision_mlp_matrices=len(mlp))
+
+
+def refuse_videos(pixel_values_videos, video_grid_thw) -> None:
+    """Pre-LLM methods drop image tokens only: a video in the inputs is refused, from `forward` and
+    from `generate()` alike."""
+    if pixel_values_videos is not None or video_grid_thw is not None:
+        raise ValueError("pre-LLM methods drop image tokens; video inputs are not supported while one is "
+                         "applied (remove the handle, or use an in-LLM method)")
+
+
+def images_per_row(counts: list[int], images: int) -> list[list[int]]:
+    """Which encoded images each row's image runs are, in order.
+
+    `counts[b]` is the number of images in row b of `input_ids`; the encoder saw `images` images, each
+    prompt's in order. Rows hold them one after another, or, after `generate()` expanded every prompt
+    into r consecutive rows (`num_beams`, `num_return_sequences`: `repeat_interleave`), each block of
+    r rows holds the same prompt's images.
+    """
+    total = sum(counts)
+    if total == images:
+        ends = list(itertools.accumulate(counts))
+        return [list(range(end - n, end)) for n, end in zip(counts, ends)]
+    r = total // images if images else 0
+    blocks = [counts[b:b + r] for b in range(0, len(counts), r)] if r > 1 and len(counts) % r == 0 else []
+    if r * images != total or not blocks or any(len(set(block)) != 1 for block in blocks):
+        raise RuntimeError(f"{total} image placeholder runs in input_ids over {len(counts)} rows do not match the "
+                           f"{images} images the encoder saw, nor an expansion of them by generate()")
+    once = images_per_row([block[0] for block in blocks], images)
+    return [once[b // r] for b in range(len(counts))]
 
 
 class ReceivedScores:
