@@ -13,7 +13,7 @@ def assert_untouched(model, processor):
     assert "forward" not in vars(model.model.language_model)
     assert "replace_image_token" not in vars(processor)
     assert "_get_num_multimodal_tokens" not in vars(processor)
-    assert "__deepcopy__" not in vars(model)
+    assert "__deepcopy__" not in vars(model) and "__deepcopy__" not in vars(processor)
     assert not model.model._forward_pre_hooks
 
 
@@ -183,25 +183,44 @@ def test_deepcopy_of_a_patched_model_is_an_independent_stock_model(next_model, i
     assert_untouched(twin, processor)
 
 
-def test_deepcopy_of_a_patched_processor_goes_stock_with_the_handle(next_model, images):
+def test_deepcopy_of_a_patched_processor_is_an_independent_stock_processor(next_model, images):
     import copy
 
     model, processor = next_model
     stock = image_tokens(model, processor, images[0])
     with td.apply(model, processor, td.HiRED(0.2)):
         twin = copy.deepcopy(processor)
-        assert image_tokens(model, twin, images[0]) == 64 < stock  # patched while the handle is live
+        assert image_tokens(model, twin, images[0]) == stock, "the copy is stock while the handle is live"
+        assert image_tokens(model, processor, images[0]) == 64 < stock, "the original stays patched"
+        assert twin._get_num_multimodal_tokens(image_sizes=[[224, 224]]).num_image_tokens == [stock]
     assert image_tokens(model, twin, images[0]) == stock
-    assert twin._get_num_multimodal_tokens(image_sizes=[[224, 224]]).num_image_tokens == [stock]
+    assert_untouched(model, twin)
+
+
+def test_a_deep_copied_pair_is_the_stock_pair(next_model, images):
+    """`m2, p2 = deepcopy(m), deepcopy(p)` under a pre-LLM handle: both copies follow one rule (stock),
+    so the pair runs together and equals the stock model."""
+    import copy
+
+    model, processor = next_model
+    prompt = "<image>\nQ: hi A:"
+    with torch.no_grad():
+        stock = model.generate(**processor(images=images[:1], text=[prompt], return_tensors="pt"), max_new_tokens=3)
+        with td.apply(model, processor, td.HiRED(0.2)):
+            m2, p2 = copy.deepcopy(model), copy.deepcopy(processor)
+            copied = m2.generate(**p2(images=images[:1], text=[prompt], return_tensors="pt"), max_new_tokens=3)
+    assert torch.equal(copied, stock)
 
 
 def test_a_patched_processor_pickles(next_model, images):
+    import copy
     import pickle
 
     model, processor = next_model
     with td.apply(model, processor, td.HiRED(0.2)):
         clone = pickle.loads(pickle.dumps(processor))  # what a spawned DataLoader worker receives
     assert image_tokens(model, clone, images[0]) == 64, "the worker's copy writes the method's count"
+    assert image_tokens(model, copy.deepcopy(clone), images[0]) > 64, "and a deep copy of it is stock"
     assert "replace_image_token" in vars(clone) and not hasattr(clone.replace_image_token, "__closure__")
 
 

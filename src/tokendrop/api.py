@@ -82,11 +82,10 @@ class Handle:
 
 
 class Live:
-    """Whether a handle's patches are in place, shared by every in-process copy of a patched processor.
-
-    `copy.deepcopy` keeps the same object, so a processor copied while patched writes the stock
-    counts once the handle is removed; a pickled copy (a DataLoader worker) keeps its own state.
-    """
+    """Whether a handle's patches are in place, shared by shallow copies of a patched processor
+    (`copy.copy` shares its attributes): such a copy writes the stock counts once the handle is
+    removed. A deep copy is stock at once (`StockCopy`); a pickled copy (a DataLoader worker)
+    keeps its own state."""
 
     def __init__(self):
         self.active = True
@@ -125,26 +124,29 @@ def _undo(patch, target=None) -> None:
         vars(obj).pop(name, None)
 
 
-def _stock_deepcopy(handle: Handle, model):
-    """The model's `__deepcopy__` while patched: an independent STOCK copy (the original stays patched).
+class StockCopy:
+    """The `__deepcopy__` of a patched model or processor: an independent STOCK copy (the original
+    stays patched), one rule for both halves of a (model, processor) pair.
 
-    The patches are closures over this model's modules and this handle, so a copy that kept them
-    would read the original's tower and write the original's handle.
+    The patches are closures over the original's modules and handle, so a copy that kept them would
+    read the original's tower and write the original's handle. Picklable when `patches` are (the
+    processor's are: a patched processor pickled for a DataLoader worker carries this along).
     """
 
-    def __deepcopy__(memo):
-        own = vars(model).pop("__deepcopy__")  # copy without coming back here
+    def __init__(self, obj, patches: list):
+        self.obj, self.patches = obj, patches  # the undo records that may concern obj or what it holds
+
+    def __call__(self, memo):
+        own = vars(self.obj).pop("__deepcopy__")  # copy without coming back here
         try:
-            twin = copy.deepcopy(model, memo)
+            twin = copy.deepcopy(self.obj, memo)
         finally:
-            vars(model)["__deepcopy__"] = own
-        for patch in handle._patches:
+            vars(self.obj)["__deepcopy__"] = own
+        for patch in self.patches:
             target = memo.get(id(patch[0]))
             if target is not None:
                 _undo(patch, target)
         return twin
-
-    return __deepcopy__
 
 
 def apply(model, processor=None, *methods) -> Handle:
@@ -167,7 +169,7 @@ def apply(model, processor=None, *methods) -> Handle:
     if not methods:
         return handle
     try:
-        _set_attr(handle, model, "__deepcopy__", _stock_deepcopy(handle, model))
+        _set_attr(handle, model, "__deepcopy__", StockCopy(model, handle._patches))
         if pre is not None:
             _patch_pre_llm(handle, family, pre)
         if inner is not None:
@@ -224,9 +226,12 @@ def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
         _set_attr(handle, adapter.base, name, value)
     for hook in hooks:
         _add_hook(handle, adapter.base, adapter.base.register_forward_pre_hook(hook, with_kwargs=True))
+    first = len(handle._patches)
     _set_attr(handle, processor, "replace_image_token", Placeholders(processor, count, handle._live))
     if hasattr(processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
         _set_attr(handle, processor, "_get_num_multimodal_tokens", TokenQuery(processor, count, handle._live))
+    _set_attr(handle, processor, "__deepcopy__", None)  # recorded first, so its own undo is among the records
+    vars(processor)["__deepcopy__"] = StockCopy(processor, handle._patches[first:])
 
 
 class Placeholders:
