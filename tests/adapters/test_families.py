@@ -100,3 +100,22 @@ def test_keep_all_settings_are_the_stock_model(tiny):
         assert torch.equal(ours.sequences, stock.sequences), name
         for a, b in zip(ours.logits, stock.logits):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=2, num_return_sequences=2), dict(do_sample=True, num_return_sequences=2)],
+                         ids=["beams", "sampling"])
+def test_expanded_prompts_at_keep_all_are_the_stock_model(tiny, settings):
+    """`generate()` turns each prompt into several rows (beams, sequences per prompt): at keep-all
+    every method gives the stock model's sequences (lmms-eval tasks with num_beams > 1 reach this)."""
+    family, model, processor = tiny
+    adapter = family_for(model)
+    images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
+    run = lambda batch: (torch.manual_seed(0), model.generate(**batch, max_new_tokens=3, **settings))[1]  # noqa: E731
+    with torch.no_grad():
+        stock = run(inputs(processor, images))
+    for name in method_names():
+        method = keep_all(name)
+        if method is None or not method.requires() <= adapter.capabilities():
+            continue
+        with td.apply(model, processor, method), torch.no_grad():
+            assert torch.equal(run(inputs(processor, images)), stock), name
