@@ -344,16 +344,3 @@ class ReceivedScores:
             hook.remove()
         return False
 
-
-class _NoScores:
-    def __call__(self, image_grid_thw):
-        return self
-
-    def __enter__(self):
-        return {}
-
-    def __exit__(self, *exc):
-        return False
-
-
-_no_scores = _NoScores()
