@@ -11,6 +11,7 @@ in the checkpoint's own dtype.
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def load_model(name_or_path: str, device=None):
             (the message names both and says why).
     """
     import torch
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from tokendrop.adapters.base import resolve
     from tokendrop.registry import family_of, supported_models
@@ -60,18 +61,35 @@ def load_model(name_or_path: str, device=None):
         raise ModelLoadError(f"{name_or_path!r} is a {what}; supported: {', '.join(supported_models())}") from None
     dtype = torch.float32 if device.type == "cpu" else "auto"
     try:
+        processor = load_processor(name_or_path, family.processor_class)  # first: it fails faster than weights
         model = resolve(architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-        try:
-            processor = AutoProcessor.from_pretrained(name_or_path)
-        except ImportError as err:  # a video processor needs torchvision; images do not
-            if "torchvision" not in str(err).lower():
-                raise
-            processor = family.image_only_processor(name_or_path)
     except (OSError, ValueError) as err:  # missing or corrupt weights / processor files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
     processor.tokenizer.padding_side = "left"  # generation pads on the left
     return model, processor
+
+
+def load_processor(name_or_path: str, processor_class: str):
+    """The checkpoint's processor (`AutoProcessor`); without torchvision, when `processor_class` owns a
+    video processor, its image-only twin (`tokendrop.processors`: video processors need torchvision,
+    images do not).
+
+    Raises:
+        ModelLoadError: the image-only processor cannot be built either (the message names torchvision).
+    """
+    from transformers import AutoProcessor
+
+    from tokendrop.processors import load_image_only, owns_video_processor
+
+    if importlib.util.find_spec("torchvision") is not None or not owns_video_processor(processor_class):
+        return AutoProcessor.from_pretrained(name_or_path)
+    try:
+        return load_image_only(processor_class, name_or_path)
+    except ImportError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{name_or_path!r}: its {processor_class} needs torchvision here (pip install "
+                             f"torchvision), and the image-only processor failed: {reason}") from err
 
 
 def load_default(name_or_path: str | None = None, seed: int = 0, device=None):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from tokendrop.processors import image_only
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 _CORPUS = [
     "USER: <image>\nWhat is shown in this image? ASSISTANT: A red circle and a blue square.",
@@ -86,23 +88,6 @@ def tiny_llava(tile: int = 112, vision_layers: int = 3, text_layers: int = 4, kv
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
-
-
-def image_only(processor_class):
-    """A subclass of `processor_class` that accepts `video_processor=None`.
-
-    Processors that own a video processor (LLaVA-OneVision, Qwen2-VL, ...) refuse to build without
-    one, and the video processors need torchvision, which these CPU machines cannot import.
-    """
-
-    class ImageOnly(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and "video" in argument_name:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
-    return ImageOnly
 
 
 def tiny_llava_onevision(tile: int = 56, vision_layers: int = 2, text_layers: int = 6, kv_heads: int = 2, seed: int = 0):
