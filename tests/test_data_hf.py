@@ -117,3 +117,57 @@ def test_without_datasets_the_error_says_how_to_install(folder, tmp_path, monkey
     assert len(load_samples(folder)) == 5  # the folder format needs no `datasets`
     with pytest.raises(ValueError, match="column mappings and splits are for Hugging Face"):
         load_samples(folder, {"id": "question_id"})
+
+
+# ---- every row's image is checked before the model loads (issue 25 row 5) ---------------------------
+def _bad_third_row(folder, rows, tmp_path, kind):
+    """A JSONL source whose third row (row 2) names a bad image: missing, null, not an image, truncated."""
+    import shutil
+
+    shutil.copytree(folder / "images", tmp_path / "images")
+    good = (tmp_path / rows[0]["image"]).read_bytes()
+    (tmp_path / "images" / "text.png").write_text("not an image")
+    (tmp_path / "images" / "cut.png").write_bytes(good[:len(good) // 2])
+    bad = {"missing": "images/nope.png", "null": None, "corrupt": "images/text.png", "truncated": "images/cut.png"}[kind]
+    records = [{"image": r["image"], "question": r["question"], "answers": r["answers"]} for r in rows]
+    records[2]["image"] = bad
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "null", "corrupt", "truncated"])
+def test_a_bad_image_in_a_later_row_is_named_before_any_work(folder, rows, tmp_path, kind):
+    pytest.importorskip("datasets", reason="the `datasets` extra is not installed")
+    path = _bad_third_row(folder, rows, tmp_path, kind)
+    with pytest.raises(ValueError, match=rf"bad\.jsonl: row 2: column 'image': "):
+        load_samples(path)
+    assert len(load_samples(path, limit=2)) == 2  # rows 0 and 1 are fine
+
+
+def test_a_bad_image_in_an_image_column_is_named(hf_dataset, tmp_path):
+    import datasets
+
+    data = hf_dataset.cast_column("image", datasets.Image(decode=False))
+    data = data.map(lambda r, i: {"image": {"bytes": b"junk", "path": None} if i == 3 else r["image"]}, with_indices=True)
+    data.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved: row 3: column 'image': cannot read image .*not an image"):
+        load_samples(tmp_path / "saved")
+
+
+def test_eval_with_a_missing_image_in_row_2_is_one_line_exit_2(tiny_folder, folder, rows, tmp_path, capsys,
+                                                                 monkeypatch):
+    # `tokendrop eval --data bad.jsonl --method none --batch-size 2`: refused before the model loads
+    pytest.importorskip("datasets", reason="the `datasets` extra is not installed")
+    import tokendrop.cli.eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = _bad_third_row(folder, rows, tmp_path, "missing")
+    args = ["eval", "--data", str(path), "--model", str(tiny_folder[0]), "--method", "none", "--batch-size", "2",
+            "--no-progress", "--json", str(tmp_path / "r.jsonl")]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # also holds `datasets`' own progress lines
+    errors = [line for line in err.splitlines() if line.startswith("tokendrop eval: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert f"--data: {path}: row 2: column 'image': cannot read image " in errors[0] and "nope.png" in errors[0]
+    assert not (tmp_path / "r.jsonl").exists()

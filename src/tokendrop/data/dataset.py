@@ -1,7 +1,9 @@
 """Load a VQA dataset folder: ``DIR/questions.jsonl`` + images (format: docs/data_format.md).
 
 Every problem is reported with the file and, for JSONL content, the 1-based line number, e.g.
-``/data/tvqa/questions.jsonl:17: missing required field 'answers'``.
+``/data/tvqa/questions.jsonl:17: missing required field 'answers'``. Every image is decoded once
+when the folder is read (a truncated or oversized file fails then, not mid-evaluation) and read by
+the rule of `tokendrop.data.images` (EXIF orientation applied, 16-bit grey scaled, RGB).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from tokendrop.data.images import ImageLoadError, check_image, open_image, progress_bar, to_rgb
 
 QUESTIONS_FILE = "questions.jsonl"
 REQUIRED_FIELDS = ("image", "question", "answers")
@@ -44,11 +48,10 @@ class Sample:
     image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
-        """The image as RGB."""
+        """The image as RGB, by the rule of `tokendrop.data.images` (EXIF orientation, 16-bit scaled)."""
         if self.image_loader is not None:
-            return self.image_loader().convert("RGB")
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+            return to_rgb(self.image_loader())
+        return open_image(self.image_path)
 
 
 def _where(path: Path, lineno: int) -> str:
@@ -85,11 +88,6 @@ def parse_record(obj, root: Path, where: str, lineno: int) -> Sample:
         raise ValueError(f"{where}: field 'image' must be a path inside the dataset folder {root}, got {obj['image']!r}")
     if not image_path.is_file():
         raise FileNotFoundError(f"{where}: image not found: {image_path}")
-    try:
-        with Image.open(image_path) as im:
-            im.verify()  # decodable, before any model work depends on it
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{where}: image {image_path} cannot be read ({type(err).__name__}: {err})") from None
     qtype = obj.get("type")
     return Sample(
         id=str(obj.get("id", lineno)),
@@ -102,16 +100,19 @@ def parse_record(obj, root: Path, where: str, lineno: int) -> Sample:
     )
 
 
-def load_dataset(root: str | Path, limit: int | None = None) -> list[Sample]:
-    """Read ``root/questions.jsonl`` (one JSON object per line; blank lines are skipped).
+def load_dataset(root: str | Path, limit: int | None = None, progress: bool | None = None) -> list[Sample]:
+    """Read ``root/questions.jsonl`` (one JSON object per line; blank lines are skipped) and decode
+    every image it names once (images are not kept: a sample reads its image when asked).
 
     Args:
         root: dataset folder holding ``questions.jsonl``; image paths are relative to it.
         limit: keep only the first ``limit`` samples (None: all).
+        progress: a progress bar while the images are checked (None: on a terminal only).
 
     Raises:
         FileNotFoundError: missing folder, missing ``questions.jsonl`` or missing image.
-        ValueError: malformed JSON, missing or ill-typed field, duplicate id (file and line named).
+        ValueError: malformed JSON, missing or ill-typed field, duplicate id, an image that cannot be
+            decoded (truncated, not an image, over Pillow's pixel limit) (file and line named).
     """
     root = Path(root)
     if not root.is_dir():
@@ -139,4 +140,17 @@ def load_dataset(root: str | Path, limit: int | None = None) -> list[Sample]:
                 break
     if not samples:
         raise ValueError(f"{path}: no samples")
+    _check_images(samples, seen, path, progress)
     return samples
+
+
+def _check_images(samples: list[Sample], lines: dict[str, int], path: Path, progress: bool | None) -> None:
+    """Decode each distinct image once; ValueError naming the first line whose image cannot be read."""
+    first = {}  # image path -> the first sample naming it
+    for sample in samples:
+        first.setdefault(sample.image_path, sample)
+    for image_path, sample in progress_bar(first.items(), progress):
+        try:
+            check_image(image_path)
+        except ImageLoadError as err:
+            raise ValueError(f"{_where(path, lines[sample.id])}: image {image_path} cannot be read ({err.reason})") from None

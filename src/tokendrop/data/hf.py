@@ -7,12 +7,14 @@
 A source is a `save_to_disk` folder, a .parquet / .json / .jsonl / .csv file, a folder of such files,
 or a hub id already in the local Hugging Face cache (set HF_DATASETS_OFFLINE=1 to make sure nothing is
 downloaded). Columns map to `Sample` fields by `columns` (field -> column); a field's default column
-has the field's own name. Images are decoded when a sample is answered, not when the dataset is read.
+has the field's own name. Every row's image is decoded once when the dataset is read (a missing, null,
+corrupt, truncated or oversized image is reported with its row and column before any model work) and
+again when its sample is answered; images are not kept in memory. They are read by the rule of
+`tokendrop.data.images`, also for `datasets.Image` columns (read undecoded, then opened by that rule).
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from tokendrop.data.dataset import Sample
+from tokendrop.data.images import ImageLoadError, open_image, progress_bar, to_rgb
 
 #: Sample fields a column can fill; the first three are required.
 FIELDS = ("image", "question", "answers", "id", "type", "answer")
@@ -96,7 +99,7 @@ def open_dataset(spec: str | Path, split: str | None = None):
 
 
 def load_hf_samples(spec: str | Path, columns: dict[str, str] | None = None, split: str | None = None,
-                    limit: int | None = None) -> list[Sample]:
+                    limit: int | None = None, progress: bool | None = None) -> list[Sample]:
     """Samples from a `datasets` source (see the module docstring), in the dataset's row order.
 
     Args:
@@ -104,10 +107,11 @@ def load_hf_samples(spec: str | Path, columns: dict[str, str] | None = None, spl
             read the column of their own name (optional fields only when it exists).
         split: the split to read when the source has several.
         limit: the first `limit` rows only.
+        progress: a progress bar while the images are checked (None: on a terminal only).
 
     Raises:
-        ValueError: a missing column, an empty or ill-typed value (row named), a duplicate id, or the
-            first row's image cannot be read.
+        ValueError: a missing column, an empty or ill-typed value, a duplicate id, or an image that
+            cannot be read (source, row and column named).
     """
     data = open_dataset(spec, split)
     mapping = _mapping(data.column_names, columns or {}, spec)
@@ -117,13 +121,36 @@ def load_hf_samples(spec: str | Path, columns: dict[str, str] | None = None, spl
         raise ValueError(f"{spec}: no rows")
     root = Path(spec).parent if Path(spec).is_file() else Path(spec)  # where relative image paths start
     text = data.select_columns([c for f, c in mapping.items() if f != "image"])[:]  # column -> values, no image decoded
-    samples = [_sample(text, mapping, i, data, root, spec) for i in range(len(data))]
+    images = _undecoded(data.select_columns([mapping["image"]]), mapping["image"])
+    samples = [_sample(text, mapping, i, images, root, spec) for i in range(len(data))]
     _check_unique(samples, spec)
-    try:
-        samples[0].load_image()  # a wrong image column fails now, before any model work
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{spec}: row 0: column {mapping['image']!r} does not hold a readable image ({err})") from None
+    _check_images(images, mapping["image"], root, spec, progress)
     return samples
+
+
+def _undecoded(data, column: str):
+    """`data` with a `datasets.Image` column read as {"bytes", "path"} (opened by tokendrop's rule)."""
+    import datasets
+
+    feature = data.features[column]
+    if isinstance(feature, datasets.Image) and feature.decode:
+        data = data.cast_column(column, datasets.Image(decode=False))
+    return data
+
+
+def _check_images(images, column: str, root: Path, spec, progress: bool | None) -> None:
+    """Decode every row's image once (none kept); ValueError naming the first bad row (and the next bad ones)."""
+    bad = []  # (row, error)
+    for row, record in enumerate(progress_bar(images, progress, total=len(images))):
+        try:
+            to_image(record[column], root).close()
+        except ImageLoadError as err:
+            bad.append((row, err))
+    if bad:
+        row, err = bad[0]
+        others = ", ".join(str(r) for r, _ in bad[1:11]) + (", ..." if len(bad) > 11 else "")
+        more = f" (also unreadable: row{'s' if len(bad) > 2 else ''} {others})" if others else ""
+        raise ValueError(f"{spec}: row {row}: column {column!r}: {err}{more}")
 
 
 def _mapping(names: list[str], columns: dict[str, str], spec) -> dict[str, str]:
@@ -139,7 +166,7 @@ def _mapping(names: list[str], columns: dict[str, str], spec) -> dict[str, str]:
     return mapping
 
 
-def _sample(text: dict, mapping: dict[str, str], i: int, data, root: Path, spec) -> Sample:
+def _sample(text: dict, mapping: dict[str, str], i: int, images, root: Path, spec) -> Sample:
     where = f"{spec}: row {i}"
     value = {field: text[column][i] for field, column in mapping.items() if field != "image"}
     question = value["question"]
@@ -153,7 +180,7 @@ def _sample(text: dict, mapping: dict[str, str], i: int, data, root: Path, spec)
     column = mapping["image"]
     return Sample(id=str(value.get("id", i)), image_path=None, question=question, answers=answers, answer=answer,
                   type=None if qtype is None else str(qtype),
-                  image_loader=lambda: to_image(data[i][column], root))
+                  image_loader=lambda: to_image(images[i][column], root))
 
 
 def _answers(value, where: str, column: str) -> list[str]:
@@ -176,14 +203,22 @@ def _check_unique(samples: list[Sample], spec) -> None:
 
 
 def to_image(value, root: Path) -> Image.Image:
-    """A PIL image from what an image column holds: an image, {"bytes", "path"}, bytes, or a file path."""
+    """The RGB image (`tokendrop.data.images` rule) in what an image column holds: an image,
+    {"bytes", "path"}, bytes, or a file path (relative to `root`).
+
+    Raises:
+        ImageLoadError: no image (null), or one that cannot be read.
+    """
     if isinstance(value, Image.Image):
-        return value
+        return to_rgb(value)
+    name = None
     if isinstance(value, dict):
+        name = value.get("path") if isinstance(value.get("path"), str) else None  # the file the bytes came from
         value = value.get("bytes") or value.get("path")
+    if value is None:
+        raise ImageLoadError("null", "the row holds no image")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value))
+        return open_image(value, name)
     if isinstance(value, str):
-        with Image.open(root / value) as im:  # an absolute path stays itself
-            return im.convert("RGB")
-    raise TypeError(f"expected an image, image bytes or a path, got {type(value).__name__}")
+        return open_image(root / value)  # an absolute path stays itself
+    raise ImageLoadError(repr(value)[:60], f"expected an image, image bytes or a path, got {type(value).__name__}")
