@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SIXTEEN_BIT_MAX = 65535
@@ -33,7 +33,8 @@ class ImageLoadError(ValueError):
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` with its EXIF orientation applied, 16-bit grey scaled to 8 bits, as RGB (steps 2-4)."""
-    image = ImageOps.exif_transpose(image)  # a copy without the orientation tag, or `image` when it has none
+    if image.getexif().get(ExifTags.Base.Orientation) is not None:  # the test `datasets.Image` makes
+        image = ImageOps.exif_transpose(image)  # a copy, without the orientation tag
     if image.mode in SIXTEEN_BIT_MODES:
         grey = np.asarray(image, dtype=np.float64) * (255 / _SIXTEEN_BIT_MAX)
         image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8))  # (H, W), mode L
