@@ -153,4 +153,5 @@ def _check_images(samples: list[Sample], lines: dict[str, int], path: Path, prog
         try:
             check_image(image_path)
         except ImageLoadError as err:
-            raise ValueError(f"{_where(path, lines[sample.id])}: image {image_path} cannot be read ({err.reason})") from None
+            where = _where(path, lines[sample.id])
+            raise ValueError(f"{where}: image {image_path} cannot be read ({err.reason})") from None
