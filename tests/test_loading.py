@@ -13,8 +13,8 @@ from sample_inputs import random_image
 
 from tokendrop.loading import format_prompt, load_model
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
-                                reason="with torchvision the stock processors load")
+without_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                                         reason="with torchvision, load_model builds the stock processors")
 
 
 def _inputs(processor):
@@ -44,6 +44,7 @@ def test_image_only_processor_pickles_to_the_same_inputs(name):
     _same_inputs(copy, processor)
 
 
+@without_torchvision
 def test_saved_image_only_processor_loads_back_to_the_same_inputs(tmp_path):
     model, processor = _tiny("tiny_qwen2_5_vl")
     model.save_pretrained(tmp_path)
@@ -73,6 +74,7 @@ def onevision_folder(tmp_path_factory):
     return folder, processor
 
 
+@without_torchvision
 def test_onevision_checkpoint_loads_without_torchvision(onevision_folder):
     folder, processor = onevision_folder
     model, loaded = load_model(str(folder), device="cpu")
@@ -81,6 +83,7 @@ def test_onevision_checkpoint_loads_without_torchvision(onevision_folder):
     _same_inputs(loaded, processor)
 
 
+@without_torchvision
 def test_run_on_a_onevision_checkpoint_answers(onevision_folder, capsys):
     from tokendrop.cli import main
 
@@ -89,6 +92,7 @@ def test_run_on_a_onevision_checkpoint_answers(onevision_folder, capsys):
     assert "[none]" in capsys.readouterr().out
 
 
+@without_torchvision
 def test_when_the_image_only_processor_fails_too_the_error_is_one_line_naming_torchvision(onevision_folder,
                                                                                           monkeypatch, capsys):
     import tokendrop.processors
