@@ -12,20 +12,7 @@ from pathlib import Path
 SAMPLE_QUESTION = "What is in the image?"
 
 
-class ImageLoadError(ValueError):
-    """An image file that cannot be read."""
-
-
-def open_image(path: str | Path):
-    """The image at `path` as RGB; ImageLoadError naming the file and why otherwise."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:  # missing, a folder, not an image, truncated
-        reason = getattr(err, "strerror", None) or type(err).__name__
-        raise ImageLoadError(f"cannot read image {path} ({reason})") from None
+from tokendrop.data.images import ImageLoadError, open_image  # noqa: E402,F401  (one image rule for every source)
 
 
 def load_demo_image(path: str | None, question: str | None):

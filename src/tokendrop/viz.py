@@ -301,10 +301,11 @@ def show_selection(model, processor, image, prompt: str, methods, out_path=None)
     Returns:
         the picture, `figure_size(len(methods))` pixels.
     """
+    from tokendrop.data.images import open_image
     from tokendrop.registry import family_for
 
     require_matplotlib()
-    image = (Image.open(image) if isinstance(image, (str, Path)) else image).convert("RGB")
+    image = open_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
     rows = collect(model, processor, image, prompt, methods)
     family = family_for(model)
     layout = family.processor_geometry(processor).layout((image.height, image.width))

@@ -240,12 +240,6 @@ class Family:
         return resolve(cls.processor_class)(image_processor=image_processor, tokenizer=tokenizer, **settings)
 
     @classmethod
-    def image_only_processor(cls, name_or_path: str):
-        """The processor without its video processor, for machines without torchvision (which video
-        processors need): the PIL image processor, the tokenizer and the checkpoint's chat template."""
-        raise ImportError(f"{cls.name}'s processor needs torchvision here: pip install torchvision")
-
-    @classmethod
     def bind_tokenizer(cls, config, tokenizer) -> None:
         """Point `config`'s special-token ids at `tokenizer`'s (benchmark models built from an arch)."""
         config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")

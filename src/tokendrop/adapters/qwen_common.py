@@ -239,19 +239,12 @@ class QwenVLStyle(Family):
 
     @classmethod
     def build_processor(cls, image_processor, tokenizer, chat_template=None, **settings):
-        from tokendrop.tiny import QWEN_CHAT_TEMPLATE, image_only
+        from tokendrop.processors import image_only
+        from tokendrop.tiny import QWEN_CHAT_TEMPLATE
 
         processor_class = image_only(resolve(cls.processor_class))  # no video processor: no torchvision needed
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                                chat_template=chat_template or QWEN_CHAT_TEMPLATE, **settings)
-
-    @classmethod
-    def image_only_processor(cls, name_or_path: str):
-        from transformers import AutoTokenizer
-
-        images = resolve(cls.image_processor_class).from_pretrained(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        return cls.build_processor(images, tokenizer, chat_template=tokenizer.chat_template)
 
     @classmethod
     def bind_tokenizer(cls, config, tokenizer) -> None:

@@ -1,13 +1,11 @@
 """The functions tokendrop_synth.yaml names: the image, the question as is, tokendrop's metrics."""
 
-from PIL import Image
-
+from tokendrop.data.images import open_image
 from tokendrop.evaluation.metrics import exact_match, vqa_accuracy
 
 
 def doc_to_visual(doc):
-    with Image.open(doc["image"]) as image:  # relative to the data folder, lmms-eval's working directory
-        return [image.convert("RGB")]
+    return [open_image(doc["image"])]  # relative to the data folder, lmms-eval's working directory; tokendrop's image rule
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
