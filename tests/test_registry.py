@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -56,6 +57,16 @@ def test_register_method_checks_the_class(registry_restored):
 
     with pytest.raises(ValueError, match="lowercase name without"):
         td.register_method(Bad)
+
+
+def test_register_method_refuses_a_name_that_is_not_a_string(registry_restored):
+    # #25 row 17: a class whose `name` is not a str was an AttributeError ('int' object has no attribute 'strip').
+    from dataclasses import dataclass
+
+    for name, kind in ((3, "int"), (None, "NoneType"), (("a",), "tuple")):
+        cls = dataclass(frozen=True)(type("Numbered", (td.SpatialDrop,), {"name": name}))
+        with pytest.raises(TypeError, match=re.escape(f"Numbered.name must be a str, got {kind} {name!r}")):
+            td.register_method(cls)
 
 
 def test_a_method_from_an_entry_point_is_known_everywhere(tmp_path, monkeypatch, registry_restored, capsys):

@@ -11,7 +11,10 @@ dataclass fields: a key applies to every part that has that field ("fastv.seed=1
 Unknown names raise ValueError with a "did you mean" hint and the list of known names.
 
 Third-party methods register through the `tokendrop.methods` entry-point group (a class per entry
-point, loaded on first use) or `register_method(cls)` in a script.
+point, loaded on first use) or `register_method(cls)` in a script. A registered method builds from its
+defaults (given a budget if it takes one): listings, grids and the contract tests build it that way.
+A plugin that fails to load or to build is one warning naming it; asking for it by name is a
+ValueError that says why; every other method keeps working.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ FAMILIES = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapte
 VANILLA = "none"
 ENTRY_POINTS = "tokendrop.methods"
 
+#: the budget a method that takes one is built with to ask what it requires (`runs_on`).
+PROBE_BUDGET = 0.5
+
 _methods: dict[str, type] = {}
+_broken: dict[str, str] = {}  # name of a plugin that failed -> why (for the error when it is asked for)
 
 
 # ---- methods --------------------------------------------------------------------------------------
@@ -50,26 +57,62 @@ def register_method(cls: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, (PreLLMMethod, InLLMMethod)) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"a method must be a dataclass subclassing PreLLMMethod or InLLMMethod, got {cls!r}")
     name = cls.name
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__}.name must be a str, got {type(name).__name__} {name!r}")
     if not name or name != name.strip().lower() or any(c in name for c in "+,= ") or name in (VANILLA, *PRESETS):
         raise ValueError(f"{cls.__name__}.name must be a lowercase name without '+', ',', '=' or spaces, "
                          f"other than {VANILLA!r} and the presets; got {name!r}")
     known = _registered()
     if known.get(name, cls) is not cls:
         raise ValueError(f"method name {name!r} is taken by {known[name].__module__}.{known[name].__qualname__}")
+    _check_defaults(cls)
     known[name] = cls
     return cls
+
+
+def _check_defaults(cls) -> None:
+    """TypeError unless `cls` builds from its defaults (and a budget) and says what it requires."""
+    required = [f for f, field in cls.options().items() if f != "budget" and field.init
+                and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    if required:
+        raise TypeError(f"{cls.__name__}: option {', '.join(map(repr, required))} has no default; every option but budget "
+                        "needs one (a method is listed, and run in a grid, from its defaults)")
+    try:
+        _default_instance(cls).requires()
+    except Exception as err:
+        budget = f" (budget={PROBE_BUDGET})" if _needs_budget(cls) else ""
+        raise TypeError(f"{cls.__name__} cannot be built from its defaults{budget}: {type(err).__name__}: {err}") from err
+
+
+def _default_instance(cls):
+    """`cls` with its defaults, and PROBE_BUDGET when it takes a budget."""
+    return cls(budget=PROBE_BUDGET) if _needs_budget(cls) else cls()
 
 
 def _registered() -> dict[str, type]:
     """name -> class: the shipped methods, then the entry points (loaded once)."""
     if not _methods:
+        _broken.clear()
         _methods.update((cls.name, cls) for cls in METHODS)
         for entry in metadata.entry_points(group=ENTRY_POINTS):
-            try:
-                register_method(entry.load())
-            except Exception as err:  # a broken plugin must not take tokendrop down, nor pass silently
-                warnings.warn(f"tokendrop: method plugin {entry.name!r} ({entry.value}) not loaded: {err}", stacklevel=2)
+            _load_plugin(entry)
     return _methods
+
+
+def _load_plugin(entry: metadata.EntryPoint) -> None:
+    """Register an entry point's class. A broken plugin must not take tokendrop down, nor pass silently:
+    one warning line names it, and asking for it by name (`method_class`) says why it is missing."""
+    cls = None
+    try:
+        cls = entry.load()
+        register_method(cls)
+    except Exception as err:
+        why = " ".join(f"method plugin {entry.name!r} ({entry.value}) not loaded: {type(err).__name__}: {err}".split())
+        for name in {entry.name, getattr(cls, "name", None)}:
+            if isinstance(name, str):
+                _broken.setdefault(name, why)
+        # one line (no source line under it), attributed to tokendrop for -W filters
+        warnings.warn_explicit(why, UserWarning, filename="tokendrop", lineno=0)
 
 
 def method_names() -> list[str]:
@@ -89,7 +132,7 @@ def method_class(name: str) -> type:
     base = PRESETS.get(name, (name, None))[0]
     cls = _registered().get(base)
     if cls is None:
-        raise _unknown(name)
+        raise ValueError(_broken[base]) if base in _broken else _unknown(name)
     return cls
 
 
@@ -254,5 +297,5 @@ def family_of(model_type: str = None, architecture: str = None):
 
 def runs_on(method_cls) -> list[str]:
     """Families whose capabilities cover what `method_cls` needs with its default options."""
-    probe = method_cls(budget=0.5) if _needs_budget(method_cls) else method_cls()
+    probe = _default_instance(method_cls)
     return [family.name for family in FAMILIES if probe.requires() <= family.family_capabilities()]
