@@ -95,6 +95,17 @@ def test_bad_model_args_fail_before_loading():
         TokenDrop(pretrained="/no/such/model", method="hired", budget=0.2, alpah=0.5)
 
 
+def test_batch_size_0_or_auto_is_refused_with_a_clear_message(tiny_folder):
+    # #25 row 16: as lmms-eval's CLI builds the model (its --batch_size is text). Before: "auto" was int()'s
+    # "invalid literal" after the model had loaded, 0 a "range() arg 3 must not be zero" in generate_until.
+    folder, _ = tiny_folder
+    for batch_size, reason in (("0", r" \(e.g. --batch_size 8\), got '0'$"), ("auto", ", got 'auto': 'auto' .* is not supported")):
+        with pytest.raises(ValueError, match=f"^batch_size must be a positive integer{reason}"):
+            TokenDrop.create_from_arg_string(f"pretrained={folder},method=hired,budget=0.2",
+                                             {"batch_size": batch_size, "max_batch_size": None, "device": None})
+    assert TokenDrop.create_from_arg_string(f"pretrained={folder}", {"batch_size": "3"}).batch_size == 3
+
+
 def test_vqa_processing_matches_lmms_eval():
     # tokendrop's official VQA answer processing and lmms-eval's (VQAv2 task: punctuation, then digits,
     # articles and contractions) make the same answers equal, over random answers built from hard pieces.

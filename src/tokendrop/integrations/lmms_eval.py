@@ -14,6 +14,9 @@ model_args (lmms-eval's key=value,... string):
     max_new_tokens  when the task does not set it (default 128)
     anything else   the methods' own options, as `--method-args` takes them: alpha=0.5, pdrop.ratio=0.4,
                     layers=[8,16,24]
+
+lmms-eval's --batch_size N: requests with the same generation settings are answered N at a time. It must
+be a positive integer; `auto` is refused (see `check_batch_size`). --max_batch_size (auto's cap) is ignored.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class TokenDrop(lmms):
                  batch_size: int | str = 1, device: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  max_batch_size: int | None = None, **options):
         super().__init__()
+        self.batch_size = check_batch_size(batch_size)  # before anything loads
         from tokendrop.api import check
         from tokendrop.evaluation.distributed import from_env
         from tokendrop.loading import load_default
@@ -55,7 +59,6 @@ class TokenDrop(lmms):
         self.model, self.processor, _ = load_default(pretrained, device=_device(device, ranks))
         check(self.model, self.processor, *self.methods)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
-        self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.visual_tokens: list[int] = []  # image tokens that reached the LLM, per answered request
 
@@ -138,6 +141,24 @@ class TokenDrop(lmms):
     def _inputs(self, prompts: list[str], visuals: list[list]):
         images = [image for request in visuals for image in request]
         return self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True).to(self.device)
+
+
+def check_batch_size(value) -> int:
+    """lmms-eval's --batch_size (the command line's text, e.g. "8") as a positive int; ValueError otherwise.
+
+    `auto` / `auto:N` ask the model to find the largest batch that fits in memory by trial. The tokendrop
+    model refuses them rather than guess: a batch's memory depends on its images' sizes (tiles, Qwen's
+    native resolution) and on how many tokens the method keeps, so no size found by trial holds for every batch.
+    """
+    text = str(value).strip()
+    if text.lower().startswith("auto"):
+        raise ValueError(f"batch_size must be a positive integer, got {value!r}: 'auto' (search for the largest batch "
+                         "that fits) is not supported: the memory a batch takes depends on its images' sizes and on the "
+                         "tokens the method keeps, so a size found on one batch does not hold for the next; pass a "
+                         "number, e.g. --batch_size 8")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch_size must be a positive integer (e.g. --batch_size 8), got {value!r}")
+    return int(text)
 
 
 def generation_settings(gen_kwargs: dict, max_new_tokens: int) -> tuple[dict, list[str]]:
