@@ -9,11 +9,17 @@
     --json PATH, --batch-size N, --max-new-tokens N
 
 Parsing turns every bad value into a `UsageError` naming the flag, before anything is loaded.
+Output paths are tried for writing at the same time (`output_path`, `output_folder`); a write that
+fails later anyway (a full disk) is a `UsageError` naming the flag and the file (`write_output`),
+after what was already shown or written: it is the user's disk, not tokendrop's bug.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
+import tempfile
 from pathlib import Path
 
 from tokendrop.cli import UsageError
@@ -102,28 +108,55 @@ def method_configs(args) -> tuple[list[str], list[float], dict]:
     Each configuration is built once here with its options, so a bad name, budget or option fails
     now, naming the flag, and not when its configuration comes up.
     """
-    from tokendrop.registry import build_methods, check_options, configurations, parse_options
+    from tokendrop.registry import build_methods, check_options, configurations
 
     budgets = parse_budgets(args.budget)
     with flag("--method"):
         names = comma_list(args.method, "--method")
         configs = configurations(names, budgets)
+    options = method_options(args.method_args)
     with flag("--method-args"):
-        options = parse_options(args.method_args)
         check_options(names, options)
         for name, budget in configs:
             build_methods(name, budget=budget, **options)
     return names, budgets, options
 
 
-def check_on_model(model, processor, names: list[str], budgets: list[float], options: dict) -> None:
-    """Every configuration checked against the loaded model (its family's capabilities, its depth)."""
+def method_options(text: str | None) -> dict:
+    """--method-args parsed; the budget is refused there: it has its own flag, one configuration each."""
+    from tokendrop.registry import parse_options
+
+    with flag("--method-args"):
+        options = parse_options(text)
+    for key, value in options.items():
+        if key.rpartition(".")[2] == "budget":
+            raise UsageError(f"--method-args: the budget is not a method option; give it as --budget {value} "
+                             f"(a comma list runs one configuration per budget)")
+    return options
+
+
+def check_on_model(model, processor, names: list[str], budgets: list[float], options: dict, image_sizes=(),
+                   image_flag: str = "--image") -> None:
+    """Every configuration checked against the loaded model as `apply()` checks it (its family's
+    capabilities, its depth) and, for every (height, width) in `image_sizes`, the tokens its pre-LLM
+    part keeps: none is the library's error (with the smallest budget that keeps one), now and not
+    when the processor meets that image. `image_flag` names where the images come from (`--data`)."""
+    from tokendrop.adapters.base import TokenCount
     from tokendrop.api import check
     from tokendrop.registry import build_methods, configurations
 
+    sizes = list(dict.fromkeys(tuple(size) for size in image_sizes))
     for name, budget in configurations(names, budgets):
         with flag(f"--method {name}"):
-            check(model, processor, *build_methods(name, budget=budget, **options))
+            family, pre, _ = check(model, processor, *build_methods(name, budget=budget, **options))
+        if pre is None:
+            continue
+        count = TokenCount(family.processor_geometry(processor), pre)  # what the patched processor writes
+        for size in sizes:
+            with flag(f"{image_flag} ({size[0]}x{size[1]} pixels)"):
+                layout = count.geometry.layout(size)
+            with flag("--budget"):
+                count.count(layout, size)
 
 
 def label(name: str, budget: float | None) -> str:
@@ -137,17 +170,79 @@ def add_json(p, what: str) -> None:
 
 
 def output_path(path: str | None, name: str, suffix: str | None = None) -> Path | None:
-    """Check an output path before any work: its folder exists, and the suffix when one is required."""
+    """Check an output path before any work: its folder exists, the suffix when one is required, and
+    the file can be opened for writing (`probe_writable`). None for no path or '-' (standard output)."""
     if path is None or path == "-":
         return None
     out = Path(path)
     if suffix is not None and out.suffix.lower() != suffix:
         raise UsageError(f"{name} must be a {suffix} file, got {path!r}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"{name} {path}: {out.parent} is not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"{name} {path}: folder {out.parent} does not exist")
     if out.is_dir():
         raise UsageError(f"{name} {path} is a folder; give a file path")
+    try:
+        probe_writable(out)
+    except OSError as err:
+        raise UsageError(f"{name} {path}: cannot write there ({err.strerror or err})") from None
     return out
+
+
+def probe_writable(out: Path) -> None:
+    """OSError if `out` cannot be opened for writing, found by trying, since permission bits do not
+    tell (root ignores them; /sys and read-only mounts refuse anyway). An existing file is opened
+    for appending and closed, its content and times untouched; a new one is created and removed."""
+    if out.exists():
+        if stat.S_ISFIFO(out.stat().st_mode):
+            return  # opening a pipe for writing waits for its reader
+        os.close(os.open(out, os.O_WRONLY | os.O_APPEND))
+        return
+    os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    out.unlink()
+
+
+def output_folder(path: str, name: str) -> Path:
+    """Check an output folder before any work: created if missing (with its parents), and a file can
+    be created in it (tried with a temporary file). On failure the folders it made are removed."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{name} {path} exists and is not a folder")
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise UsageError(f"{name} {path}: cannot write there ({err.strerror or err})") from None
+    return out
+
+
+def write_output(out: Path, data: str | bytes, name: str) -> None:
+    """Write a finished output to `out` (a path checked by `output_path`). A write that fails anyway (a
+    full disk, a file that changed since the check) is a UsageError naming `name` and the file: the
+    user's disk, not tokendrop's bug. Wraps nothing but the write."""
+    try:
+        if isinstance(data, bytes):
+            out.write_bytes(data)
+        else:
+            out.write_text(data)
+    except OSError as err:
+        raise UsageError(f"{name} {out}: could not write it ({err.strerror or err})") from None
+
+
+def figure_bytes(draw) -> bytes:
+    """The PNG that `draw(file)` saves (a function taking a path or file for matplotlib's savefig),
+    made in memory, so that only `write_output` touches the user's file."""
+    import io
+
+    buffer = io.BytesIO()
+    draw(buffer)
+    return buffer.getvalue()
 
 
 def require_matplotlib(name: str) -> None:
