@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_json, add_method_options, check_on_model, flag, method_configs, one_int,
-                                   output_path, parse_image_sizes, parse_ints, require_matplotlib)
+from tokendrop.cli.options import (add_json, add_method_options, check_on_model, figure_bytes, flag, method_configs,
+                                   one_int, output_path, parse_image_sizes, parse_ints, require_matplotlib,
+                                   write_output)
 
 
 def add_parser(subparsers) -> None:
@@ -77,7 +78,8 @@ def run(args) -> int:
     else:
         model, processor, what = bench.load_model(None, args.arch, layers, vision_layers, seed)
     processor.tokenizer.padding_side = "left"
-    check_on_model(model, processor, grid.methods, grid.budgets, grid.options)
+    check_on_model(model, processor, grid.methods, grid.budgets, grid.options,
+                   image_sizes=grid.image_sizes or [bench.default_image_size(model)], image_flag="--image-size")
     print(f"model: {what}; fp32, {model.config._attn_implementation}, {torch.get_num_threads()} threads")
     records = bench.run_grid(model, processor, grid, progress=not args.no_progress)
     print(bench.format_table(records))
@@ -88,10 +90,10 @@ def run(args) -> int:
         print(bench.format_comparisons(comparisons))
     if args.json is not None:
         text = json.dumps([dict(r, model=what) for r in records], indent=2)
-        print(text) if out is None else out.write_text(text + "\n")
+        print(text) if out is None else write_output(out, text + "\n", "--json")
         if out is not None:
             print(f"wrote {len(records)} records to {out}")
     if plot is not None:
-        bench.plot(records, str(plot))
+        write_output(plot, figure_bytes(lambda file: bench.plot(records, file)), "--plot")
         print(f"wrote {plot}")
     return 0

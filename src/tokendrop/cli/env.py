@@ -16,7 +16,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from tokendrop.cli.options import add_json, output_path
+from tokendrop.cli.options import add_json, output_path, write_output
 
 
 def add_parser(subparsers) -> None:
@@ -101,7 +101,7 @@ def run(args) -> int:
     info = collect()
     if args.json is not None:
         text = json.dumps(info, indent=2)
-        print(text) if out is None else out.write_text(text + "\n")
+        print(text) if out is None else write_output(out, text + "\n", "--json")
     else:
         for key, value in info.items():
             shown = ", ".join(value) or "none" if isinstance(value, list) else value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from tokendrop.cli.options import add_json, output_path
+from tokendrop.cli.options import add_json, output_path, write_output
 
 
 def add_parser(subparsers) -> None:
@@ -45,7 +45,7 @@ def run(args) -> int:
     data = listing()
     if args.json is not None:
         text = json.dumps(data, indent=2, default=repr)
-        print(text) if out is None else out.write_text(text + "\n")
+        print(text) if out is None else write_output(out, text + "\n", "--json")
         return 0
     for m in data["methods"]:
         preset = f" (preset of {m['preset']['of']})" if "preset" in m else ""

@@ -12,7 +12,7 @@ import time
 
 from tokendrop.cli import UsageError
 from tokendrop.cli.options import (add_json, add_method_options, check_on_model, flag, label, load_model, method_configs,
-                                   one_int, output_path)
+                                   one_int, output_path, write_output)
 
 DEMO_METHODS = "none,hired"
 
@@ -42,14 +42,12 @@ def run(args) -> int:
     with flag("--image"):
         image, question, image_note = load_demo_image(args.image, args.prompt)
     model, processor, model_note = load_model(args.model)
-    check_on_model(model, processor, names, budgets, options)
+    check_on_model(model, processor, names, budgets, options, image_sizes=[(image.height, image.width)])
     records = [answer(model, processor, image, question, name, budget, options, new_tokens, warmup)
                for name, budget in configs]
-    if args.json is not None:
-        text = json.dumps(records, indent=2)
-        print(text) if out is None else out.write_text(text + "\n")
-        if out is None:
-            return 0
+    if args.json == "-":
+        print(json.dumps(records, indent=2))
+        return 0
     for note in (model_note and f"model: {model_note}", image_note):
         if note:
             print(note)
@@ -60,7 +58,8 @@ def run(args) -> int:
         if r.get("equivalent_tokens") is not None:
             tokens += f" (average over LLM layers {r['equivalent_tokens']:.1f})"
         print(f"  {tokens}; time to first token {r['prefill_s']:.3f} s; total {r['total_s']:.3f} s")
-    if out is not None:
+    if out is not None:  # after the answers are shown: a failed write loses nothing
+        write_output(out, json.dumps(records, indent=2) + "\n", "--json")
         print(f"\nwrote {len(records)} records to {out}")
     return 0
 
