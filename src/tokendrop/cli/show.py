@@ -11,7 +11,8 @@ The picture is `tokendrop.viz.figure_size(methods)` pixels: 1250 wide, 450 per m
 from __future__ import annotations
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import add_method_options, comma_list, flag, output_path, parse_budgets, require_matplotlib
+from tokendrop.cli.options import (add_method_options, check_on_model, comma_list, figure_bytes, flag, method_options,
+                                   output_path, parse_budgets, require_matplotlib, write_output)
 
 DEFAULT_PROMPT = "What is in the image?"
 
@@ -57,14 +58,16 @@ def load_model(spec: str | None):
 def run(args) -> int:
     from tokendrop import viz
     from tokendrop.demo import load_demo_image
-    from tokendrop.registry import family_for, parse_options
+    from tokendrop.registry import check_options, family_for
 
     out = output_path(args.out, "--out", suffix=".png")
-    with flag("--method-args"):
-        options = parse_options(args.method_args)
+    options, budgets = method_options(args.method_args), parse_budgets(args.budget)
     methods = {}
-    for budget in parse_budgets(args.budget):  # one row per method and budget
+    for budget in budgets:  # one row per method and budget
         methods.update(parse_methods(args.method, budget, options))
+    names = comma_list(args.method, "--method")
+    with flag("--method-args"):
+        check_options(names, options)  # a key no listed method has: as `run` refuses it
     if not args.prompt.strip():
         raise UsageError("--prompt must not be empty")
     require_matplotlib("show")
@@ -74,10 +77,11 @@ def run(args) -> int:
     family = family_for(model)
     if "pre_llm" not in family.capabilities():
         raise UsageError(f"--model: {family.name} models have no pre-LLM dropping to draw")
+    check_on_model(model, processor, names, budgets, options, image_sizes=[(image.height, image.width)])
     rows = viz.collect(model, processor, image, args.prompt, methods)
     layout = family.processor_geometry(processor).layout((image.height, image.width))
     fig = viz.draw(image, layout, rows, family.token_pixels() * layout.grid)
-    fig.savefig(out, dpi=viz.DPI, format="png")
+    write_output(out, figure_bytes(lambda file: fig.savefig(file, dpi=viz.DPI, format="png")), "--out")
     grid = (f"{layout.grid}x{layout.cols} tokens" if layout.grid_cols else
             f"{layout.tiles[0]}x{layout.tiles[1]} tiles of {layout.grid}x{layout.grid} patches")
     print(f"model {model_name}; image {args.image or image_note} ({image.width}x{image.height} px, {grid})")
