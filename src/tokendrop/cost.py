@@ -23,7 +23,7 @@ import difflib
 import json
 from pathlib import Path
 
-from tokendrop.adapters.base import Shapes, resolve
+from tokendrop.adapters.base import Shapes, TokenCount, resolve
 from tokendrop.lazy import torch
 from tokendrop.methods.layout import floor_mul
 from tokendrop.registry import family_for, family_of
@@ -182,6 +182,34 @@ def split_methods(methods) -> tuple:
     return pre, inner
 
 
+def check_methods(model, methods) -> None:
+    """What `apply()` refuses, refused here too: a capability the family lacks (HiRED's [CLS] on
+    Qwen-VL), a layer beyond the LLM's or the tower's depth. The family adapter's own check, the one
+    `tokendrop.api.check` runs; ValueError / TypeError naming the problem."""
+    family = family_for(model)
+    for method in methods:
+        family.check(method)
+
+
+def geometry_of(model, processor=None):
+    """The geometry that lays out an image for `model` (with `processor`'s resize settings when given)."""
+    family = family_for(model)
+    return family.geometry if processor is None else family.processor_geometry(processor)
+
+
+def kept_tokens(pre, geometry, image_size, tokens: int | None = None) -> int:
+    """Visual tokens the pre-LLM method `pre` gives an image of (height, width) pixels: the patched
+    processor's count, or floor(budget * tokens) with a `tokens` override. ValueError when none is
+    kept (the processor refuses such an image), or for a size the family cannot lay out."""
+    if tokens is None:
+        return TokenCount(geometry, pre)(image_size)
+    n = floor_mul(pre.budget, tokens)
+    if n == 0:
+        raise ValueError(f"{pre!r} keeps no visual token of tokens={tokens}: the image would be invisible to "
+                         f"the model. The smallest budget that keeps one token is {1 / tokens:.4g}")
+    return n
+
+
 def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKENS, batch: int = 1,
                 bytes_per_element: int = 2, tokens: int | None = None, processor=None) -> dict:
     """Every analytic figure for `methods` (a tuple from `tokendrop.registry.build_methods`) on one image size.
@@ -196,17 +224,18 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
             a pre-LLM method then keeps floor(budget * tokens).
         processor: the model's processor (or an object with its `image_processor`), for families
             whose token count depends on its resize settings (Qwen-VL); None: the family defaults.
+    Raises:
+        ValueError / TypeError for what `apply()` and the patched processor refuse (`check_methods`,
+            `kept_tokens`): the figures of a run that cannot happen are not computed.
     """
     family = family_for(model)
+    check_methods(model, methods)
     shapes = family.shapes()
-    geometry = family.geometry if processor is None else family.processor_geometry(processor)
+    geometry = geometry_of(model, processor)
     layout = geometry.layout(image_size)
     pre, inner = split_methods(methods)
     stock = family.stock_tokens(image_size, processor) if tokens is None else tokens
-    if pre is None:
-        n = stock
-    else:
-        n = pre.num_tokens(layout) if tokens is None else floor_mul(pre.budget, tokens)
+    n = stock if pre is None else kept_tokens(pre, geometry, image_size, tokens)
     image_layers = inner.layer_counts(n, shapes.depth) if inner is not None else [n] * shapes.depth
     lengths = [text_tokens + x for x in image_layers]
     boundaries = inner.boundaries(shapes.depth) if inner is not None else ()

@@ -12,7 +12,7 @@ import json
 
 from tokendrop.cli import UsageError
 from tokendrop.cli.options import (add_json, add_method_options, flag, label, method_configs, one_int, output_path,
-                                   parse_image_sizes)
+                                   parse_image_sizes, write_output)
 
 from tokendrop.cost import DEFAULT_TEXT_TOKENS
 
@@ -49,6 +49,7 @@ def run(args) -> int:
         spec = cost.load_arch(args.arch)
     model = cost.meta_model(cost.arch_config(spec))
     images = cost.arch_geometry_processor(spec)  # the arch's resize settings (Qwen-VL counts depend on them)
+    check_grid(model, images, configs, options, sizes, tokens)
     records = []
     for size in sizes:
         for name, budget in configs:
@@ -64,9 +65,30 @@ def run(args) -> int:
           f"batch {batch}, {text_tokens} text tokens, KV in {args.dtype}")
     print(format_table(records))
     if out is not None:
-        out.write_text(json.dumps(records, indent=2) + "\n")
+        write_output(out, json.dumps(records, indent=2) + "\n", "--json")
         print(f"wrote {len(records)} records to {out}")
     return 0
+
+
+def check_grid(model, images, configs, options, sizes, tokens) -> None:
+    """What `apply()` and the patched processor would refuse, each named by its flag: an image size the
+    family cannot lay out, a method the family cannot run or a layer beyond its depth, a budget that
+    keeps no token."""
+    from tokendrop import cost
+    from tokendrop.registry import build_methods
+
+    geometry = cost.geometry_of(model, images)
+    for size in sizes:
+        with flag(f"--image-size {size[0]}x{size[1]}"):
+            geometry.layout(size)
+    for name, budget in configs:
+        methods = build_methods(name, budget=budget, **options)
+        with flag(f"--method {name}"):
+            cost.check_methods(model, methods)
+        pre, _ = cost.split_methods(methods)
+        for size in sizes if pre is not None else ():
+            with flag("--budget"):
+                cost.kept_tokens(pre, geometry, size, tokens)
 
 
 def format_table(records: list[dict]) -> str:
