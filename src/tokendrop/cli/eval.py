@@ -6,11 +6,15 @@
     torchrun --nproc_per_node 2 -m tokendrop eval ...        # questions shared by rank, results on rank 0
 
 Every argument, output path and the dataset are checked before the model is loaded; each
-configuration's record is appended to --json (JSON lines) as soon as it finishes.
+configuration's record is appended to --json (JSON lines) as soon as it finishes. --resume continues
+a file written with the same settings (model, data, columns, split, questions, metrics, answer length,
+and each method's options): more methods or budgets run only what is missing; other settings are
+refused before any work; a last line cut by a kill is dropped, and said so on stderr.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tokendrop.cli import UsageError
@@ -36,7 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", default="8", help="questions per generate() call (default: %(default)s)")
     p.add_argument("--max-new-tokens", default="8", help="answer length limit (default: %(default)s)")
     add_json(p, "one record per configuration, JSON lines, as each finishes")
-    p.add_argument("--resume", action="store_true", help="with --json: skip configurations the file already holds")
+    p.add_argument("--resume", action="store_true",
+                   help="with --json: continue that file, skipping the configurations it holds (same settings "
+                        "required; more methods or budgets are fine)")
     p.add_argument("--markdown", help="write the markdown table here")
     p.add_argument("--plot", help="PNG of accuracy against budget")
     p.add_argument("--no-progress", action="store_true")
@@ -73,7 +79,9 @@ def run(args) -> int:
             samples = load_samples(args.data, columns, args.split, limit)
         except ImportError as err:  # a `datasets` source without `datasets`
             raise UsageError(f"--data: {err}") from None
-    # 2. what an earlier run finished (--resume)
+    # 2. what an earlier run finished (--resume): the same settings, or a refusal before any work
+    with flag("WORLD_SIZE / RANK / LOCAL_RANK"):
+        ranks = distributed.from_env()
     configs = [Config(name, budget) for name, budget in configurations(names, budgets)]
     results = None
     if json_path is not None:
@@ -82,11 +90,12 @@ def run(args) -> int:
                     "n": len(samples), "metrics": metrics, "method_args": options, "max_new_tokens": new_tokens}
         with flag("--json"):
             results = ResultsFile(json_path, settings, resume=args.resume)
+        _check_same_settings(results, names)
+        if ranks.main:  # the only process that writes
+            _repair(results)
     done = {c.label: results.done(c.label) for c in configs} if results is not None else {}
     todo = [c for c in configs if done.get(c.label) is None]
     # 3. the missing configurations, shared by the ranks when several processes run
-    with flag("WORLD_SIZE / RANK / LOCAL_RANK"):
-        ranks = distributed.from_env()
     if ranks.main and len(todo) < len(configs):
         print(f"resuming {json_path}: {len(configs) - len(todo)} of {len(configs)} configurations already done")
     new = []
@@ -115,7 +124,53 @@ def _evaluate(args, samples, todo, names, budgets, options, metrics, batch_size,
     check_on_model(model, processor, names, budgets, options)
     return evaluate(model, processor, samples, todo, metrics=metrics, batch_size=batch_size,
                     max_new_tokens=new_tokens, progress=not args.no_progress, method_args=options,
-                    on_record=results.add if results is not None else None, ranks=ranks)
+                    on_record=(lambda record: _save(results, record)) if results is not None else None, ranks=ranks)
+
+
+# Run settings (ResultsFile's `run`) -> the flag that sets them, for the messages of a refused resume.
+FLAGS = {"model": "--model", "data": "--data", "columns": "--columns", "split": "--split", "n": "--limit (questions)",
+         "metrics": "--metrics", "method_args": "--method-args", "max_new_tokens": "--max-new-tokens"}
+
+
+def _check_same_settings(results, names: list[str]) -> None:
+    """UsageError naming every setting (old -> new) in which the file's records differ from this run."""
+    changes = []
+    for setting, old, new in results.differences(names):
+        key, _, method = setting.partition(" ")
+        name = FLAGS.get(key, key) + (f" ({method})" if method else "")
+        changes.append(f"{name} {_show(old)} -> {_show(new)}")
+    if changes:
+        raise UsageError(f"--resume: {results.path} holds results of other settings: {'; '.join(changes)}. "
+                         "Resume with the file's settings, or write to another --json file")
+
+
+def _show(value) -> str:
+    """A setting as the user typed it: lists comma-joined, dicts as key=value."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "(defaults)"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "(none)" if value is None else str(value)
+
+
+def _repair(results) -> None:
+    """Drop the last line a killed write left unfinished (one line on stderr says what)."""
+    with flag("--json"):
+        results.repair()
+    if results.unfinished is not None:
+        text = results.unfinished if len(results.unfinished) <= 60 else results.unfinished[:60] + "..."
+        print(f"tokendrop eval: --json {results.path}: dropped its unfinished last line, cut by an interrupted "
+              f"write ({len(results.unfinished)} characters: {text!r}); finished records are kept", file=sys.stderr)
+
+
+def _save(results, record: dict) -> None:
+    """Append a finished configuration's record; a failed write (a full disk) names the file and what is kept."""
+    try:
+        results.add(record)
+    except OSError as err:
+        raise UsageError(f"--json {results.path}: could not write the record of {record['label']}: "
+                         f"{err.strerror or err}; the {len(results.records)} records before it are kept "
+                         "(--resume continues from them)") from None
 
 
 def _report(records, metric, n, markdown, picture, json_path) -> None:
@@ -126,9 +181,18 @@ def _report(records, metric, n, markdown, picture, json_path) -> None:
     caption = f"{metric} (%), {n} questions. Metric: {RULES[metric]}."
     table = markdown_table(records, metric)
     print(f"{caption}\n{table}")
+    kept = f"; the results are in {json_path}" if json_path is not None else "; the table above holds the results"
     if markdown is not None:
-        markdown.write_text(f"{caption}\n\n{table}\n")
+        _write("--markdown", markdown, lambda: markdown.write_text(f"{caption}\n\n{table}\n"), kept)
     if picture is not None:
-        plot(records, str(picture), metric)
+        _write("--plot", picture, lambda: plot(records, str(picture), metric), kept)
     if json_path is not None:
         print(f"results: {json_path} ({len(records)} configurations)")
+
+
+def _write(name: str, path: Path, write, kept: str) -> None:
+    """Run `write`; a failed write after the grid ran (a full disk) names the flag and the file."""
+    try:
+        write()
+    except OSError as err:
+        raise UsageError(f"{name} {path}: could not write it: {err.strerror or err}{kept}") from None
