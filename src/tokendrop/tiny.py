@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tokendrop.adapters.qwen_common import QWEN_CHAT_TEMPLATE, qwen_token_ids
 from tokendrop.processors import image_only
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -118,26 +119,10 @@ def tiny_llava_onevision(tile: int = 56, vision_layers: int = 2, text_layers: in
 # ---- Qwen-VL -------------------------------------------------------------------------------------
 QWEN_SPECIAL_TOKENS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
-#: the Qwen-VL chat template, reduced to what the tiny models need (user turns with images and text)
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 def tiny_qwen_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer with Qwen-VL's special tokens."""
     return _bpe(vocab_size, QWEN_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                 extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
-
-
-def _qwen_ids(tok) -> dict:
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    return ids
 
 
 def _qwen_text(tok, layers: int, kv_heads: int, mrope_section, **extra) -> dict:
@@ -179,7 +164,7 @@ def tiny_qwen2_vl(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_to
     config = Qwen2VLConfig(
         vision_config=dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        text_config=_qwen_text(tok, text_layers, kv_heads, [2, 3, 3]), **_qwen_ids(tok))
+        text_config=_qwen_text(tok, text_layers, kv_heads, [2, 3, 3]), **qwen_token_ids(tok))
     return _qwen_model("Qwen2VLForConditionalGeneration", config, seed), _qwen_processor("Qwen2VLProcessor", tok, 14, max_tokens)
 
 
@@ -192,7 +177,7 @@ def tiny_qwen2_5_vl(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_
     config = Qwen2_5_VLConfig(
         vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3]),
-        text_config=_qwen_text(tok, text_layers, kv_heads, [2, 3, 3]), **_qwen_ids(tok))
+        text_config=_qwen_text(tok, text_layers, kv_heads, [2, 3, 3]), **qwen_token_ids(tok))
     return (_qwen_model("Qwen2_5_VLForConditionalGeneration", config, seed),
             _qwen_processor("Qwen2_5_VLProcessor", tok, 14, max_tokens))
 
@@ -209,5 +194,5 @@ def tiny_qwen3_vl(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_to
         vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0, 1],
                            num_position_embeddings=64),
-        text_config=text, **_qwen_ids(tok))
+        text_config=text, **qwen_token_ids(tok))
     return _qwen_model("Qwen3VLForConditionalGeneration", config, seed), _qwen_processor("Qwen3VLProcessor", tok, 16, max_tokens)

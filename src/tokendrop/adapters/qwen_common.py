@@ -28,6 +28,23 @@ from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
 
 
+#: the Qwen-VL chat template, reduced to user turns with images and text (models built from an arch
+#: config or a tiny config, whose tokenizers carry no template of their own)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The config fields naming Qwen-VL's special tokens, as `tokenizer` numbers them."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+
+
 @dataclass(frozen=True)
 class QwenGeometry:
     """Image size -> `Layout` (one partition of merged tokens) as the Qwen-VL image processor resizes it."""
@@ -240,7 +257,6 @@ class QwenVLStyle(Family):
     @classmethod
     def build_processor(cls, image_processor, tokenizer, chat_template=None, **settings):
         from tokendrop.processors import image_only
-        from tokendrop.tiny import QWEN_CHAT_TEMPLATE
 
         processor_class = image_only(resolve(cls.processor_class))  # no video processor: no torchvision needed
         return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
@@ -248,9 +264,7 @@ class QwenVLStyle(Family):
 
     @classmethod
     def bind_tokenizer(cls, config, tokenizer) -> None:
-        from tokendrop.tiny import _qwen_ids
-
-        for name, value in _qwen_ids(tokenizer).items():
+        for name, value in qwen_token_ids(tokenizer).items():
             setattr(config, name, value)
 
     def shapes(self) -> Shapes:
