@@ -1,7 +1,8 @@
 """Training of tokendrop's default model (a small stock LLaVA-NeXT) on the synthetic VQA data.
 
 The recipe that trained ``src/tokendrop/assets/model`` (docs/training_recipe.md), kept in the
-repository and not installed with the library; ``tokendrop train`` runs it from a clone. Modules:
+repository and not installed with the library; ``python -m recipes.default_model train ...`` runs it
+from the root of a clone (``__main__``; the flags are defined in ``cli``). Modules:
 
 - ``model``: the model, processor and tokenizer builders (stock ``transformers`` classes, small sizes)
 - ``config``: ``TrainConfig``, everything a run depends on
@@ -11,7 +12,7 @@ repository and not installed with the library; ``tokendrop train`` runs it from 
 - ``targets``: targets derived from the scene metadata; ``token_patches``: the same over a batch's tokens
 - ``batches``: samples to model inputs; ``data_order``: the seeded batch streams; ``words``: tokenizer
   corpus and class-word ids; ``match_init``: the word-matcher start of the grounded heads
-- ``checkpoint``: saving the model, saving and loading stage 1; ``cli``: ``tokendrop train``
+- ``checkpoint``: saving the model, saving and loading stage 1; ``cli``: the command line (``train``)
 - tools: ``python -m recipes.default_model.grounding`` (where a trained model's answers look) and
   ``python -m recipes.default_model.steptime`` (vanilla against PyramidDrop step time)
 
