@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a model folder trained by tokendrop train")
+    p.add_argument("--model", required=True, help="a model folder trained by python -m recipes.default_model train")
     p.add_argument("--data", required=True, help="a synthetic dataset folder (tokendrop data)")
     p.add_argument("--n", type=int, default=200, help="questions (default 200)")
     p.add_argument("--head", type=int, default=0, help="the grounded head of training (default 0)")

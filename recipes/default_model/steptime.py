@@ -5,7 +5,7 @@
 (from the repository root, where ``recipes`` imports as a package)
 
 Both modes start from the same stage-1 checkpoint and train on the same batches (the stage-2 data
-order of ``tokendrop train``); blocks of ``--steps`` steps alternate vanilla, PyramidDrop, vanilla,
+order of ``python -m recipes.default_model train``); blocks of ``--steps`` steps alternate vanilla, PyramidDrop, vanilla,
 ... so that a machine whose speed drifts slows both alike. Each block builds a fresh model, so every
 block times the same first steps. Prints one line per block and the medians, as JSON with ``--json``.
 """
@@ -45,7 +45,7 @@ def time_block(samples, cfg: TrainConfig, checkpoint: dict, pdrop: bool, steps: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.default_model.steptime", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="training dataset folder")
-    parser.add_argument("--stage1-checkpoint", required=True, help="stage-1 file written by tokendrop train")
+    parser.add_argument("--stage1-checkpoint", required=True, help="stage-1 file written by python -m recipes.default_model train")
     parser.add_argument("--steps", type=int, default=30, help="steps per block (default 30)")
     parser.add_argument("--repeats", type=int, default=3, help="blocks per mode (default 3)")
     parser.add_argument("--threads", type=int, default=2)

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module of this package and exposes two functions:
 ``add_parser(subparsers)`` registers its arguments and ``run(args) -> int`` does the work (the
-logic lives in the library; `train`'s in the repository's recipes/ folder). Subcommand modules import torch and transformers inside `run`, so
+logic lives in the library; `train` only points to the recipe's own command, `python -m recipes.default_model
+train`, run from a clone). Subcommand modules import torch and transformers inside `run`, so
 `tokendrop --help`, `env` and `methods` answer at once.
 
 Errors: a user's mistake (a bad flag value, a model that cannot be loaded, an unreadable image) is a
