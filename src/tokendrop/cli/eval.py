@@ -76,7 +76,7 @@ def run(args) -> int:
         columns = parse_columns(args.columns)
     with flag("--data"):
         try:
-            samples = load_samples(args.data, columns, args.split, limit)
+            samples = load_samples(args.data, columns, args.split, limit, progress=False if args.no_progress else None)
         except ImportError as err:  # a `datasets` source without `datasets`
             raise UsageError(f"--data: {err}") from None
     # 2. what an earlier run finished (--resume): the same settings, or a refusal before any work
