@@ -24,6 +24,8 @@ def one_line_error(capsys, *needles):
 ])
 def test_a_model_that_cannot_be_loaded_is_a_usage_error(tiny_folder, monkeypatch, capsys, model, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: an earlier test may have imported it online
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     _, image = tiny_folder
     assert main(["run", "--model", model, "--image", str(image), "--max-new-tokens", "1"]) == 2
     one_line_error(capsys, "--model", needle)
