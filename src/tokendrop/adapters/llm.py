@@ -11,6 +11,10 @@ flash, eager) and writes what it saw into its own cache slot: DynamicCache keeps
 Prefill (the layer-0 cache is empty) selects; decoding reuses the prefill's static keep sets:
   stage mask  = the stage's compacted prefill mask + the caller's mask for the decoded tokens,
   positions   = the caller's positions, minus the tokens dropped before the stage ("renumber").
+A chunk of several new tokens on a filled cache (the next turn of a conversation, passed with the
+cache of an earlier generate()) is decoded the same way, all its tokens at once: nothing in it is
+dropped, and each attends to what every layer kept plus the chunk causally. A chunk holding image
+tokens is refused (they would reach the LLM unselected).
 A sample's image tokens are found from its own input_ids; samples differ in length after a drop
 when they keep different numbers of tokens, and are then left-padded again (mask 0).
 M-RoPE (Qwen-VL): the 3-D rotary positions are gathered with the tokens, so kept tokens keep their
@@ -77,7 +81,8 @@ class Tokens:
 def split_positions(position_ids, past: int, B: int, L: int, device, mrope: bool):
     """(text positions (B, L) or None, M-RoPE positions (3, B, L) or None) from what the caller passed.
 
-    M-RoPE callers pass (4, B, L) = text row + t/h/w rows (generate), (3, B, L), (B, L) or nothing;
+    M-RoPE callers pass (4, B, L) = text row + t/h/w rows (generate), (3, B, L), (1, B, L) (generate
+    continuing a cache it was given: text positions + rope_deltas), (B, L) or nothing;
     1-D callers (B, L), (1, L) or nothing. Missing text positions of a 1-D model are counted from
     `past`, as the stock forward does.
     """
@@ -92,7 +97,7 @@ def split_positions(position_ids, past: int, B: int, L: int, device, mrope: bool
         return None, position_ids[None].expand(3, B, -1)
     if position_ids.shape[0] == 4:
         return position_ids[0].expand(B, -1), position_ids[1:].expand(-1, B, -1)
-    return None, position_ids.expand(-1, B, -1)
+    return None, position_ids.expand(3, B, -1)  # (3, B, L), or (1, B, L): one row for t/h/w (continuing a cache)
 
 
 def same_sequence(before: "Tokens", after: "Tokens") -> bool:
@@ -197,7 +202,7 @@ class LLMDropper:
         self.origin = None  # (B, L') long, caller's index of every output slot of the last prefill
         self.stages: list[Stage] = []
         self.prefill_length = 0
-        self.decode_masks: dict = {}  # stage layer -> (masks of the last decode step, their key length)
+        self.decode_masks: dict = {}  # stage layer -> (masks of the last one-token decode step, their key length)
         # the installed release's name for the cache keyword of a decoder layer (renamed in 5.24)
         self.cache_kw = compat.cache_keyword(type(language_model.layers[0]).forward)
 
@@ -226,7 +231,7 @@ class LLMDropper:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=lm.config)
-        past = cache.get_seq_length(0) if cache is not None else 0
+        past = self._cached_tokens(cache)
         B, L, _ = inputs_embeds.shape
         text, rope = split_positions(position_ids, past, B, L, inputs_embeds.device, self.mrope)
         if attention_mask is None:
@@ -242,6 +247,14 @@ class LLMDropper:
         hidden = lm.norm(hidden)
         return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=hidden,
                                    hidden_states=None if states is None else (*states, hidden))
+
+    def _cached_tokens(self, cache) -> int:
+        """How many of the caller's tokens the cache holds (0: a prefill), from layer 0's length; a drop
+        before layer 0 (FastV k=0) left fewer entries there than the prefill had tokens."""
+        past = cache.get_seq_length(0) if cache is not None else 0
+        if past and self.stages and self.stages[0].layer == 0:
+            past += self.prefill_length - self.stages[0].mask.shape[1]
+        return past
 
     # ---- prefill: select and compact -------------------------------------------------------------
     def prefill(self, hidden, mask, positions, rope, deepstack, cache, use_cache, states, **kwargs):
@@ -307,8 +320,11 @@ class LLMDropper:
 
     # ---- decode: static keep sets ---------------------------------------------------------------
     def decode(self, hidden, mask, positions, rope, cache, use_cache, states, **kwargs):
+        """One step, or a chunk of t new tokens (a later turn), on the cache of the last prefill."""
         if not self.stages and self.boundaries and self.prefill_length == 0:
             raise RuntimeError("tokendrop: decoding with a cache that this model did not prefill")
+        self._check_cache(cache, mask.shape[1] - hidden.shape[1])
+        self._check_chunk(hidden.shape[1])
         stage_of = {s.layer: s for s in self.stages}
         new_tail = mask[:, self.prefill_length:]  # (B, t) the caller's mask of decoded tokens
         current_mask, current_positions = mask, positions
@@ -325,16 +341,51 @@ class LLMDropper:
             hidden = self._layer(layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
         return hidden
 
+    def _check_chunk(self, t: int) -> None:
+        """Refuse image tokens among t > 1 new tokens on a filled cache: a later turn's image would reach
+        the LLM unselected. (A single decoded token is what the model generated, and is decoded as such.)"""
+        image = self.image_mask
+        if not (t > 1 and image is not None and image.shape[1] == t and bool(image.any())):
+            return
+        message = (f"tokendrop: the new tokens passed with a cache hold {int(image.sum())} image tokens; in-LLM "
+                   "methods (FastV, PyramidDrop) choose image tokens at the prefill only and cannot drop those of a "
+                   "later turn. Generate again from the whole conversation without the cache (one prefill that "
+                   "selects over every image), or remove the handle")
+        if self.stages and self.stages[0].layer == 0:  # likely the prompt's own image tokens, sent again
+            message += (". With FastV k=0 (a drop before layer 0) generate() itself sends them again when it continues "
+                        "a cache: it counts layer 0's entries (the kept tokens) as the conversation's length; continue "
+                        "with model(input_ids=<the new tokens>, past_key_values=cache) calls, or use k >= 1")
+        raise ValueError(message)
+
+    def _check_cache(self, cache, cached: int) -> None:
+        """Refuse a cache that the last prefill under this handle did not fill (another conversation's,
+        or one prefilled by the stock model): each layer must hold what its stage kept of that prefill
+        plus the tokens that followed it, `cached` being the caller's count of tokens before this call."""
+        if cache is None:
+            return
+        later = cached - self.prefill_length  # tokens decoded (or continued) after the prefill
+        width, kept = self.prefill_length, {s.layer: s.mask.shape[1] for s in self.stages}
+        for i in range(self.depth):
+            width = kept.get(i, width)
+            if cache.get_seq_length(i) != width + later:
+                raise ValueError(
+                    f"tokendrop: the cache passed holds {cache.get_seq_length(i)} tokens in layer {i}, but the last "
+                    f"prefill under this handle leaves {width + later} there ({width} kept of its "
+                    f"{self.prefill_length} + {later} after it). An in-LLM method keeps the keep sets of one "
+                    "conversation, the last one prefilled: continue that one, or generate again without the cache")
+
     def _step_masks(self, hidden, mask, positions, cache, layer_idx):
         """A decode step's masks for the stage starting at `layer_idx`: the previous step's, one key
-        longer, when nothing else changed (one new token, attended, no sliding window); else built."""
-        previous = self.decode_masks.get(layer_idx)
+        longer, when nothing else changed (one new token after one new token, attended, no sliding
+        window); else built. A chunk of several tokens has as many query rows: built, never grown."""
+        previous = self.decode_masks.pop(layer_idx, None)
         grows = (previous is not None and hidden.shape[1] == 1 and previous[1] + 1 == mask.shape[1]
                  and bool(mask[:, -1].all()) and getattr(self.lm.config, "sliding_window", None) is None)
         masks = {kind: extend_mask(m) for kind, m in previous[0].items()} if grows else None
         if masks is None or any(m is NotImplemented for m in masks.values()):
             masks = self._masks(hidden, mask, positions, cache, layer_idx)
-        self.decode_masks[layer_idx] = (masks, mask.shape[1])
+        if hidden.shape[1] == 1:
+            self.decode_masks[layer_idx] = (masks, mask.shape[1])
         return masks
 
     # ---- masks ----------------------------------------------------------------------------------
