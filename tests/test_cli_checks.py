@@ -165,6 +165,38 @@ def test_bench_with_a_budget_that_keeps_no_token_stops_before_measuring(tiny_fol
     assert not out.exists()
 
 
+def test_eval_with_a_budget_that_keeps_no_token_stops_before_evaluating(tiny_folder, dataset, tmp_path, monkeypatch,
+                                                                        capsys):
+    from tokendrop.evaluation import harness
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluation started before the budgets were checked against the images")
+
+    monkeypatch.setattr(harness, "evaluate", refuse)
+    folder, _ = tiny_folder
+    out = tmp_path / "r.jsonl"
+    assert main(["eval", "--data", str(dataset), "--model", str(folder), "--method", "none,hired", "--budget", "0.001",
+                 "--no-progress", "--json", str(out)]) == 2
+    err = one_line_error(capsys, "--budget", "keeps no visual token", "smallest budget that keeps one token")
+    assert "of an image of" in err  # the data's own image size, from the up-front data check
+    assert not out.exists()
+
+
+def test_every_sample_knows_its_image_size_from_the_data_check(dataset, tmp_path):
+    from PIL import Image
+
+    from tokendrop.data.sources import load_samples
+
+    samples = load_samples(str(dataset), progress=False)
+    assert all(s.image_size == (s.load_image().height, s.load_image().width) for s in samples)
+    pytest.importorskip("datasets")
+    rows = tmp_path / "rows.jsonl"
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    rows.write_text('{"image": "a.png", "question": "q", "answers": ["a"]}\n')
+    (sample,) = load_samples(str(rows), progress=False)
+    assert sample.image_size == (30, 40)
+
+
 def test_check_on_model_counts_the_tokens_of_every_image_size(next_model):
     from tokendrop.cli.options import check_on_model
 

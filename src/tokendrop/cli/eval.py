@@ -121,7 +121,8 @@ def _evaluate(args, samples, todo, names, budgets, options, metrics, batch_size,
     model, processor, note = load_model(args.model, device=distributed.device(ranks))
     if note and ranks.main:
         print(f"model: {note}")
-    check_on_model(model, processor, names, budgets, options)
+    sizes = [sample.image_size for sample in samples if sample.image_size is not None]  # known from the data check
+    check_on_model(model, processor, names, budgets, options, image_sizes=sizes, image_flag="--data")
     return evaluate(model, processor, samples, todo, metrics=metrics, batch_size=batch_size,
                     max_new_tokens=new_tokens, progress=not args.no_progress, method_args=options,
                     on_record=(lambda record: _save(results, record)) if results is not None else None, ranks=ranks)

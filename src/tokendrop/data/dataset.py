@@ -36,6 +36,8 @@ class Sample:
         type: question type, or None.
         meta: every other field of the JSON object (e.g. ``objects`` and ``grid`` in synthetic data).
         image_loader: reads the image when it is not a file (a Hugging Face `datasets` row), else None.
+        image_size: (height, width) of the image as `load_image` gives it, found when the source was
+            read (every image is decoded then); None for a Sample made by hand.
     """
 
     id: str
@@ -46,6 +48,7 @@ class Sample:
     type: str | None = None
     meta: dict = field(default_factory=dict)
     image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
+    image_size: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
         """The image as RGB, by the rule of `tokendrop.data.images` (EXIF orientation, 16-bit scaled)."""
@@ -145,13 +148,16 @@ def load_dataset(root: str | Path, limit: int | None = None, progress: bool | No
 
 
 def _check_images(samples: list[Sample], lines: dict[str, int], path: Path, progress: bool | None) -> None:
-    """Decode each distinct image once; ValueError naming the first line whose image cannot be read."""
-    first = {}  # image path -> the first sample naming it
+    """Decode each distinct image once and note its size in the samples; ValueError naming the first
+    line whose image cannot be read."""
+    first, sizes = {}, {}  # image path -> the first sample naming it, its (height, width)
     for sample in samples:
         first.setdefault(sample.image_path, sample)
     for image_path, sample in progress_bar(first.items(), progress):
         try:
-            check_image(image_path)
+            sizes[image_path] = check_image(image_path)
         except ImageLoadError as err:
             where = _where(path, lines[sample.id])
             raise ValueError(f"{where}: image {image_path} cannot be read ({err.reason})") from None
+    for sample in samples:
+        sample.image_size = sizes[sample.image_path]

@@ -124,7 +124,8 @@ def load_hf_samples(spec: str | Path, columns: dict[str, str] | None = None, spl
     images = _undecoded(data.select_columns([mapping["image"]]), mapping["image"])
     samples = [_sample(text, mapping, i, images, root, spec) for i in range(len(data))]
     _check_unique(samples, spec)
-    _check_images(images, mapping["image"], root, spec, progress)
+    for sample, size in zip(samples, _check_images(images, mapping["image"], root, spec, progress)):
+        sample.image_size = size
     return samples
 
 
@@ -138,12 +139,14 @@ def _undecoded(data, column: str):
     return data
 
 
-def _check_images(images, column: str, root: Path, spec, progress: bool | None) -> None:
-    """Decode every row's image once (none kept); ValueError naming the first bad row (and the next bad ones)."""
-    bad = []  # (row, error)
+def _check_images(images, column: str, root: Path, spec, progress: bool | None) -> list[tuple[int, int]]:
+    """Decode every row's image once (none kept): their (height, width); ValueError naming the first
+    bad row (and the next bad ones)."""
+    bad, sizes = [], []  # (row, error); (height, width) per row
     for row, record in enumerate(progress_bar(images, progress, total=len(images))):
         try:
-            to_image(record[column], root).close()
+            with to_image(record[column], root) as image:
+                sizes.append((image.height, image.width))
         except ImageLoadError as err:
             bad.append((row, err))
     if bad:
@@ -151,6 +154,7 @@ def _check_images(images, column: str, root: Path, spec, progress: bool | None) 
         others = ", ".join(str(r) for r, _ in bad[1:11]) + (", ..." if len(bad) > 11 else "")
         more = f" (also unreadable: row{'s' if len(bad) > 2 else ''} {others})" if others else ""
         raise ValueError(f"{spec}: row {row}: column {column!r}: {err}{more}")
+    return sizes
 
 
 def _mapping(names: list[str], columns: dict[str, str], spec) -> dict[str, str]:

@@ -64,9 +64,11 @@ def open_image(source, name: str | None = None) -> Image.Image:
         raise ImageLoadError(name, _reason(err)) from None
 
 
-def check_image(source, name: str | None = None) -> None:
-    """Decode the image in `source` and forget it (ImageLoadError as in `open_image`)."""
-    open_image(source, name).close()
+def check_image(source, name: str | None = None) -> tuple[int, int]:
+    """Decode the image in `source` and forget it; its (height, width) as `open_image` gives it
+    (EXIF orientation applied). ImageLoadError as in `open_image`."""
+    with open_image(source, name) as image:
+        return image.height, image.width
 
 
 def progress_bar(items, progress: bool | None, total: int | None = None):
