@@ -122,7 +122,7 @@ def test_qwen_scores_are_put_back_in_raster_order(qwen):
 def test_qwen_dominant_drop_keeps_the_top_received_tokens(qwen):
     model, processor = qwen
     adapter = family_for(model)
-    block = adapter.score_block(None)
+    block = adapter.config_score_block(model.config, None)
     inputs = qwen_inputs(processor)
     captured = {}
     hook = model.model.visual.blocks[block].register_forward_pre_hook(

@@ -125,7 +125,7 @@ def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, reque
     eager.set_attn_implementation("eager")
     pixels = torch.randn(3, 3, tower.config.image_size, tower.config.image_size, generator=torch.Generator().manual_seed(0))
     layer = model.config.vision_feature_layer
-    blocks = score_blocks(td.HiRED(0.2), tower, layer)
+    blocks = score_blocks(td.HiRED(0.2), len(tower.encoder.layers), layer)
     with torch.no_grad():
         _, features, rows = tower_pass(tower, pixels, layer, blocks)
         out = eager(pixels, output_attentions=True, output_hidden_states=True)

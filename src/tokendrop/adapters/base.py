@@ -147,9 +147,24 @@ class Family:
                  "renumber": cls.positions == "rope", "base_image": cls.base_image}
         return {name for name, on in flags.items() if on}
 
+    @classmethod
+    def config_capabilities(cls, config) -> set[str]:
+        """What a model with this config can do, from the config alone (both engines ask this)."""
+        return cls.family_capabilities()
+
+    @classmethod
+    def config_geometry(cls, config):
+        """Image size -> `Layout` from the config alone (picklable; None for families without pre-LLM)."""
+        return None
+
+    @classmethod
+    def config_score_blocks(cls, config, method: PreLLMMethod) -> dict:
+        """The vision blocks `method`'s scores come from, validated against the config (ValueError)."""
+        return {}
+
     def capabilities(self) -> set[str]:
         """What this model can do (its config may turn a family capability off)."""
-        caps = self.family_capabilities()
+        caps = self.config_capabilities(self.config)
         if "in_llm" in caps and not is_llama_style(self.language_model):
             caps.discard("in_llm")
         return caps

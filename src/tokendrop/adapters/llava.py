@@ -40,8 +40,12 @@ class LlavaAdapter(LlavaStyle):
 
     def __init__(self, model):
         super().__init__(model)
-        self.grid = self.config.vision_config.image_size // self.config.vision_config.patch_size
-        self.geometry = SingleGeometry(self.grid)
+        self.geometry = self.config_geometry(self.config)
+        self.grid = self.geometry.grid
+
+    @classmethod
+    def config_geometry(cls, config) -> SingleGeometry:
+        return SingleGeometry(config.vision_config.image_size // config.vision_config.patch_size)
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         return self.grid * self.grid
@@ -53,7 +57,8 @@ class LlavaAdapter(LlavaStyle):
 
         def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer),
+            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
                                                  cls=self.config.vision_feature_select_strategy == "default")
             packed, selections = [], []
             for i in range(features.shape[0]):

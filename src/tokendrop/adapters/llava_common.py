@@ -8,6 +8,7 @@ LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision keep their parts at `model.model.visio
 from __future__ import annotations
 
 from tokendrop.adapters.base import Family, Shapes
+from tokendrop.methods.base import PreLLMMethod
 
 
 class LlavaStyle(Family):
@@ -19,22 +20,28 @@ class LlavaStyle(Family):
     def tower(self):
         return self.base.vision_tower
 
-    def capabilities(self) -> set[str]:
-        caps = super().capabilities()
-        if self.config.vision_feature_select_strategy != "default":  # no [CLS] in front of the patches
-            caps.discard("cls_token")
+    @classmethod
+    def config_capabilities(cls, config) -> set[str]:
+        caps = super().config_capabilities(config)
+        if config.vision_feature_select_strategy != "default" or config.vision_config.model_type != "clip_vision_model":
+            caps.discard("cls_token")  # no [CLS] in front of the patches
         return caps
+
+    @classmethod
+    def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
+        """name -> (score kind, 0-based encoder block) of every score `method` reads."""
+        from tokendrop.adapters.vision import score_blocks
+
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
+        return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
 
     def check(self, method) -> None:
         super().check(method)
         if method.stage == "pre":
-            from tokendrop.adapters.vision import score_blocks
-
-            if not isinstance(self.config.vision_feature_layer, int):
-                raise ValueError(f"vision_feature_layer must be a single int, got {self.config.vision_feature_layer!r}")
             if method.scores() and not hasattr(self.tower.encoder.layers[0], "layer_norm1"):
                 raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(self.tower).__name__}")
-            score_blocks(method, self.tower, self.config.vision_feature_layer)
+            self.config_score_blocks(self.config, method)
 
     def check_processor(self, processor) -> None:
         super().check_processor(processor)

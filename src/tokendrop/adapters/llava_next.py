@@ -68,10 +68,14 @@ class LlavaNextAdapter(LlavaStyle):
 
     def __init__(self, model):
         super().__init__(model)
-        vision = self.config.vision_config
-        self.tile = vision.image_size
-        self.grid = self.tile // vision.patch_size
-        self.geometry = NextGeometry(self.tile, self.grid, tuple(tuple(p) for p in self.config.image_grid_pinpoints))
+        self.geometry = self.config_geometry(self.config)
+        self.tile, self.grid = self.geometry.tile, self.geometry.grid
+
+    @classmethod
+    def config_geometry(cls, config) -> NextGeometry:
+        vision = config.vision_config
+        return NextGeometry(vision.image_size, vision.image_size // vision.patch_size,
+                            tuple(tuple(p) for p in config.image_grid_pinpoints))
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         """Base + unpadded canvas + one newline per canvas row, as the stock model packs them."""
@@ -99,7 +103,8 @@ class LlavaNextAdapter(LlavaStyle):
             layouts = [self.layout(size) for size in torch.as_tensor(image_sizes).tolist()]
             if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, score_blocks(method, self.tower, layer),
+            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
+            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
                                                  cls=self.config.vision_feature_select_strategy == "default")
             packed, selections, start = [], [], 0
             for lay in layouts:
@@ -116,35 +121,43 @@ class LlavaNextAdapter(LlavaStyle):
         return get_image_features
 
     def pack(self, features: torch.Tensor, keep: list[torch.Tensor], layout: Layout, newlines: bool):
-        """Gather, project and order one image's kept tokens: base, then the unpadded canvas in raster order.
+        """`pack_kept` with this model's projector and newline embedding."""
+        return pack_kept(features, keep, layout, self.base.multi_modal_projector, self.base.image_newline, newlines)
 
-        Args:
-            features: (P, N, Dv) vision features of the image's partitions.
-            keep: P sorted index tensors into N.
-        Returns:
-            tokens: (K [+ canvas rows], D) LLM-width embeddings.
-            where: (K, 3) long (partition, row, col) of every kept patch token, in packed order.
-        """
-        g, (rows, cols) = self.grid, layout.tiles
-        device = features.device
-        keep = [k.to(device) for k in keep]
-        mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=device)  # (P, N)
-        for p, k in enumerate(keep):
-            mask[p, k] = True
-        top, bottom, left, right = layout.crop
-        canvas = mask[1:].view(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)[top:bottom, left:right]
-        canvas_feats = features[1:].view(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
-        chosen = torch.cat([features[0, keep[0]], canvas_feats[top:bottom, left:right][canvas]])  # (K, Dv)
-        tokens = self.base.multi_modal_projector(chosen)  # (K, D)
-        if newlines:
-            tokens = insert_row_newlines(tokens, keep[0].numel(), canvas.sum(dim=1), self.base.image_newline)
-        r, c = canvas.nonzero(as_tuple=True)
-        r, c = r + top, c + left
-        where = torch.cat([
-            torch.stack([torch.zeros_like(keep[0]), keep[0] // g, keep[0] % g], dim=1),
-            torch.stack([1 + (r // g) * cols + c // g, r % g, c % g], dim=1),
-        ])
-        return tokens, where
+
+def pack_kept(features: torch.Tensor, keep: list[torch.Tensor], layout: Layout, projector, newline: torch.Tensor,
+              newlines: bool):
+    """Gather, project and order one image's kept tokens: base, then the unpadded canvas in raster order
+    (the transformers path and the vLLM model class both call this, each with its own modules).
+
+    Args:
+        features: (P, N, Dv) vision features of the image's partitions.
+        keep: P sorted index tensors into N.
+        projector: the multi-modal projector (Dv -> D); newline: (D,) the model's `image_newline`.
+    Returns:
+        tokens: (K [+ canvas rows], D) LLM-width embeddings.
+        where: (K, 3) long (partition, row, col) of every kept patch token, in packed order.
+    """
+    g, (rows, cols) = layout.grid, layout.tiles
+    device = features.device
+    keep = [k.to(device) for k in keep]
+    mask = torch.zeros(features.shape[:2], dtype=torch.bool, device=device)  # (P, N)
+    for p, k in enumerate(keep):
+        mask[p, k] = True
+    top, bottom, left, right = layout.crop
+    canvas = mask[1:].view(rows, cols, g, g).permute(0, 2, 1, 3).reshape(rows * g, cols * g)[top:bottom, left:right]
+    canvas_feats = features[1:].view(rows, cols, g, g, -1).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, -1)
+    chosen = torch.cat([features[0, keep[0]], canvas_feats[top:bottom, left:right][canvas]])  # (K, Dv)
+    tokens = projector(chosen)  # (K, D)
+    if newlines:
+        tokens = insert_row_newlines(tokens, keep[0].numel(), canvas.sum(dim=1), newline)
+    r, c = canvas.nonzero(as_tuple=True)
+    r, c = r + top, c + left
+    where = torch.cat([
+        torch.stack([torch.zeros_like(keep[0]), keep[0] // g, keep[0] % g], dim=1),
+        torch.stack([1 + (r // g) * cols + c // g, r % g, c % g], dim=1),
+    ])
+    return tokens, where
 
 
 def insert_row_newlines(tokens: torch.Tensor, num_base: int, per_row: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     tiny = "tokendrop.tiny:tiny_llava_onevision"
     cls_token = False
 
-    def __init__(self, model):
-        super().__init__(model)
-        max_tiles = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        self.geometry = OnevisionGeometry(self.tile, self.grid, self.geometry.pinpoints, max_tiles)
+    @classmethod
+    def config_geometry(cls, config) -> OnevisionGeometry:
+        next_geometry = LlavaNextAdapter.config_geometry(config)
+        max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+        return OnevisionGeometry(next_geometry.tile, next_geometry.grid, next_geometry.pinpoints, max_tiles)
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         """Base + unpadded canvas (pooled down to `anyres_max_N` tiles' worth) + one newline per row."""

@@ -19,14 +19,15 @@ class Qwen2_5_VLAdapter(QwenVLStyle):
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.tiny:tiny_qwen2_5_vl"
 
-    def score_block(self, layer: int | None) -> int:
+    @classmethod
+    def config_score_block(cls, config, layer: int | None) -> int:
         """Full-attention blocks only: window blocks normalise attention per window, so their scores
         cannot rank an image's tokens against each other. None: the last full-attention block."""
-        full = sorted(self.tower.fullatt_block_indexes)
-        block = super().score_block(full[-1] if layer is None else layer)
+        full = sorted(config.vision_config.fullatt_block_indexes)
+        block = super().config_score_block(config, full[-1] if layer is None else layer)
         if block not in full:
-            raise ValueError(f"layer {layer} of Qwen2.5-VL's vision tower uses window attention; DominantDrop scores a "
-                             f"full-attention block: {full}")
+            raise ValueError(f"layer {layer} of Qwen2.5-VL's vision tower uses window attention; the scores come from "
+                             f"a full-attention block: {full}")
         return block
 
     def block_order(self, image_grid_thw):

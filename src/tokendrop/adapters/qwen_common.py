@@ -84,9 +84,35 @@ class QwenVLStyle(Family):
 
     def __init__(self, model):
         super().__init__(model)
-        vision = self.config.vision_config
-        self.merge = vision.spatial_merge_size
-        self.geometry = QwenGeometry(vision.patch_size, self.merge, *self.default_pixels)
+        self.merge = self.config.vision_config.spatial_merge_size
+        self.geometry = self.config_geometry(self.config)
+
+    @classmethod
+    def config_geometry(cls, config) -> QwenGeometry:
+        """The merged-token grid at the processors' default pixel limits (a processor's own limits:
+        `processor_geometry`)."""
+        vision = config.vision_config
+        return QwenGeometry(vision.patch_size, vision.spatial_merge_size, *cls.default_pixels)
+
+    @classmethod
+    def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, int]:
+        """name -> 0-based vision block of every score `method` reads ('received' scores only: no [CLS])."""
+        blocks = {}
+        for name, score in method.scores().items():
+            if score.kind != "received":
+                raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
+                                 "[CLS] token and gives 'received' attention scores only")
+            blocks[name] = cls.config_score_block(config, score.layer)
+        return blocks
+
+    @classmethod
+    def config_score_block(cls, config, layer: int | None) -> int:
+        """The vision block (0-based) that scores; None: the last one."""
+        depth = config.vision_config.depth
+        block = depth - 1 if layer is None else layer
+        if not -depth <= block < depth:
+            raise ValueError(f"layer must be in [{-depth}, {depth}) for a {depth}-block vision tower, got {block}")
+        return block % depth
 
     @property
     def tower(self):
@@ -169,21 +195,8 @@ class QwenVLStyle(Family):
     def scorer(self, method: PreLLMMethod):
         """A context manager factory: given image_grid_thw, yields a dict name -> per-image (N_i,)
         scores in raster order of the merged grid, filled while the tower runs."""
-        blocks = {}
-        for name, score in method.scores().items():
-            if score.kind != "received":
-                raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; {type(self.model).__name__}'s "
-                                 "tower has no [CLS] token and gives 'received' attention scores only")
-            blocks[name] = self.score_block(score.layer)
+        blocks = self.config_score_blocks(self.config, method)
         return lambda image_grid_thw: ReceivedScores(self, blocks, image_grid_thw)
-
-    def score_block(self, layer: int | None) -> int:
-        """The vision block (0-based) that scores; None: the last one."""
-        depth = len(self.tower.blocks)
-        block = depth - 1 if layer is None else layer
-        if not -depth <= block < depth:
-            raise ValueError(f"layer must be in [{-depth}, {depth}) for a {depth}-block vision tower, got {block}")
-        return block % depth
 
     def block_order(self, image_grid_thw):
         """The merge groups' order inside the blocks (None: raster order, the processor's)."""

