@@ -78,6 +78,34 @@ class Tokens:
         return self.positions if self.rope is None else self.rope
 
 
+class RankingView:
+    """What an in-LLM method's `rank` reads before boundary `boundary` (`InLLMMethod.rank`): the
+    current sequence and the two layers around the drop, read on demand. All (B, L[, D])."""
+
+    def __init__(self, lm, seq: Tokens, boundary: int, layer_input: torch.Tensor | None):
+        self.lm, self.seq, self.boundary, self._before = lm, seq, boundary, layer_input
+        self.image, self.query, self.mask = seq.image, seq.query, seq.mask
+        self.layers, self.norm = lm.layers, lm.norm
+
+    def inputs(self, layer: int) -> torch.Tensor:
+        """(B, L, D) hidden states entering `layer` (the layer before the boundary, or the boundary)."""
+        if layer == self.boundary and self.seq.hidden is not None:
+            return self.seq.hidden
+        if layer == self.boundary - 1 >= 0 and self._before is not None:
+            return self._before
+        raise ValueError(f"before boundary {self.boundary} a method ranks with layer {self.boundary - 1} or "
+                         f"{self.boundary}, got {layer}")
+
+    def rotary(self, layer: int):
+        """The position embeddings (cos, sin) `layer` applies to this sequence."""
+        return self.lm.rotary_emb(self.inputs(layer), self.seq.rotary)
+
+    def attention_row(self, layer: int) -> torch.Tensor:
+        """(B, L) attention of each sample's query token(s) over the sequence in `layer`."""
+        x = self.inputs(layer)
+        return query_attention_row(self.layers[layer], x, self.rotary(layer), self.query, key_mask=self.mask)
+
+
 def split_positions(position_ids, past: int, B: int, L: int, device, mrope: bool):
     """(text positions (B, L) or None, M-RoPE positions (3, B, L) or None) from what the caller passed.
 
@@ -309,14 +337,14 @@ class LLMDropper:
             yield layer, torch.tensor([d[layer] for d in per_sample], device=original.device)
 
     def _scores(self, i, seq: "Tokens", layer_input):
-        """(B, L) attention of each sample's query token(s) over the current sequence, from the
-        layer the method ranks with (the one before the drop or the one after it)."""
-        scorer = self.method.ranking_layer(i)
-        if scorer is None:  # no attention to rank by (FastV with k = 0)
-            return self.method.random_scores(seq.image)
-        x = layer_input if scorer == i - 1 else seq.hidden  # that layer's input
-        rotary = self.lm.rotary_emb(x, seq.rotary)
-        return query_attention_row(self.lm.layers[scorer], x, rotary, seq.query, key_mask=seq.mask)
+        """(B, L) scores of the current sequence before boundary `i`: the method's `rank` (by default
+        the attention of each sample's query token(s) from the layer before or after the drop)."""
+        scores = self.method.rank(i, RankingView(self.lm, seq, i, layer_input))
+        if not isinstance(scores, torch.Tensor) or scores.shape != seq.image.shape:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise TypeError(f"{type(self.method).__name__}.rank must return a (B, L) = {tuple(seq.image.shape)} tensor "
+                            f"of scores, got {got}")
+        return scores
 
     # ---- decode: static keep sets ---------------------------------------------------------------
     def decode(self, hidden, mask, positions, rope, cache, use_cache, states, **kwargs):

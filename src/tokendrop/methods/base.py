@@ -191,6 +191,25 @@ class InLLMMethod(Method):
         """(B, L) scores of the image tokens (B, L bool) when `ranking_layer` is None."""
         raise NotImplementedError(f"{type(self).__name__} always ranks by attention")
 
+    def rank(self, boundary: int, view) -> torch.Tensor:
+        """(B, L) scores of the current sequence's tokens before `boundary`: the engine keeps each
+        sample's top `keep_counts` image tokens by them (ties to the lower index), never a query
+        token, and applies the position rule; only image slots are read.
+
+        Override to rank by something else than one attention row (all tokens' attention, key
+        norms, similarity to pivots, a text-guided rater). `view` (`tokendrop.adapters.llm.RankingView`)
+        holds the current sequence: `image`, `query`, `mask` (B, L) bool; `inputs(layer)` (B, L, D),
+        the hidden states entering layer `boundary - 1` or `boundary`; `attention_row(layer)` (B, L),
+        the query tokens' attention there (recomputed from the layer's projections, never an N x N
+        map); `rotary(layer)`, its position embeddings; `layers`, the decoder layers; `norm`, the final norm.
+        Default: `view.attention_row(self.ranking_layer(boundary))`, or `random_scores` when the
+        ranking layer is None.
+        """
+        layer = self.ranking_layer(boundary)
+        if layer is None:
+            return self.random_scores(view.image)
+        return view.attention_row(layer)
+
     def layer_fractions(self, depth: int) -> list[float]:
         """Share of the original image tokens each layer sees, unrounded (the papers' FLOP convention)."""
         raise NotImplementedError
