@@ -20,7 +20,7 @@ NEXT_ARCHS = ["llava-v1.6-vicuna-7b", "llava-v1.6-vicuna-13b", "llava-v1.6-mistr
 @pytest.fixture(scope="module")
 def shapes():
     """Shapes of every shipped arch, read from models built on the meta device."""
-    return {name: cost.Shapes.from_model(cost.meta_model(cost.arch_config(cost.load_arch(name)))) for name in cost.arch_names()}
+    return {name: cost.family_for(cost.meta_model(cost.arch_config(cost.load_arch(name)))).shapes() for name in cost.arch_names()}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_cost_record_is_consistent():
     assert hired["vision_flops"] < van["vision_flops"]  # the projector only sees kept tokens
     assert hired["kv_cache_bytes"] / van["kv_cache_bytes"] == pytest.approx((40 + 576) / (40 + 2928))
     assert both["layer_image_tokens"][:8] == [576] * 8 and both["layer_image_tokens"][-1] == 72
-    assert both["kv_cache_bytes"] == sum(both["kv_cache_bytes_per_layer"]) == 2 * sum(cost.kv_bytes_per_layer(cost.Shapes.from_model(model), [40 + n for n in both["layer_image_tokens"]], 2))
+    assert both["kv_cache_bytes"] == sum(both["kv_cache_bytes_per_layer"]) == 2 * sum(cost.kv_bytes_per_layer(cost.family_for(model).shapes(), [40 + n for n in both["layer_image_tokens"]], 2))
 
 
 def test_cost_cli_table_and_json(tmp_path, capsys):

@@ -161,7 +161,7 @@ def test_eval_with_a_missing_image_in_row_2_is_one_line_exit_2(tiny_folder, fold
     pytest.importorskip("datasets", reason="the `datasets` extra is not installed")
     import tokendrop.cli.eval as eval_cli
 
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_cli, "load_model_flag", lambda *a, **k: pytest.fail("the model was loaded"))
     path = _bad_third_row(folder, rows, tmp_path, "missing")
     args = ["eval", "--data", str(path), "--model", str(tiny_folder[0]), "--method", "none", "--batch-size", "2",
             "--no-progress", "--json", str(tmp_path / "r.jsonl")]

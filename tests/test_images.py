@@ -66,7 +66,7 @@ def test_decompression_bomb_fails_the_folder_check_naming_the_file(tmp_path, mon
 def test_eval_on_a_folder_with_a_truncated_image_is_one_line_exit_2(tiny_folder, tmp_path, capsys, monkeypatch):
     import tokendrop.cli.eval as eval_cli
 
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(eval_cli, "load_model_flag", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "images").mkdir()
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         _jpeg(tmp_path / "images" / name)

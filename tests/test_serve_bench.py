@@ -7,7 +7,7 @@ import pytest
 
 from tests.test_cli_errors import one_line_error
 from tokendrop.cli import main
-from tokendrop.vllm import bench
+from tokendrop.vllm import serve_bench as bench
 
 
 def record(config, concurrency, round_, rps, ttft, kv=0.1):

@@ -16,6 +16,7 @@ from tokendrop import viz  # noqa: E402
 from tokendrop.registry import family_for as adapter_for  # noqa: E402
 from tokendrop.cli import main  # noqa: E402
 from tokendrop.loading import format_prompt  # noqa: E402
+from tokendrop.cli import options  # noqa: E402
 from tokendrop.cli import show as show_cli  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 
@@ -28,7 +29,7 @@ TILE = 112  # tiny model's tile pixels (8x8 patches of 14 px)
 def tiny_cli(monkeypatch, next_model):
     """Make `--model` load the session's tiny model instead of building a new one (saves seconds a call)."""
     model, processor = next_model
-    monkeypatch.setattr(show_cli, "load_model", lambda spec: (model, processor, "tiny (test fixture)"))
+    monkeypatch.setattr(options, "load_model_flag", lambda spec, **kw: (model, processor, "tiny (test fixture)"))
     return model, processor
 
 

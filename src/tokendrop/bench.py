@@ -39,7 +39,7 @@ QUESTION = "Describe the image in detail."  # in the model's own prompt format (
 
 
 # ---- models --------------------------------------------------------------------------------------
-def load_model(model: str | None = None, arch: str | None = None, layers: int | None = None,
+def load_bench_model(model: str | None = None, arch: str | None = None, layers: int | None = None,
                vision_layers: int | None = None, seed: int = 0):
     """(model, processor, description) for `--model`, `--arch [--layers]`, or the bundled default."""
     if model is not None and arch is not None:

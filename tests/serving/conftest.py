@@ -34,7 +34,7 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 def save_hub_layout(model, processor, folder: Path) -> Path:
     """Save in the hub layout stock vLLM 0.32 loads (workaround 4 of shared/reference/vllm.md)."""
-    from tokendrop.vllm.bench import save_for_vllm
+    from tokendrop.vllm.serve_bench import save_for_vllm
 
     return save_for_vllm(model, processor, folder)
 

@@ -94,13 +94,6 @@ class Shapes:
     vision_tokens_extra: int = 1  # tokens the tower adds per tile besides the patches ([CLS])
     vision_mlp_matrices: int = 2  # vd x vm matrices of a vision MLP (SwiGLU: 3)
 
-    @classmethod
-    def from_model(cls, model) -> "Shapes":
-        """The shapes of `model`, read by its family's adapter."""
-        from tokendrop.registry import family_for
-
-        return family_for(model).shapes()
-
     def lm_params(self) -> int:
         """LLM parameters (embeddings and head included, norms ignored)."""
         layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m

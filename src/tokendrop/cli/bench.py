@@ -71,12 +71,12 @@ def run(args) -> int:
     if threads:
         torch.set_num_threads(threads)
     if args.arch is None:
-        from tokendrop.cli.options import load_model
+        from tokendrop.cli.options import load_model_flag
 
-        model, processor, what = load_model(args.model, seed=seed)
+        model, processor, what = load_model_flag(args.model, seed=seed)
         what = what or f"from_pretrained({args.model!r})"
     else:
-        model, processor, what = bench.load_model(None, args.arch, layers, vision_layers, seed)
+        model, processor, what = bench.load_bench_model(None, args.arch, layers, vision_layers, seed)
     processor.tokenizer.padding_side = "left"
     check_on_model(model, processor, grid.methods, grid.budgets, grid.options,
                    image_sizes=grid.image_sizes or [bench.default_image_size(model)], image_flag="--image-size")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_json, add_method_options, check_on_model, comma_list, flag, load_model,
+from tokendrop.cli.options import (add_json, add_method_options, check_on_model, comma_list, flag, load_model_flag,
                                    method_configs, one_int, output_path, require_matplotlib)
 
 
@@ -118,7 +118,7 @@ def _evaluate(args, samples, todo, names, budgets, options, metrics, batch_size,
     from tokendrop.evaluation import distributed
     from tokendrop.evaluation.harness import evaluate
 
-    model, processor, note = load_model(args.model, device=distributed.device(ranks))
+    model, processor, note = load_model_flag(args.model, device=distributed.device(ranks))
     if note and ranks.main:
         print(f"model: {note}")
     sizes = [sample.image_size for sample in samples if sample.image_size is not None]  # known from the data check

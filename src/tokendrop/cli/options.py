@@ -252,8 +252,9 @@ def require_matplotlib(name: str) -> None:
         raise UsageError(f"{name} needs matplotlib: pip install 'tokendrop[plot]'") from None
 
 
-def load_model(spec: str | None, seed: int = 0, device=None):
-    """(model, processor, note) for --model (None: the bundled model); a bad id or folder is a UsageError."""
+def load_model_flag(spec: str | None, seed: int = 0, device=None):
+    """(model, processor, note) for the --model flag (None: the bundled model); a bad id or folder is a
+    UsageError naming the flag. The library's loader is `tokendrop.loading.load_model`."""
     from tokendrop.loading import ModelLoadError, load_default
 
     try:

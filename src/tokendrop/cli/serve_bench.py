@@ -3,7 +3,7 @@
     tokendrop serve-bench --json serve.json --plot serve.png          # next-bench-110m, random weights
     tokendrop serve-bench --configs none,hired@0.2 --concurrency 1,8 --requests 16 --max-num-seqs 8
 
-Options tokendrop does not know go to every vLLM server unchanged. Logic: `tokendrop.vllm.bench`.
+Options tokendrop does not know go to every vLLM server unchanged. Logic: `tokendrop.vllm.serve_bench`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def parse_configs(text: str) -> list[tuple[str, object]]:
 
 def run(args) -> int:
     from tokendrop.bench import test_image
-    from tokendrop.vllm import bench
+    from tokendrop.vllm import serve_bench as bench
 
     configs = parse_configs(args.configs)
     concurrency = parse_ints(args.concurrency, "--concurrency", low=1)

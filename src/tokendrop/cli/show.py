@@ -47,14 +47,6 @@ def parse_methods(text: str, budget: float, options: dict | None = None) -> dict
     return methods
 
 
-def load_model(spec: str | None):
-    """(model, processor, description) for --model: the one loader of the CLI (tests swap this one)."""
-    from tokendrop.cli.options import load_model as load
-
-    model, processor, note = load(spec)
-    return model, processor, note or spec
-
-
 def run(args) -> int:
     from tokendrop import viz
     from tokendrop.demo import load_demo_image
@@ -73,7 +65,10 @@ def run(args) -> int:
     require_matplotlib("show")
     with flag("--image"):
         image, _, image_note = load_demo_image(args.image, args.prompt)
-    model, processor, model_name = load_model(args.model)
+    from tokendrop.cli.options import load_model_flag
+
+    model, processor, note = load_model_flag(args.model)
+    model_name = note or args.model
     family = family_for(model)
     if "pre_llm" not in family.capabilities():
         raise UsageError(f"--model: {family.name} models have no pre-LLM dropping to draw")

@@ -57,9 +57,9 @@ def save_for_vllm(model, processor, folder: Path) -> Path:
 
 def prepare_arch_model(arch: str, folder: Path, vision_layers: int | None = None, seed: int = 0) -> str:
     """Random weights with `arch`'s widths (as `tokendrop bench --arch`), saved for vLLM; returns a description."""
-    from tokendrop.bench import load_model
+    from tokendrop.bench import load_bench_model
 
-    model, processor, what = load_model(arch=arch, vision_layers=vision_layers, seed=seed)
+    model, processor, what = load_bench_model(arch=arch, vision_layers=vision_layers, seed=seed)
     processor.chat_template = CHAT_TEMPLATE
     save_for_vllm(model, processor, folder)
     return what
