@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from tokendrop import compat
-from tokendrop.adapters.llm import LLMDropper
+from tokendrop.engine.decoder import LLMDropper
 
 RELEASE = compat._release(transformers.__version__)
 
@@ -20,11 +20,11 @@ def language_model_classes():
     and the Llama-family decoders LLaVA checkpoints ship with."""
     from transformers import LlamaModel, MistralModel, Qwen2Model
 
-    from tokendrop.adapters.base import resolve
-    from tokendrop.registry import FAMILIES, family_for
+    from tokendrop.families.base import resolve
+    from tokendrop.registry import families, family_for
 
     classes = [LlamaModel, MistralModel, Qwen2Model]
-    for family in FAMILIES:
+    for family in families():
         model, _ = resolve(family.tiny)()
         classes.append(type(family_for(model).language_model))
     return list(dict.fromkeys(classes))

@@ -103,3 +103,60 @@ def test_families_are_found_by_class_and_model_type():
         registry.family_of(architecture="GPT2LMHeadModel")
     assert registry.runs_on(td.HiRED) == ["llava-next", "llava"]
     assert "llava-onevision" in registry.runs_on(td.PyramidDrop)
+
+
+# ---- families: the table, third-party families -------------------------------------------------------
+def test_the_family_table_is_lazy_and_complete():
+    import subprocess
+    import sys
+
+    from tokendrop.families import FAMILIES, families
+
+    assert [f.name for f in families()] == list(FAMILIES)
+    code = "import sys, tokendrop.families as f; assert not any(m.startswith('tokendrop.families.') for m in sys.modules); print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_register_family_makes_a_family_known_and_refuses_clashes(monkeypatch):
+    import tokendrop as td
+    from tokendrop import families as table
+    from tokendrop.families.llava.llava import LlavaAdapter
+
+    monkeypatch.setattr(table, "_registered", dict(table._registered))
+
+    class Twin(LlavaAdapter):
+        name = "llava-twin"
+        model_classes = ("VipLlavaForConditionalGeneration",)
+
+    assert td.register_family(Twin) is Twin and Twin in table.families()
+    assert table.family_of(architecture="VipLlavaForConditionalGeneration") is Twin
+
+    class Clash(LlavaAdapter):
+        name = "clash"
+
+    with pytest.raises(ValueError, match="serves LlavaForConditionalGeneration, which family 'llava' already serves"):
+        td.register_family(Clash)
+    with pytest.raises(TypeError, match="subclass of tokendrop.families.base.Family"):
+        td.register_family(object)
+
+
+def test_a_broken_family_plugin_is_one_warning(monkeypatch):
+    import warnings
+
+    from tokendrop import families as table
+
+    class Entry:
+        name, value = "broken", "nowhere:Nothing"
+
+        def load(self):
+            raise ImportError("No module named 'nowhere'")
+
+    monkeypatch.setattr(table, "_registered", {})
+    monkeypatch.setattr(table, "_plugins_loaded", False)
+    monkeypatch.setattr(table.metadata, "entry_points", lambda group: [Entry()] if group == table.ENTRY_POINTS else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = [f.name for f in table.families()]
+    assert names == list(table.FAMILIES)
+    assert [str(w.message) for w in caught] == [
+        "family plugin 'broken' (nowhere:Nothing) not loaded: ImportError: No module named 'nowhere'"]

@@ -14,7 +14,7 @@ from tokendrop.methods import BaseOnly, DominantDrop, FastV, HiRED, PyramidDrop,
 __version__ = "0.1.0"
 
 __all__ = ["BaseOnly", "DominantDrop", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply", "check",
-           "register_method"]
+           "register_family", "register_method"]
 
 
 def __getattr__(name):
@@ -26,4 +26,8 @@ def __getattr__(name):
         from tokendrop.registry import register_method
 
         return register_method
+    if name == "register_family":
+        from tokendrop.families import register_family
+
+        return register_family
     raise AttributeError(f"module 'tokendrop' has no attribute {name!r}")

@@ -10,7 +10,7 @@ SpatialDrop, BaseOnly) replaces `get_image_features` (and what the model family 
 Qwen-VL's `get_rope_index`) and the processor's `replace_image_token` (and its token-count query
 `_get_num_multimodal_tokens`, when it has one); an in-LLM method (PyramidDrop, FastV) replaces the
 language model's `forward`. One of each kind composes. Which methods a model runs is its family's
-capabilities (`tokendrop.adapters.base`).
+capabilities (`tokendrop.families.base`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import weakref
 import torch
 
 from tokendrop import compat
-from tokendrop.adapters.base import TokenCount
-from tokendrop.adapters.llm import LLMDropper
+from tokendrop.families.base import TokenCount
+from tokendrop.engine.decoder import LLMDropper
 from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 from tokendrop.registry import family_for
 

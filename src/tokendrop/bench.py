@@ -29,7 +29,7 @@ import torch
 
 import tokendrop as td
 from tokendrop import compat, cost
-from tokendrop.adapters.base import resolve
+from tokendrop.families.base import resolve
 from tokendrop.registry import build_methods, check_options, configurations, family_for, family_of
 
 RSS_INTERVAL = 0.002

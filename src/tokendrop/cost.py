@@ -23,7 +23,7 @@ import difflib
 import json
 from pathlib import Path
 
-from tokendrop.adapters.base import Shapes, TokenCount, resolve
+from tokendrop.families.base import Shapes, TokenCount, resolve
 from tokendrop.lazy import torch
 from tokendrop.methods.layout import floor_mul
 from tokendrop.registry import family_for, family_of

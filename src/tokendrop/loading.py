@@ -44,7 +44,7 @@ def load_model(name_or_path: str, device=None):
     import torch
     from transformers import AutoConfig
 
-    from tokendrop.adapters.base import resolve
+    from tokendrop.families.base import resolve
     from tokendrop.registry import family_of, supported_models
 
     device = torch.device(device) if device is not None else default_device()

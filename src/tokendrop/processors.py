@@ -1,15 +1,15 @@
-"""Image-only twins of the processors that own a video processor (Qwen2/2.5/3-VL, LLaVA-OneVision).
+"""Image-only twins of the processors that own a video processor (the Qwen-VL and LLaVA-OneVision families').
 
 The video processors need torchvision, which many CPU machines cannot install; images do not. The
-twin of `transformers.Qwen2VLProcessor` is `tokendrop.processors.Qwen2VLProcessor`: the same class
+twin of a `transformers.<Name>Processor` is `tokendrop.processors.<Name>Processor`: the same class
 with `video_processor=None`, whose sub-processors are the image processor and the tokenizer. It
 pickles (DataLoader workers: the class is found by its name in this module), saves with
 `save_pretrained` (the files the stock processor writes, without a video processor) and loads with
 `from_pretrained` (the checkpoint's processor settings and chat template, the image processor that
 `AutoImageProcessor` picks: the PIL one without torchvision).
 
-    processor = image_only(transformers.Qwen2VLProcessor)(image_processor=images, tokenizer=tok)
-    processor = load_image_only("Qwen2VLProcessor", "Qwen/Qwen2-VL-2B-Instruct")
+    processor = image_only(processor_class)(image_processor=images, tokenizer=tok)   # a transformers class
+    processor = load_image_only(family.processor_class, "Qwen/Qwen2-VL-2B-Instruct")   # its name, a checkpoint
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _twin(name: str) -> type:
 
 
 def __getattr__(name: str):
-    """`tokendrop.processors.Qwen2VLProcessor` & co (pickle finds the twins by these names)."""
+    """`tokendrop.processors.<Name>Processor`, the twins (pickle finds them by these names)."""
     if name.endswith("Processor") and not name.startswith("_"):
         import transformers
 

@@ -26,12 +26,7 @@ import typing
 import warnings
 from importlib import metadata
 
-from tokendrop.adapters.llava import LlavaAdapter
-from tokendrop.adapters.llava_next import LlavaNextAdapter
-from tokendrop.adapters.llava_onevision import LlavaOnevisionAdapter
-from tokendrop.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
-from tokendrop.adapters.qwen2_vl import Qwen2VLAdapter
-from tokendrop.adapters.qwen3_vl import Qwen3VLAdapter
+from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
 from tokendrop.methods import (BaseOnly, DominantDrop, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop,
                                SpatialDrop)
 
@@ -39,8 +34,6 @@ from tokendrop.methods import (BaseOnly, DominantDrop, FastV, HiRED, InLLMMethod
 METHODS = (HiRED, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
-#: the model families tokendrop runs on.
-FAMILIES = (LlavaNextAdapter, LlavaAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 VANILLA = "none"
 ENTRY_POINTS = "tokendrop.methods"
 
@@ -271,31 +264,8 @@ def convert(cls, field: str, value):
         raise ValueError(f"{cls.name}: option {field}={value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
-# ---- families -------------------------------------------------------------------------------------------
-def supported_models() -> list[str]:
-    """The transformers model classes tokendrop accepts."""
-    return [name for family in FAMILIES for name in family.model_classes]
-
-
-def family_for(model):
-    """The adapter of `model`'s family; TypeError naming the supported classes otherwise."""
-    name = type(model).__name__
-    for family in FAMILIES:
-        if name in family.model_classes:
-            return family(model)
-    raise TypeError(f"model must be one of {', '.join(supported_models())}; got {name}")
-
-
-def family_of(model_type: str = None, architecture: str = None):
-    """The family class of a config's `model_type` or an `architectures` entry; ValueError otherwise."""
-    for family in FAMILIES:
-        if model_type == family.model_type or architecture in family.model_classes:
-            return family
-    what = f"model_type {model_type!r}" if model_type else f"architecture {architecture!r}"
-    raise ValueError(f"{what} is not supported; supported: {', '.join(supported_models())}")
-
-
+# ---- families (the table: `tokendrop.families`) --------------------------------------------------------
 def runs_on(method_cls) -> list[str]:
     """Families whose capabilities cover what `method_cls` needs with its default options."""
     probe = _default_instance(method_cls)
-    return [family.name for family in FAMILIES if probe.requires() <= family.family_capabilities()]
+    return [family.name for family in families() if probe.requires() <= family.family_capabilities()]

@@ -19,7 +19,7 @@ import test_in_llm as llava_reference
 import test_qwen as qwen_reference
 import tokendrop as td
 from sample_inputs import PROMPTS, random_image
-from tokendrop.adapters.base import resolve
+from tokendrop.families.base import resolve
 from tokendrop.compat import output_cache
 from tokendrop.loading import format_prompt
 
@@ -30,12 +30,12 @@ TURNS = [" and then?", " why is that so, friend?"]  # two later turns of differe
 @pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen3-vl"])
 def family(request, next_model):
     """(name, model, processor, eager copy of the language model) of one tiny family."""
-    from tokendrop.registry import FAMILIES
+    from tokendrop.registry import families
 
     if request.param == "llava-next":
         model, processor = next_model
     else:
-        model, processor = resolve(next(f for f in FAMILIES if f.name == request.param).tiny)()
+        model, processor = resolve(next(f for f in families() if f.name == request.param).tiny)()
     eager = copy.deepcopy(model.model.language_model)
     eager.set_attn_implementation("eager")
     return request.param, model, processor, eager

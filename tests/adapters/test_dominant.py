@@ -9,14 +9,14 @@ import torch
 
 import tokendrop as td
 from sample_inputs import random_image
-from tokendrop.adapters.base import resolve
+from tokendrop.families.base import resolve
 from tokendrop.loading import format_prompt
-from tokendrop.registry import FAMILIES, family_for
+from tokendrop.registry import families, family_for
 from tokendrop.scoring import received_attention, received_attention_clip, received_attention_qwen
 
 
 def family(name):
-    return next(f for f in FAMILIES if f.name == name)
+    return next(f for f in families() if f.name == name)
 
 
 # ---- CLIP / SigLIP: the eager tower's maps ---------------------------------------------------------
@@ -203,7 +203,7 @@ def test_onevision_gets_a_pre_llm_method():
 
 
 def test_onevision_refuses_what_has_no_exact_layout():
-    from tokendrop.adapters.llava_onevision import OnevisionGeometry
+    from tokendrop.families.llava.llava_onevision import OnevisionGeometry
 
     geometry = OnevisionGeometry(56, 4, ((224, 224), (56, 56)), max_tiles=9)  # 4x4 tiles: more than anyres_max_9
     assert geometry.pooled_canvas((224, 224)) == (12, 12)  # the stock model interpolates 16x16 down to 12x12

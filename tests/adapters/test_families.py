@@ -13,14 +13,14 @@ import torch
 
 import tokendrop as td
 from sample_inputs import random_image
-from tokendrop.adapters.base import CAPABILITIES, Family, resolve
+from tokendrop.families.base import CAPABILITIES, Family, resolve
 from tokendrop.loading import format_prompt
-from tokendrop.registry import FAMILIES, build_methods, family_for, method_class, method_names
+from tokendrop.registry import families, build_methods, family_for, method_class, method_names
 
 SIZES = [(150, 300), (224, 224)]
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)
+@pytest.fixture(scope="module", params=families(), ids=lambda f: f.name)
 def tiny(request):
     family = request.param
     model, processor = resolve(family.tiny)()

@@ -117,7 +117,7 @@ def test_hired_picks_top_feature_layer_cls_attention_llava15(llava_model):
 @pytest.mark.parametrize("fixture", ["next_model", "llava_model"])
 def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, request):
     # [CLS] rows and features from the path HiRED uses, against the eager tower's own outputs.
-    from tokendrop.adapters.vision import score_blocks, tower_pass
+    from tokendrop.families.llava.vision import score_blocks, tower_pass
 
     model, _ = request.getfixturevalue(fixture)
     tower = model.model.vision_tower

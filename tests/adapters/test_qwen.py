@@ -18,7 +18,7 @@ import torch
 
 import tokendrop as td
 from sample_inputs import random_image
-from tokendrop.adapters.base import resolve
+from tokendrop.families.base import resolve
 from tokendrop.loading import format_prompt
 from tokendrop.registry import family_for
 
@@ -29,9 +29,9 @@ STEPS = 4
 
 @pytest.fixture(scope="module", params=QWEN)
 def qwen(request):
-    from tokendrop.registry import FAMILIES
+    from tokendrop.registry import families
 
-    family = next(f for f in FAMILIES if f.name == request.param)
+    family = next(f for f in families() if f.name == request.param)
     model, processor = resolve(family.tiny)()
     eager = copy.deepcopy(model.model.language_model)
     eager.set_attn_implementation("eager")
@@ -351,7 +351,7 @@ def test_expanded_rows_see_their_prompts_kept_tokens(qwen):
 
 
 def test_images_per_row_follows_generates_expansion():
-    from tokendrop.adapters.qwen_common import images_per_row
+    from tokendrop.families.qwen_vl.common import images_per_row
 
     assert images_per_row([1, 2, 0], 3) == [[0], [1, 2], []]
     assert images_per_row([1, 1, 2, 2, 0, 0], 3) == [[0], [0], [1, 2], [1, 2], [], []]  # r = 2

@@ -481,7 +481,7 @@ def test_image_token_patches_follow_the_stock_packing(next_model, images):
     adapter's independent geometry (base raster, then the unpadded canvas row by row)."""
     from sample_inputs import PROMPTS
 
-    from tokendrop.adapters.llava_next import LlavaNextAdapter
+    from tokendrop.families.llava.llava_next import LlavaNextAdapter
     from recipes.default_model.token_patches import image_token_patches
 
     model, processor = next_model

@@ -19,8 +19,8 @@ def add_parser(subparsers) -> None:
 
 def listing() -> dict:
     """{"methods": [...], "families": [...]} from the registries."""
-    from tokendrop.adapters.base import CAPABILITIES
-    from tokendrop.registry import FAMILIES, PRESETS, method_class, method_names, runs_on
+    from tokendrop.families.base import CAPABILITIES
+    from tokendrop.registry import PRESETS, families, method_class, method_names, runs_on
 
     methods = []
     for name in method_names():
@@ -35,9 +35,9 @@ def listing() -> dict:
         if name in PRESETS:
             entry["preset"] = {"of": PRESETS[name][0], **PRESETS[name][1]}
         methods.append(entry)
-    families = [{"name": f.name, "models": list(f.model_classes),
-                 "capabilities": {c: CAPABILITIES[c] for c in sorted(f.family_capabilities())}} for f in FAMILIES]
-    return {"methods": methods, "families": families}
+    listed = [{"name": f.name, "models": list(f.model_classes),
+               "capabilities": {c: CAPABILITIES[c] for c in sorted(f.family_capabilities())}} for f in families()]
+    return {"methods": methods, "families": listed}
 
 
 def run(args) -> int:

@@ -141,7 +141,7 @@ def check_on_model(model, processor, names: list[str], budgets: list[float], opt
     capabilities, its depth) and, for every (height, width) in `image_sizes`, the tokens its pre-LLM
     part keeps: none is the library's error (with the smallest budget that keeps one), now and not
     when the processor meets that image. `image_flag` names where the images come from (`--data`)."""
-    from tokendrop.adapters.base import TokenCount
+    from tokendrop.families.base import TokenCount
     from tokendrop.api import check
     from tokendrop.registry import build_methods, configurations
 

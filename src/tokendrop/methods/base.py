@@ -21,7 +21,7 @@ In-LLM methods (`InLLMMethod`) drop image tokens between the language model's la
                None when there is no attention to rank by, and `random_scores` ranks instead.
     positions  `positions`: "renumber" (contiguous after each drop) or "original" (kept as they were).
 The keep set is chosen at prefill and fixed while decoding; the decoder loop
-(`tokendrop.adapters.llm`) runs the layers and asks the method these questions, nothing else.
+(`tokendrop.engine.decoder`) runs the layers and asks the method these questions, nothing else.
 
 To add a method:
   1. Write `methods/<name>.py`: a frozen dataclass subclassing `PreLLMMethod` or `InLLMMethod`,
@@ -98,7 +98,7 @@ class Method:
         return {f.name: f for f in fields(cls)}
 
     def requires(self) -> set[str]:
-        """Capabilities a model family must have (`tokendrop.adapters.base.Family`)."""
+        """Capabilities a model family must have (`tokendrop.families.base.Family`)."""
         raise NotImplementedError
 
 
@@ -197,7 +197,7 @@ class InLLMMethod(Method):
         token, and applies the position rule; only image slots are read.
 
         Override to rank by something else than one attention row (all tokens' attention, key
-        norms, similarity to pivots, a text-guided rater). `view` (`tokendrop.adapters.llm.RankingView`)
+        norms, similarity to pivots, a text-guided rater). `view` (`tokendrop.engine.decoder.RankingView`)
         holds the current sequence: `image`, `query`, `mask` (B, L) bool; `inputs(layer)` (B, L, D),
         the hidden states entering layer `boundary - 1` or `boundary`; `attention_row(layer)` (B, L),
         the query tokens' attention there (recomputed from the layer's projections, never an N x N

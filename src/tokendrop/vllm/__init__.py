@@ -24,14 +24,6 @@ import json
 
 from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 
-#: the stock architecture a config names -> the tokendrop architecture that serves it
-ARCHITECTURES = {
-    "LlavaNextForConditionalGeneration": "TokendropLlavaNextForConditionalGeneration",
-    "LlavaForConditionalGeneration": "TokendropLlavaForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "TokendropQwen2_5_VLForConditionalGeneration",
-}
-#: the module that defines each tokendrop architecture
-MODULES = {"TokendropQwen2_5_VLForConditionalGeneration": "tokendrop.vllm.qwen"}
 #: the config attribute holding the method's settings (JSON: {"name": ..., field: value, ...})
 SETTINGS = "tokendrop_method"
 TESTED_VLLM = "0.32.0"
@@ -44,8 +36,21 @@ def register() -> None:
     compat.alias_pil_image_processors()  # before vLLM imports its LLaVA module (no torchvision here)
     from vllm import ModelRegistry
 
-    for architecture in ARCHITECTURES.values():
-        ModelRegistry.register_model(architecture, f"{MODULES.get(architecture, 'tokendrop.vllm.models')}:{architecture}")
+    for family in served_families().values():
+        ModelRegistry.register_model(family.vllm.rpartition(":")[2], family.vllm)  # "module:Class", imported lazily
+
+
+def served_families() -> dict[str, type]:
+    """stock architecture -> the family class serving it: every family that names a vLLM model class
+    (`Family.vllm`), derived from the family table."""
+    from tokendrop.families import families
+
+    return {family.model_classes[0]: family for family in families() if family.vllm}
+
+
+def architectures() -> dict[str, str]:
+    """stock architecture a config names -> the tokendrop architecture that serves it."""
+    return {stock: family.vllm.rpartition(":")[2] for stock, family in served_families().items()}
 
 
 def overrides(*methods) -> "Overrides":

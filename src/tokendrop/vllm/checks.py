@@ -5,58 +5,53 @@ No vLLM import here: `tokendrop serve` runs these checks before it starts the se
 
 from __future__ import annotations
 
-from tokendrop.adapters.base import CAPABILITIES, TokenCount
-from tokendrop.adapters.llava import LlavaAdapter
-from tokendrop.adapters.llava_next import LlavaNextAdapter
-from tokendrop.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
-from tokendrop.adapters.qwen_common import QwenGeometry
+from tokendrop.families.base import CAPABILITIES, TokenCount
+from tokendrop.families.qwen_vl.common import QwenGeometry
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
-
-#: stock architecture -> the library's family adapter, whose config-level answers (capabilities,
-#: geometry, scored blocks) the plugin uses as the transformers path does
-FAMILIES = {"LlavaNextForConditionalGeneration": LlavaNextAdapter, "LlavaForConditionalGeneration": LlavaAdapter,
-            "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter}
 
 
 def check_config(config, method: PreLLMMethod) -> str:
     """The tokendrop architecture that serves `config` with `method`; ValueError naming what does not fit.
 
-    Checks the family (LLaVA-NeXT, LLaVA-1.5, Qwen2.5-VL), the capabilities the method needs, and the
-    vision blocks it scores (the family's own rule: `config_score_blocks`) against the blocks vLLM
-    builds (`built_blocks`).
+    Checks the family (one the plugin serves: `served_families`, from the family table), the
+    capabilities the method needs, and the vision blocks it scores (the family's own rule:
+    `config_score_blocks`) against the blocks vLLM builds (`built_blocks`).
     """
-    from tokendrop.vllm import ARCHITECTURES
+    from tokendrop.vllm import architectures, served_families
 
+    served = served_families()
     stock = stock_architecture(config)
-    if stock not in FAMILIES:
-        raise ValueError(f"tokendrop.vllm serves {', '.join(FAMILIES)}; the model is {(stock or config.model_type)!r}. "
+    if stock not in served:
+        raise ValueError(f"tokendrop.vllm serves {', '.join(served)}; the model is {(stock or config.model_type)!r}. "
                          "Other families run with transformers (tokendrop.apply)")
-    family = FAMILIES[stock]
+    family = served[stock]
     missing = sorted(method.requires() - capabilities(config, family))
     if missing:
         need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
         raise ValueError(f"{type(method).__name__} needs {need}, which {stock} with this config does not have")
     score_blocks(config, method, family)
-    return ARCHITECTURES[stock]
+    return architectures()[stock]
 
 
 def stock_architecture(config) -> str | None:
     """The stock architecture a config names (a config already served by tokendrop names its own; a
     config without `architectures` is read by its model_type, as vLLM does)."""
-    from tokendrop.vllm import ARCHITECTURES
+    from tokendrop.vllm import architectures, served_families
 
     name = (getattr(config, "architectures", None) or [None])[0]
     if not name:
-        by_type = {family.model_type: stock for stock, family in FAMILIES.items()}
+        by_type = {family.model_type: stock for stock, family in served_families().items()}
         name = by_type.get(getattr(config, "model_type", None))
-    served = {ours: stock for stock, ours in ARCHITECTURES.items()}
+    served = {ours: stock for stock, ours in architectures().items()}
     return served.get(name, name)
 
 
 def family_of_config(config):
     """The family adapter class of a config vLLM loads."""
-    return FAMILIES[stock_architecture(config)]
+    from tokendrop.vllm import served_families
+
+    return served_families()[stock_architecture(config)]
 
 
 def capabilities(config, family) -> set[str]:

@@ -5,7 +5,7 @@ which needs torchvision (and so do the Qwen2-VL ones vLLM's Qwen modules import)
 a PIL twin of each (`image_processing_pil_*`) with the names vLLM imports; when torchvision is
 missing, the torchvision module names point at the PIL twins. Done in every vLLM process by
 `register()` (the plugin entry point runs before any model module is imported) and when
-`tokendrop.vllm.models` is imported. A fake torchvision would be worse: transformers would then pick
+`tokendrop.families.llava.vllm` is imported. A fake torchvision would be worse: transformers would then pick
 torchvision processors.
 """
 

@@ -7,7 +7,7 @@ LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision keep their parts at `model.model.visio
 
 from __future__ import annotations
 
-from tokendrop.adapters.base import Family, Shapes
+from tokendrop.families.base import Family, Shapes
 from tokendrop.methods.base import PreLLMMethod
 
 
@@ -30,7 +30,7 @@ class LlavaStyle(Family):
     @classmethod
     def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
         """name -> (score kind, 0-based encoder block) of every score `method` reads."""
-        from tokendrop.adapters.vision import score_blocks
+        from tokendrop.families.llava.vision import score_blocks
 
         if not isinstance(config.vision_feature_layer, int):
             raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")

@@ -7,7 +7,7 @@ output is put back in raster order, so selections index the raster grid as for Q
 
 from __future__ import annotations
 
-from tokendrop.adapters.qwen_common import QwenVLStyle
+from tokendrop.families.qwen_vl.common import QwenVLStyle
 
 
 class Qwen2_5_VLAdapter(QwenVLStyle):
@@ -17,7 +17,8 @@ class Qwen2_5_VLAdapter(QwenVLStyle):
     config_class = "Qwen2_5_VLConfig"
     processor_class = "Qwen2_5_VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
-    tiny = "tokendrop.tiny:tiny_qwen2_5_vl"
+    tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen2_5_vl"
+    vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen2_5_VLForConditionalGeneration"
 
     @classmethod
     def config_score_block(cls, config, layer: int | None) -> int:

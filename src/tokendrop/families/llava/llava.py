@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokendrop.adapters.llava_common import LlavaStyle
+from tokendrop.families.llava.common import LlavaStyle
 from tokendrop.lazy import torch
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
@@ -35,7 +35,8 @@ class LlavaAdapter(LlavaStyle):
     config_class = "LlavaConfig"
     processor_class = "LlavaProcessor"
     image_processor_class = "transformers.models.llava.image_processing_pil_llava:LlavaImageProcessorPil"
-    tiny = "tokendrop.tiny:tiny_llava"
+    tiny = "tokendrop.families.llava.tiny:tiny_llava"
+    vllm = "tokendrop.families.llava.vllm:TokendropLlavaForConditionalGeneration"
     pre_llm = cls_token = base_image = True  # the one partition is the whole image
 
     def __init__(self, model):
@@ -51,7 +52,7 @@ class LlavaAdapter(LlavaStyle):
         return self.grid * self.grid
 
     def encoder_patch(self, method: PreLLMMethod, record):
-        from tokendrop.adapters.vision import score_blocks, tower_pass
+        from tokendrop.families.llava.vision import score_blocks, tower_pass
 
         layout = self.layout()
 

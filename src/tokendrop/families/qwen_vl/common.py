@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from tokendrop.adapters.base import Family, Shapes, resolve
+from tokendrop.families.base import Family, Shapes, resolve
 from tokendrop.lazy import torch
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
@@ -79,7 +79,7 @@ class QwenVLStyle(Family):
 
     pre_llm = in_llm = projects_all = True
     positions = "mrope"
-    tokenizer = "tokendrop.tiny:tiny_qwen_tokenizer"
+    tokenizer = "tokendrop.families.qwen_vl.tiny:tiny_qwen_tokenizer"
     default_pixels = (56 * 56, 28 * 28 * 1280)  # the processors' defaults (min, max)
 
     def __init__(self, model):

@@ -31,7 +31,7 @@ from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGenera
 from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 
-from tokendrop.adapters.llava_next import pack_kept  # noqa: E402
+from tokendrop.families.llava.llava_next import pack_kept  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402

@@ -6,7 +6,7 @@ The shared mechanics (native-resolution grid, merged tokens, position patches) a
 
 from __future__ import annotations
 
-from tokendrop.adapters.qwen_common import QwenVLStyle
+from tokendrop.families.qwen_vl.common import QwenVLStyle
 
 
 class Qwen2VLAdapter(QwenVLStyle):
@@ -16,4 +16,4 @@ class Qwen2VLAdapter(QwenVLStyle):
     config_class = "Qwen2VLConfig"
     processor_class = "Qwen2VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
-    tiny = "tokendrop.tiny:tiny_qwen2_vl"
+    tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen2_vl"

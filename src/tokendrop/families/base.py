@@ -14,17 +14,46 @@ on it; `apply()` checks every method's `requires()` against them and names what 
                  (M-RoPE families keep each token's 3-D position)
     base_image   a downscaled whole image among the partitions    BaseOnly
 
+A family is a `Family` subclass in its lineage's folder (`tokendrop.families.<lineage>/`), listed
+once in the table (`tokendrop.families.FAMILIES`) or registered (`register_family`, or the
+`tokendrop.families` entry-point group). Its members (M: must, P: pre-LLM families, O: optional):
+
+    declaration (class attributes)
+      M name, model_type, model_classes         how users say it; config.model_type; the model classes
+      M config_class, processor_class           transformers class names
+      M image_processor_class                   "module:Class" of the PIL image processor (no torchvision)
+      M tiny                                    "module:function": a tiny random (model, processor) for tests
+      O tokenizer                               "module:function": its tiny tokenizer (default: LLaVA tokens)
+      O vllm                                    "module:Class" of its vLLM model class ("": not served)
+      M pre_llm, cls_token, in_llm, base_image,   capability flags (table above)
+        positions ("rope" / "mrope")
+      O projects_all                            the projector runs on every token (select after it)
+    config-level answers (classmethods: pure functions of the config, shared by both engines)
+      O config_capabilities(config)             capabilities a config turns off (default: the flags)
+      P config_geometry(config)                 image size -> `Layout` (picklable: processors carry it)
+      P config_score_blocks(config, method)     the vision blocks a method scores, validated
+    transformers seams (instance methods on a model of the family)
+      P encoder_patch(method, record)           a replacement `get_image_features` keeping the selection
+      O pre_llm_patches(method, record, geometry)  more seams (M-RoPE positions); default: encoder_patch
+      O processor_geometry(processor)           geometry with the processor's resize settings
+      M stock_tokens(image_size, processor)     the stock processor's placeholder count
+      O check_processor(processor), hint(missing), visual_token_ids, language_model, check(method)
+    costs and benchmark models
+      M shapes(), O vision_work(layout), token_pixels()
+      O build_processor(image_processor, tokenizer), bind_tokenizer(config, tokenizer)
+
 To add a family:
-  1. Write `adapters/<family>.py` with a `Family` subclass: `name`, `model_type`, `model_classes`,
-     `config_class`, `processor_class`, `image_processor_class`, and the capability flags.
-  2. For `pre_llm`: a `geometry` (image size -> `Layout`, config values only, picklable) and
-     `encoder_patch(method, record)` (a replacement `get_image_features` that keeps `method`'s
-     selection); `check_processor` names a processor that does not belong to the model.
-  3. For `in_llm`: nothing more when the decoder is Llama-style (`tokendrop.adapters.llm` runs it).
-  4. `shapes()` and `stock_tokens(image_size)` for `tokendrop cost` / `bench`, and a tiny random
-     model builder in `tokendrop.tiny` named by `tiny` (the contract tests build it).
-  5. List the class in `tokendrop.registry.FAMILIES`.
-Module-level imports stay light (no transformers): the registry imports every family to list them.
+  1. Create its folder `tokendrop/families/<lineage>/` (or a module in an existing lineage's folder)
+     with a `Family` subclass declaring the attributes above.
+  2. For `pre_llm`: `config_geometry`, `config_score_blocks` (if its methods read scores) and
+     `encoder_patch`; `check_processor` names a processor that does not belong to the model.
+  3. For `in_llm`: nothing more when the decoder is Llama-style (`tokendrop.engine.decoder` runs it).
+  4. `shapes()` and `stock_tokens(image_size)` for `tokendrop cost` / `bench`, and a tiny random model
+     builder in the folder's `tiny.py`, named by `tiny` (the contract tests build it).
+  5. One line in `tokendrop.families.FAMILIES` (or `td.register_family(cls)` in a script, or an entry
+     point in the `tokendrop.families` group of a package). For vLLM: a `vllm.py` in the folder and
+     the `vllm` attribute; the plugin derives its architecture map from the families that have one.
+Module-level imports stay light (no transformers): listing the families imports every declaration.
 """
 
 from __future__ import annotations
@@ -115,7 +144,8 @@ class Family:
     config_class: ClassVar[str] = ""
     processor_class: ClassVar[str] = ""
     image_processor_class: ClassVar[str] = ""  # "module:Class" (the PIL processor: no torchvision)
-    tiny: ClassVar[str] = ""  # "tokendrop.tiny:function" building a tiny random (model, processor)
+    tiny: ClassVar[str] = ""  # "module:function" building a tiny random (model, processor), in the family's folder
+    vllm: ClassVar[str] = ""  # "module:Class" of the vLLM model class serving it (its folder's vllm.py); "": not served
     tokenizer: ClassVar[str] = "tokendrop.tiny:tiny_tokenizer"  # a tiny tokenizer with the family's special tokens
     projects_all: ClassVar[bool] = False  # the projector runs on every token (pre-LLM selection after it)
     # capabilities of the family (an instance may lack some: see `capabilities`)
