@@ -24,13 +24,17 @@ def no_model_left_patched():
 
 @pytest.fixture
 def registry_restored():
-    """Methods a test registers are forgotten after it."""
-    from tokendrop import registry
+    """Methods and families a test registers are forgotten after it."""
+    from tokendrop import families, registry
 
     saved = dict(registry._registered())
+    families.families()  # the table's families are in `saved_families` before the test adds any
+    saved_families = dict(families._registered)
     yield
     registry._methods.clear()
     registry._methods.update(saved)
+    families._registered.clear()
+    families._registered.update(saved_families)
 
 
 @pytest.fixture(scope="session")

@@ -33,4 +33,5 @@ def test_extending_md_runs_against_the_bundled_model(registry_restored, capsys):
     finally:
         del sys.modules[module.__name__]
     assert {"centre", "keep-n"} <= set(registry.method_names())
+    assert "vipllava" in [family.name for family in registry.families()], "the page's family is registered"
     assert capsys.readouterr().out.strip(), "the examples print what they did"
