@@ -359,13 +359,17 @@ def test_images_per_row_follows_generates_expansion():
         images_per_row([1, 2], 2)  # 3 runs, 2 images, no expansion explains it
 
 
-@pytest.mark.parametrize("with_image", [False, True], ids=["video", "image+video"])
-def test_video_inputs_in_generate_are_refused_by_pre_llm_methods(qwen, with_image):
+@pytest.mark.parametrize("with_image, token_types", [(False, True), (True, True), (False, False)],
+                         ids=["video", "image+video", "video-without-mm_token_type_ids"])
+@pytest.mark.parametrize("call", ["generate", "forward"])
+def test_video_inputs_in_generate_are_refused_by_pre_llm_methods(qwen, with_image, token_types, call):
     model, processor, _ = qwen
     inputs = video_inputs(model, processor)
+    if not token_types:  # a caller that builds inputs by hand: get_rope_index is then never asked
+        inputs.pop("mm_token_type_ids")
     if with_image:
         image = encode(processor, [random_image(*SIZES[1])])
         inputs = {**image, "pixel_values_videos": inputs["pixel_values_videos"], "video_grid_thw": inputs["video_grid_thw"]}
     with td.apply(model, processor, td.RandomDrop(0.5)):
         with pytest.raises(ValueError, match="video inputs are not supported"):
-            model.generate(**inputs, max_new_tokens=2)
+            model.generate(**inputs, max_new_tokens=2) if call == "generate" else model(**inputs)

@@ -5,12 +5,13 @@ into (H'/patch) x (W'/patch) patches; the merger turns every 2x2 group into one 
 image gives one partition of (H'/28) x (W'/28) tokens (Qwen3-VL: 32 px), raster order, no [CLS],
 no base image. The LLM places image tokens by 3-D rotary positions (t, h, w) from `get_rope_index`.
 
-Pre-LLM methods patch three seams (instance attributes, undone by `remove()`):
+Pre-LLM methods patch four seams (instance attributes and a hook, undone by `remove()`):
   * `get_image_features`: the stock one (the tower, the merger, Qwen3-VL's DeepStack features),
     then the method's kept rows of every image (the same rows of every DeepStack level);
   * `get_rope_index`: each image's short run of placeholders is expanded to its full grid for the
     stock function, and the positions of the kept tokens are gathered back, so kept tokens keep
     their original (t, h, w) and the text after an image keeps its original positions;
+  * `get_video_features`: refuses (as the other two seams do when a video reaches them);
   * a forward pre-hook on the inner model: `generate()` computes position ids before the encoder
     runs (the selection is not known yet), so at prefill the image rows are computed again from the
     selection the encoder just made. Decoding continues at the original maximum + 1.
@@ -166,7 +167,11 @@ class QwenVLStyle(Family):
             positions[-3:] = rope.to(positions.device)  # the t/h/w rows (a 4-row tensor keeps its text row)
             return args, {**kwargs, "position_ids": positions}
 
-        return {"get_image_features": features, "get_rope_index": rope_index}, [refresh_positions]
+        def get_video_features(*args, **kwargs):  # generate() and forward() encode videos here, whatever else they pass
+            refuse_videos(True, None)
+
+        return ({"get_image_features": features, "get_rope_index": rope_index, "get_video_features": get_video_features},
+                [refresh_positions])
 
     def encoder_patch(self, method: PreLLMMethod, record, geometry: QwenGeometry, state: dict):
         """A `get_image_features`: the stock one, then each image's kept rows (and DeepStack rows)."""
