@@ -192,14 +192,36 @@ class Family:
             caps.discard("in_llm")
         return caps
 
+    @classmethod
+    def config_check(cls, config, method, capabilities: set[str] | None = None, model_name: str | None = None,
+                     hint=None) -> None:
+        """ValueError naming what `method` needs and a model of this `config` lacks, or an option that
+        does not fit it (an in-LLM layer beyond the LM's depth, a pre-LLM score block the tower has not),
+        from the config alone: before any weight is loaded (the CLI), and by `check` on a loaded model.
+
+        Args:
+            capabilities: the model's (default: `config_capabilities(config)`).
+            model_name: the model class the messages name (default: the config's architecture).
+            hint: missing capabilities -> what to use instead (default: the family's `hint`).
+        """
+        capabilities = cls.config_capabilities(config) if capabilities is None else capabilities
+        missing = sorted(method.requires() - capabilities)
+        if missing:
+            name = model_name or (getattr(config, "architectures", None) or [*cls.model_classes, cls.name])[0]
+            hint = hint or (lambda names: cls.hint(cls, names))  # the family's hint, asked of the class
+            need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
+            raise ValueError(f"{type(method).__name__} needs {need}, which {name} "
+                             f"({cls.name}) does not have{hint(missing)}")
+        if method.stage == "in":
+            method.boundaries(config.get_text_config().num_hidden_layers)
+        elif method.stage == "pre":
+            cls.config_score_blocks(config, method)
+
     def check(self, method) -> None:
         """ValueError naming the capability `method` needs and this model lacks, or an option that
-        does not fit this model (a layer beyond its depth)."""
-        missing = sorted(method.requires() - self.capabilities())
-        if missing:
-            need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
-            raise ValueError(f"{type(method).__name__} needs {need}, which {type(self.model).__name__} "
-                             f"({self.name}) does not have{self.hint(missing)}")
+        does not fit this model (a layer beyond its depth): `config_check` with this model's
+        capabilities and class name, and its depth counted on the loaded decoder."""
+        self.config_check(self.config, method, self.capabilities(), type(self.model).__name__, self.hint)
         if method.stage == "in":
             method.boundaries(len(self.language_model.layers))
 

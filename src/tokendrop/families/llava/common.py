@@ -37,11 +37,11 @@ class LlavaStyle(Family):
         return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
 
     def check(self, method) -> None:
+        """`Family.check` (which runs `config_check`: capabilities, score blocks), plus what only the
+        loaded tower tells: that its encoder is CLIP-style, as the score hooks expect."""
         super().check(method)
-        if method.stage == "pre":
-            if method.scores() and not hasattr(self.tower.encoder.layers[0], "layer_norm1"):
-                raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(self.tower).__name__}")
-            self.config_score_blocks(self.config, method)
+        if method.stage == "pre" and method.scores() and not hasattr(self.tower.encoder.layers[0], "layer_norm1"):
+            raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(self.tower).__name__}")
 
     def check_processor(self, processor) -> None:
         super().check_processor(processor)

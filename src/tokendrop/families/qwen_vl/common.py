@@ -207,11 +207,6 @@ class QwenVLStyle(Family):
         """The merge groups' order inside the blocks (None: raster order, the processor's)."""
         return None
 
-    def check(self, method) -> None:
-        super().check(method)
-        if method.stage == "pre":
-            self.scorer(method)  # a layer or score kind this tower cannot give fails now
-
     def rope_index_patch(self, state: dict):
         """A `get_rope_index` that takes runs of kept placeholders (see the module docstring)."""
         base, stock = self.base, type(self.base).get_rope_index
