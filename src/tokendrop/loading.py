@@ -12,6 +12,7 @@ in the checkpoint's own dtype.
 from __future__ import annotations
 
 import importlib.util
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -42,17 +43,12 @@ def load_model(name_or_path: str, device=None):
             (the message names both and says why).
     """
     import torch
-    from transformers import AutoConfig
 
     from tokendrop.families.base import resolve
     from tokendrop.registry import family_of, supported_models
 
     device = torch.device(device) if device is not None else default_device()
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:  # no such folder or id, offline, not a model folder
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
+    config = load_config(name_or_path)
     architecture = (config.architectures or [None])[0]
     try:
         family = family_of(architecture=architecture)
@@ -68,6 +64,32 @@ def load_model(name_or_path: str, device=None):
         raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
     processor.tokenizer.padding_side = "left"  # generation pads on the left
     return model, processor
+
+
+def load_config(name_or_path: str):
+    """The config of a hub id or a local folder (`AutoConfig`), without loading any weight.
+
+    Raises:
+        ModelLoadError: no such folder (a spec that looks like a local path: absolute, ./ or ../, or
+            with a separator and an existing parent), or the id or folder has no readable config.
+    """
+    from transformers import AutoConfig
+
+    if looks_local(name_or_path) and not Path(name_or_path).exists():
+        raise ModelLoadError(f"no such folder: {name_or_path}")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # no such id, offline, not a model folder
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a --model spec names a local path rather than a hub id ("org/name" has a separator
+    too, but its parent "org" is not a folder here)."""
+    if os.path.isabs(spec) or spec.startswith(("./", "../", f".{os.sep}", f"..{os.sep}")):
+        return True
+    return os.sep in spec and Path(spec).parent.is_dir()
 
 
 def load_processor(name_or_path: str, processor_class: str):

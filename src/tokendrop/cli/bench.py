@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_json, add_method_options, check_on_model, figure_bytes, flag, method_configs,
+from tokendrop.cli.options import (add_json, add_method_options, check_on_config, check_on_model, figure_bytes, flag, method_configs,
                                    one_int, output_path, parse_image_sizes, parse_ints, require_matplotlib,
                                    write_output)
 
@@ -73,6 +73,7 @@ def run(args) -> int:
     if args.arch is None:
         from tokendrop.cli.options import load_model_flag
 
+        check_on_config(args.model, grid.methods, grid.budgets, grid.options)  # before minutes of loading weights
         model, processor, what = load_model_flag(args.model, seed=seed)
         what = what or f"from_pretrained({args.model!r})"
     else:

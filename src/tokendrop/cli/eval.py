@@ -14,11 +14,12 @@ refused before any work; a last line cut by a kill is dropped, and said so on st
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_json, add_method_options, check_on_model, comma_list, flag, load_model_flag,
+from tokendrop.cli.options import (add_method_options, check_on_config, check_on_model, comma_list, flag, load_model_flag,
                                    method_configs, one_int, output_path, require_matplotlib)
 
 
@@ -39,7 +40,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", default=None, help="first N questions only")
     p.add_argument("--batch-size", default="8", help="questions per generate() call (default: %(default)s)")
     p.add_argument("--max-new-tokens", default="8", help="answer length limit (default: %(default)s)")
-    add_json(p, "one record per configuration, JSON lines, as each finishes")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="append one record per configuration to PATH, JSON lines, as each finishes (a new or "
+                        "empty file, or a device such as /dev/stdout; a file with results needs --resume)")
     p.add_argument("--resume", action="store_true",
                    help="with --json: continue that file, skipping the configurations it holds (same settings "
                         "required; more methods or budgets are fine)")
@@ -79,6 +82,7 @@ def run(args) -> int:
             samples = load_samples(args.data, columns, args.split, limit, progress=False if args.no_progress else None)
         except ImportError as err:  # a `datasets` source without `datasets`
             raise UsageError(f"--data: {err}") from None
+    check_on_config(args.model, names, budgets, options)  # the model's config: before minutes of loading weights
     # 2. what an earlier run finished (--resume): the same settings, or a refusal before any work
     with flag("WORLD_SIZE / RANK / LOCAL_RANK"):
         ranks = distributed.from_env()
@@ -165,12 +169,15 @@ def _repair(results) -> None:
 
 
 def _save(results, record: dict) -> None:
-    """Append a finished configuration's record; a failed write (a full disk) names the file and what is kept."""
+    """Append a finished configuration's record; a failed write (a full disk) prints the record as one
+    JSON line on stdout, so nothing finished is lost, and names the file and what is kept."""
     try:
         results.add(record)
     except OSError as err:
+        print(json.dumps(dict(record, run=results.run)), flush=True)
         raise UsageError(f"--json {results.path}: could not write the record of {record['label']}: "
-                         f"{err.strerror or err}; the {len(results.records)} records before it are kept "
+                         f"{err.strerror or err}; its record is printed on stdout as a JSON line (append it to the "
+                         f"file to keep it), the {len(results.records)} records before it are kept in the file "
                          "(--resume continues from them)") from None
 
 

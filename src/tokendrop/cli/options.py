@@ -260,4 +260,39 @@ def load_model_flag(spec: str | None, seed: int = 0, device=None):
     try:
         return load_default(spec, seed=seed, device=device)
     except ModelLoadError as err:
-        raise UsageError(f"--model {err}") from None
+        raise UsageError(f"--model: {err}") from None
+
+
+def model_config(spec: str | None):
+    """The config of the --model flag's checkpoint (None: the bundled one), read without its weights;
+    None for the tiny random model (built in a moment: checked once built). A bad id or folder is the
+    loader's UsageError."""
+    from tokendrop.loading import TINY, ModelLoadError, bundled_model_path, load_config
+
+    path = bundled_model_path() if spec is None else spec
+    if path is None or path == TINY:
+        return None
+    try:
+        return load_config(str(path))
+    except ModelLoadError as err:
+        raise UsageError(f"--model: {err}") from None
+
+
+def check_on_config(spec: str | None, names: list[str], budgets: list[float], options: dict) -> None:
+    """Every configuration checked against the --model checkpoint's config before its weights load
+    (`Family.config_check`: the capabilities each method needs, in-LLM layers within the LM's depth,
+    the vision blocks pre-LLM scores come from), with the messages `check_on_model` gives after."""
+    from tokendrop.families import family_of
+    from tokendrop.registry import build_methods, configurations
+
+    config = model_config(spec)
+    if config is None:
+        return
+    try:
+        family = family_of(architecture=(config.architectures or [None])[0])
+    except ValueError:
+        return  # not a supported model: the loader says so, before any weight
+    for name, budget in configurations(names, budgets):
+        with flag(f"--method {name}"):
+            for method in build_methods(name, budget=budget, **options):
+                family.config_check(config, method)

@@ -11,7 +11,7 @@ import json
 import time
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_json, add_method_options, check_on_model, flag, label, load_model_flag, method_configs,
+from tokendrop.cli.options import (add_json, add_method_options, check_on_config, check_on_model, flag, label, load_model_flag, method_configs,
                                    one_int, output_path, write_output)
 
 DEMO_METHODS = "none,hired"
@@ -41,6 +41,7 @@ def run(args) -> int:
     out = output_path(args.json, "--json")
     with flag("--image"):
         image, question, image_note = load_demo_image(args.image, args.prompt)
+    check_on_config(args.model, names, budgets, options)  # before minutes of loading weights
     model, processor, model_note = load_model_flag(args.model)
     check_on_model(model, processor, names, budgets, options, image_sizes=[(image.height, image.width)])
     records = [answer(model, processor, image, question, name, budget, options, new_tokens, warmup)

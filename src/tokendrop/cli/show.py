@@ -11,7 +11,7 @@ The picture is `tokendrop.viz.figure_size(methods)` pixels: 1250 wide, 450 per m
 from __future__ import annotations
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_method_options, check_on_model, comma_list, figure_bytes, flag, method_options,
+from tokendrop.cli.options import (add_method_options, check_on_config, check_on_model, comma_list, figure_bytes, flag, method_options,
                                    output_path, parse_budgets, require_matplotlib, write_output)
 
 DEFAULT_PROMPT = "What is in the image?"
@@ -67,6 +67,7 @@ def run(args) -> int:
         image, _, image_note = load_demo_image(args.image, args.prompt)
     from tokendrop.cli.options import load_model_flag
 
+    check_on_config(args.model, names, budgets, options)  # before minutes of loading weights
     model, processor, note = load_model_flag(args.model)
     model_name = note or args.model
     family = family_for(model)

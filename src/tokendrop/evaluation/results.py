@@ -15,9 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 OPTIONS = "method_args"  # the run setting holding the grid's method options, compared per method
+
+
+def holds_results(path: Path) -> bool:
+    """Whether `path` is a regular file with content (a device, a pipe or an empty file holds none)."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 class ResultsFile:
@@ -28,8 +37,9 @@ class ResultsFile:
         run: the settings that make records comparable (model, data, metrics, ...); stored in every
             record under "run" and compared on resume. `run["method_args"]`, when given, holds the
             method options of the whole grid: a record is compared on those that apply to its method.
-        resume: read the records already in `path`; otherwise `path` must not exist (finished
-            work is never overwritten).
+        resume: read the records already in `path`; otherwise `path` must not hold any (finished
+            work is never overwritten). Only a regular file with content holds records: an empty
+            file, a character device (/dev/stdout) or a pipe is appended to as it is.
 
     Attributes:
         records: the records in the file (finished ones only).
@@ -42,9 +52,9 @@ class ResultsFile:
         self.unfinished: str | None = None
         self._keep: int | None = None  # bytes to keep when the file does not end with a complete line
         self._newline = False  # the last record is complete but its line is not ended
-        if self.path.exists() and not resume:
+        if holds_results(self.path) and not resume:
             raise FileExistsError(f"{self.path} already holds results: pass --resume to continue it, or choose another path")
-        if resume and self.path.exists():
+        if resume and holds_results(self.path):
             self._read()
 
     def _read(self) -> None:
@@ -105,7 +115,8 @@ class ResultsFile:
             _append(self.path, (json.dumps(record) + "\n").encode("utf-8"))
         except OSError as err:
             try:
-                _truncate(self.path, size)  # no half line left behind; a later resume would drop it anyway
+                if self.path.is_file():  # no half line left behind; a later resume would drop it anyway
+                    _truncate(self.path, size)
             except OSError:
                 pass
             err.filename = str(self.path)
@@ -163,7 +174,8 @@ def _append(path: Path, data: bytes) -> None:
     with open(path, "ab") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a device or pipe cannot be synced (EINVAL)
+            os.fsync(f.fileno())
 
 
 def _truncate(path: Path, size: int) -> None:
