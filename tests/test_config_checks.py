@@ -159,3 +159,28 @@ def test_a_missing_model_folder_is_named(tmp_path, capsys, spec):
     assert main(["run", "--model", spec]) == 2
     line = one_line_error(capsys, f"--model: no such folder: {spec}")
     assert "Repo id" not in line
+
+
+def test_eval_json_writes_to_a_pipe(dataset, tmp_path, capsys):
+    import os
+    import threading
+
+    fifo = tmp_path / "records"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert main(["eval", "--data", str(dataset), "--model", "tiny", "--method", "none", "--json", str(fifo),
+                 "--no-progress", "--max-new-tokens", "1"]) == 0
+    reader.join(timeout=30)
+    assert [json.loads(line)["label"] for line in received[0].splitlines()] == ["none"]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="no /dev/full here")
+def test_eval_json_to_a_full_device_is_a_write_error_that_keeps_the_record(dataset, capsys):
+    assert main(["eval", "--data", str(dataset), "--model", "tiny", "--method", "none", "--json", "/dev/full",
+                 "--no-progress", "--max-new-tokens", "1"]) == 2
+    captured = capsys.readouterr()
+    assert [json.loads(line)["label"] for line in captured.out.splitlines() if line.startswith("{")] == ["none"]
+    one_line_error_text = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert len(one_line_error_text) == 1 and "could not write the record of none" in one_line_error_text[0]
