@@ -32,6 +32,8 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       O config_capabilities(config)             capabilities a config turns off (default: the flags)
       P config_geometry(config)                 image size -> `Layout` (picklable: processors carry it)
       P config_score_blocks(config, method)     the vision blocks a method scores, validated
+      O config_check(config, method)            capability, depth and score-block errors from the config alone
+                                                (the CLI calls it before weights load; check() calls it)
     transformers seams (instance methods on a model of the family)
       P encoder_patch(method, record)           a replacement `get_image_features` keeping the selection
       O pre_llm_patches(method, record, geometry)  more seams (M-RoPE positions); default: encoder_patch
