@@ -89,3 +89,24 @@ def qwen_folder(tmp_path_factory):
     image = folder / "img.png"
     random_image(200, 260).save(image)
     return folder, image
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A 2-question synthetic dataset folder (a module may override it with its own)."""
+    from tokendrop.data.synth import generate_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    generate_dataset(folder, n=2, seed=3)
+    return folder
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a command loads a model: the errors it checks must come first."""
+    from tokendrop import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load_default", refuse)

@@ -22,26 +22,6 @@ def one_line_error(capsys, *needles):
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from tokendrop.data.synth import generate_dataset
-
-    folder = tmp_path_factory.mktemp("data")
-    generate_dataset(folder, n=2, seed=3)
-    return folder
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if a command loads a model: the errors below must come first."""
-    from tokendrop import loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(loading, "load_default", refuse)
-
-
 @pytest.fixture
 def unwritable(tmp_path):
     """A folder where no file can be created. Root ignores permission bits, so as root: sysfs, which

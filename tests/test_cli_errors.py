@@ -70,17 +70,6 @@ def dataset(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if a command loads a model: the errors below must come first."""
-    from tokendrop import loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(loading, "load_default", refuse)
-
-
 @pytest.mark.parametrize("argv, needles", [
     (["--json", "missing/folder/r.jsonl"], ["--json", "missing/folder"]),
     (["--markdown", "missing/folder/t.md"], ["--markdown"]),

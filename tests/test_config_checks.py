@@ -30,24 +30,6 @@ def qwen2_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from tokendrop.data.synth import generate_dataset
-
-    folder = tmp_path_factory.mktemp("data")
-    generate_dataset(folder, n=2, seed=3)
-    return folder
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fail the test if a command loads a model: the configuration checks must come first."""
-    from tokendrop import loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the configurations were checked")
-
-    monkeypatch.setattr(loading, "load_default", refuse)
     monkeypatch.setattr(loading, "load_model", refuse)
 
 
@@ -94,7 +76,7 @@ def test_config_check_refuses_a_score_layer_the_tower_has_not():
     (["eval", "--data", "{data}", "--method", "fastv", "--method-args", "k=99"], ["--method fastv", "99"]),
 ])
 def test_a_configuration_the_model_cannot_run_is_refused_before_the_weights_load(
-        qwen2_folder, dataset, tmp_path, no_weights, capsys, argv, needles):
+        qwen2_folder, dataset, tmp_path, no_model_loading, capsys, argv, needles):
     argv = [a.format(tmp=tmp_path, data=dataset) for a in argv]
     assert main([*argv, "--model", str(qwen2_folder)]) == 2
     one_line_error(capsys, *needles)
