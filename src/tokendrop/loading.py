@@ -60,8 +60,7 @@ def load_model(name_or_path: str, device=None):
         processor = load_processor(name_or_path, family.processor_class)  # first: it fails faster than weights
         model = resolve(architecture).from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     except (OSError, ValueError) as err:  # missing or corrupt weights / processor files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
+        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {first_line(err)}") from err
     processor.tokenizer.padding_side = "left"  # generation pads on the left
     return model, processor
 
@@ -80,8 +79,7 @@ def load_config(name_or_path: str):
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:  # no such id, offline, not a model folder
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {reason}") from err
+        raise ModelLoadError(f"{name_or_path!r} cannot be loaded: {first_line(err)}") from err
 
 
 def looks_local(spec: str) -> bool:
@@ -109,9 +107,8 @@ def load_processor(name_or_path: str, processor_class: str):
     try:
         return load_image_only(processor_class, name_or_path)
     except ImportError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{name_or_path!r}: its {processor_class} needs torchvision here (pip install "
-                             f"torchvision), and the image-only processor failed: {reason}") from err
+                             f"torchvision), and the image-only processor failed: {first_line(err)}") from err
 
 
 def load_default(name_or_path: str | None = None, seed: int = 0, device=None):
@@ -146,3 +143,9 @@ def format_prompt(processor, question: str, images: int = 1) -> str:
         content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     return f"{image_token}\n" * images + question
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an error's message (the class name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from tokendrop.cli import UsageError
-from tokendrop.cli.options import (add_method_options, check_on_config, check_on_model, comma_list, flag, load_model_flag,
-                                   method_configs, one_int, output_path, require_matplotlib)
+from tokendrop.cli.options import (add_method_options, check_on_config, check_on_model, comma_list, figure_bytes, flag,
+                                   load_model_flag, method_configs, one_int, output_path, require_matplotlib,
+                                   write_output)
 
 
 def add_parser(subparsers) -> None:
@@ -191,16 +192,8 @@ def _report(records, metric, n, markdown, picture, json_path) -> None:
     print(f"{caption}\n{table}")
     kept = f"; the results are in {json_path}" if json_path is not None else "; the table above holds the results"
     if markdown is not None:
-        _write("--markdown", markdown, lambda: markdown.write_text(f"{caption}\n\n{table}\n"), kept)
+        write_output(markdown, f"{caption}\n\n{table}\n", "--markdown", kept)
     if picture is not None:
-        _write("--plot", picture, lambda: plot(records, str(picture), metric), kept)
+        write_output(picture, figure_bytes(lambda file: plot(records, file, metric)), "--plot", kept)
     if json_path is not None:
         print(f"results: {json_path} ({len(records)} configurations)")
-
-
-def _write(name: str, path: Path, write, kept: str) -> None:
-    """Run `write`; a failed write after the grid ran (a full disk) names the flag and the file."""
-    try:
-        write()
-    except OSError as err:
-        raise UsageError(f"{name} {path}: could not write it: {err.strerror or err}{kept}") from None

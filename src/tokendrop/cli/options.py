@@ -222,17 +222,17 @@ def output_folder(path: str, name: str) -> Path:
     return out
 
 
-def write_output(out: Path, data: str | bytes, name: str) -> None:
+def write_output(out: Path, data: str | bytes, name: str, note: str = "") -> None:
     """Write a finished output to `out` (a path checked by `output_path`). A write that fails anyway (a
-    full disk, a file that changed since the check) is a UsageError naming `name` and the file: the
-    user's disk, not tokendrop's bug. Wraps nothing but the write."""
+    full disk, a file that changed since the check) is a UsageError naming `name` and the file (then
+    `note`, e.g. where the results are): the user's disk, not tokendrop's bug. Wraps nothing but the write."""
     try:
         if isinstance(data, bytes):
             out.write_bytes(data)
         else:
             out.write_text(data)
     except OSError as err:
-        raise UsageError(f"{name} {out}: could not write it ({err.strerror or err})") from None
+        raise UsageError(f"{name} {out}: could not write it ({err.strerror or err}){note}") from None
 
 
 def figure_bytes(draw) -> bytes:

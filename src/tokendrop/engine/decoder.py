@@ -392,9 +392,9 @@ class LLMDropper:
         if cache is None:
             return
         later = cached - self.prefill_length  # tokens decoded (or continued) after the prefill
-        width, kept = self.prefill_length, {s.layer: s.mask.shape[1] for s in self.stages}
-        for i in range(self.depth):
-            width = kept.get(i, width)
+        # each stage's first layer (a stage's layers share their length); layer 0 keeps the prefill unless one starts there
+        firsts = {0: self.prefill_length, **{s.layer: s.mask.shape[1] for s in self.stages}}
+        for i, width in firsts.items():
             if cache.get_seq_length(i) != width + later:
                 raise ValueError(
                     f"tokendrop: the cache passed holds {cache.get_seq_length(i)} tokens in layer {i}, but the last "

@@ -146,8 +146,9 @@ def markdown_table(records: list[dict], metric: str = "exact_match") -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], path: str, metric: str = "exact_match") -> None:
-    """Accuracy against budget, one line per method; budget-free methods as horizontal lines."""
+def plot(records: list[dict], path, metric: str = "exact_match") -> None:
+    """Accuracy against budget, one line per method; budget-free methods as horizontal lines, saved as
+    a PNG to `path` (a file path, or a binary file)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -183,8 +183,3 @@ def _truncate(path: Path, size: int) -> None:
         f.truncate(size)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """Records of a results file; a last line cut short by a killed process is skipped."""
-    return ResultsFile(path, {}, resume=True).records

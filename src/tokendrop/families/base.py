@@ -31,7 +31,7 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
     config-level answers (classmethods: pure functions of the config, shared by both engines)
       O config_capabilities(config)             capabilities a config turns off (default: the flags)
       P config_geometry(config)                 image size -> `Layout` (picklable: processors carry it)
-      P config_score_blocks(config, method)     the vision blocks a method scores, validated
+      P config_score_blocks(config, method)     name -> (score kind, 0-based vision block) of a method's scores, validated
       O config_check(config, method)            capability, depth and score-block errors from the config alone
                                                 (the CLI calls it before weights load; check() calls it)
     transformers seams (instance methods on a model of the family)

@@ -64,8 +64,7 @@ def score_blocks(config, method: PreLLMMethod, family=None) -> dict:
     family = family or family_of_config(config)
     blocks = family.config_score_blocks(config, method)
     built = built_blocks(config)
-    for name, value in blocks.items():
-        block = value[1] if isinstance(value, tuple) else value
+    for name, (_, block) in blocks.items():
         if built is not None and block >= built:
             raise ValueError(f"{type(method).__name__} scores vision block {block} ({name}), but vLLM builds the "
                              f"tower only up to vision_feature_layer={config.vision_feature_layer} (blocks 0..{built - 1})")

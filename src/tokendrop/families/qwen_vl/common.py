@@ -96,14 +96,14 @@ class QwenVLStyle(Family):
         return QwenGeometry(vision.patch_size, vision.spatial_merge_size, *cls.default_pixels)
 
     @classmethod
-    def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, int]:
-        """name -> 0-based vision block of every score `method` reads ('received' scores only: no [CLS])."""
+    def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
+        """name -> (score kind, 0-based vision block) of every score `method` reads ('received' only: no [CLS])."""
         blocks = {}
         for name, score in method.scores().items():
             if score.kind != "received":
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
                                  "[CLS] token and gives 'received' attention scores only")
-            blocks[name] = cls.config_score_block(config, score.layer)
+            blocks[name] = (score.kind, cls.config_score_block(config, score.layer))
         return blocks
 
     @classmethod
@@ -331,14 +331,14 @@ class ReceivedScores:
     """Forward pre-hooks on the scoring blocks: per image, the attention each LLM token's 2x2 patch
     group receives (summed over the group), in raster order of the merged grid."""
 
-    def __init__(self, family: QwenVLStyle, blocks: dict[str, int], image_grid_thw):
+    def __init__(self, family: QwenVLStyle, blocks: dict[str, tuple[str, int]], image_grid_thw):
         self.family, self.blocks, self.grids = family, blocks, image_grid_thw
         self.scores, self.hooks = {}, []
 
     def __enter__(self) -> dict:
         from tokendrop.scoring import received_attention_qwen
 
-        for name, index in self.blocks.items():
+        for name, (_, index) in self.blocks.items():
             block = self.family.tower.blocks[index]
 
             def hook(module, args, kwargs, name=name):

@@ -76,7 +76,7 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.method = method_of(self.config)
         self.count = QwenCount(self.config, self.method)
-        self.blocks = score_blocks(self.config, self.method)  # score name -> vision block (the family's rule)
+        self.blocks = score_blocks(self.config, self.method)  # score name -> (kind, vision block): the family's rule
         self.selected = Recent()  # image digest -> (K,) kept indices (a scored method's choice)
         self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
 
@@ -107,13 +107,13 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
 
     def encode_and_select(self, image_input, grids: list, digests: list[str]) -> tuple[torch.Tensor, ...]:
         """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
-        with record_rotated_qk(self.visual.blocks, self.blocks.values()) as recorded:
+        with record_rotated_qk(self.visual.blocks, [block for _, block in self.blocks.values()]) as recorded:
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
         merge = self.visual.spatial_merge_size
         reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
         sizes = [t * h * w // merge**2 for t, h, w in grids]
         scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
-                  for name, block in self.blocks.items()}
+                  for name, (_, block) in self.blocks.items()}
         kept = []
         for i, (rows, grid, digest) in enumerate(zip(embeddings, grids, digests)):
             keep = self.method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
