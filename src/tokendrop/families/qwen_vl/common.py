@@ -78,8 +78,9 @@ class QwenGeometry:
 class QwenVLStyle(Family):
     """Base of the Qwen-VL family adapters."""
 
-    pre_llm = in_llm = projects_all = True
+    pre_llm = projects_all = True
     positions = "mrope"
+    decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Qwen2 / Qwen3 text models, M-RoPE positions
     tokenizer = "tokendrop.families.qwen_vl.tiny:tiny_qwen_tokenizer"
     default_pixels = (56 * 56, 28 * 28 * 1280)  # the processors' defaults (min, max)
 
