@@ -202,6 +202,16 @@ def official_qwen_scores(model, inputs, block_index):
     return list(torch.split(tokens, (grid.prod(-1) // 4).tolist()))
 
 
+def test_qwen2_5_vl_object_layer_is_one_based_and_must_be_full_attention():
+    model, _ = qwen25()  # 4 blocks, full attention in blocks 1 and 3
+    adapter = family_for(model)
+    assert adapter.config_score_blocks(model.config, td.HiPrune(0.2, object_layer=2)) == {
+        "object": ("received", 1), "register": ("received", 3)}
+    assert adapter.config_score_blocks(model.config, td.HiPrune(0.2))["object"] == ("received", 3)  # 9: the last block
+    with pytest.raises(ValueError, match="window attention"):
+        adapter.config_score_blocks(model.config, td.HiPrune(0.2, object_layer=1))
+
+
 def test_qwen2_5_vl_selection_is_the_official_algorithm():
     model, processor = qwen25()
     assert sorted(model.config.vision_config.fullatt_block_indexes) == [1, 3]

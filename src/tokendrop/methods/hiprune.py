@@ -53,6 +53,9 @@ from tokendrop.methods.base import PreLLMMethod, Score, check_int, check_number,
 from tokendrop.methods.fastervlm import even_counts
 from tokendrop.methods.layout import Layout, top_k_sorted
 
+#: an anchor and its four buffers (i - 1, i + 1, i - W, i + W): the official anchor count is round(T * alpha / 5)
+GROUP = 5
+
 
 @dataclass(frozen=True)
 class HiPrune(PreLLMMethod):
@@ -100,7 +103,7 @@ def anchor_count(count: int, alpha: float) -> int:
     >>> anchor_count(192, 0.1), anchor_count(128, 0.1), anchor_count(64, 0.1), anchor_count(24, 0.1)
     (4, 3, 1, 0)
     """
-    return min(round(count * alpha / 5), count // 5)
+    return min(round(count * alpha / GROUP), count // GROUP)
 
 
 def keep_partition(found: torch.Tensor, registers: torch.Tensor, count: int, valid: torch.Tensor, width: int,

@@ -29,7 +29,8 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
     `depth` blocks (a config value: `vision_config.num_hidden_layers`).
 
     A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer) or its
-    `layer` (DominantDrop); None means the block whose output is `feature_layer`.
+    `layer` (DominantDrop); None means the block whose output is `feature_layer`; a `Score.clamp` block
+    past the tower's last one is the last one (HiPrune's object layer).
     """
     blocks = {}
     for name, score in method.scores().items():
