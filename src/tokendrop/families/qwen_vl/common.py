@@ -104,7 +104,10 @@ class QwenVLStyle(Family):
             if score.kind != "received":
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
                                  "[CLS] token and gives 'received' attention scores only")
-            blocks[name] = (score.kind, cls.config_score_block(config, score.layer))
+            layer = score.layer
+            if score.clamp and layer is not None:
+                layer = min(layer, config.vision_config.depth - 1)
+            blocks[name] = (score.kind, cls.config_score_block(config, layer))
         return blocks
 
     @classmethod
