@@ -284,7 +284,8 @@ class QwenVLStyle(Family):
         import torch as torch_
 
         lm, tower = self.language_model, self.tower
-        attn, lm_mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        layer = next(layer for layer in lm.layers if hasattr(layer, "self_attn"))  # Qwen3.5: layer 0 is linear attention
+        attn, lm_mlp = layer.self_attn, layer.mlp
         block = tower.blocks[0]
         linears = lambda module: [m.weight.shape for m in module.modules() if isinstance(m, torch_.nn.Linear)]  # noqa: E731
         mlp = linears(block.mlp)
