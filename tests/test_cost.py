@@ -237,6 +237,13 @@ def test_hybrid_shapes_count_the_tiny_models_weights():
     assert shapes.lm_params() == weights
 
 
+def test_a_mixture_of_experts_counts_the_mlp_width_a_token_runs():
+    from tokendrop.families.qwen_vl.tiny import tiny_qwen3_5_moe
+
+    model, _ = tiny_qwen3_5_moe()
+    assert family_for(model).shapes().m == 2 * 32 + 48  # 2 routed experts of width 32 per token + the shared one (48)
+
+
 def test_qwen3_5_9b_kv_bytes_count_its_full_attention_layers_only(shapes):
     nine = shapes["qwen3.5-9b"]
     full = [i for i, kind in enumerate(nine.layer_types) if kind == "full_attention"]

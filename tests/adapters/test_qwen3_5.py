@@ -1,5 +1,5 @@
-"""Qwen3.5: pre-LLM dropping on Qwen3-VL's tower in front of the hybrid (Gated-DeltaNet + full-attention)
-decoder, against the stock model.
+"""Qwen3.5 (dense and MoE): pre-LLM dropping on Qwen3-VL's tower in front of the hybrid (Gated-DeltaNet +
+full-attention) decoder, against the stock model.
 
 The reference (`test_qwen.reference_pre_llm_logits`) is the STOCK model fed the kept feature rows
 through `mm_encoder_outputs` and the stock M-RoPE positions of the FULL input gathered at the kept
@@ -26,24 +26,34 @@ PRE_LLM = [td.RandomDrop(0.3, seed=1), td.SpatialDrop(0.5), td.DominantDrop(0.3)
 encode, step_logits = qwen_reference.encode, qwen_reference.step_logits
 
 
-@pytest.fixture(scope="module")
-def qwen35():
+def build(moe: bool):
     from tokendrop.families.qwen_vl.tiny import tiny_qwen3_5
 
-    model, processor = tiny_qwen3_5()
+    model, processor = tiny_qwen3_5(moe=moe)
     processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+@pytest.fixture(scope="module")
+def qwen35():
+    """The dense model (the MoE one shares every seam: the tests that touch the decoder run on both)."""
+    return build(moe=False)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
+def both(request, qwen35):
+    return qwen35 if not request.param else build(moe=True)
 
 
 def image_slots(model, inputs, row=0) -> int:
     return int((inputs["input_ids"][row] == model.config.image_token_id).sum())
 
 
-def test_the_tiny_model_is_hybrid_and_the_family_runs_pre_llm_only(qwen35):
-    model, _ = qwen35
+def test_the_tiny_model_is_hybrid_and_the_family_runs_pre_llm_only(both):
+    model, _ = both
     adapter = family_for(model)
     kinds = model.config.text_config.layer_types
-    assert type(adapter) is Qwen3_5Adapter
+    assert isinstance(adapter, Qwen3_5Adapter) and type(model).__name__ in type(adapter).model_classes
     assert {"linear_attention", "full_attention"} == set(kinds)
     assert all(hasattr(layer, "linear_attn") == (kind == "linear_attention")
                for layer, kind in zip(adapter.language_model.layers, kinds))
@@ -68,8 +78,8 @@ def test_placeholder_counts_are_known_before_encoding(qwen35, method):
 
 
 @pytest.mark.parametrize("method", PRE_LLM, ids=repr)
-def test_pre_llm_logits_equal_the_stock_model_fed_the_kept_rows_at_their_original_positions(qwen35, method):
-    model, processor = qwen35
+def test_pre_llm_logits_equal_the_stock_model_fed_the_kept_rows_at_their_original_positions(both, method):
+    model, processor = both
     image = random_image(*SIZES[1])
     full = encode(processor, [image])
     with td.apply(model, processor, method) as handle:
@@ -135,9 +145,9 @@ def test_keep_all_is_the_stock_model_token_for_token(qwen35):
 
 
 @pytest.mark.parametrize("method", PRE_LLM, ids=repr)
-def test_padded_batch_with_a_text_only_row_equals_one_by_one(qwen35, method):
+def test_padded_batch_with_a_text_only_row_equals_one_by_one(both, method):
     # left padding, two image sizes, and a middle row without an image
-    model, processor = qwen35
+    model, processor = both
     images = [random_image(*SIZES[0], seed=0), random_image(*SIZES[2], seed=2)]
     questions = ["<|vision_start|><|image_pad|><|vision_end|>what is it?", "just text, no image here, a longer row?",
                  "<|vision_start|><|image_pad|><|vision_end|>how many?"]
@@ -165,8 +175,8 @@ def test_the_replacement_get_image_features_keeps_the_stock_signature(qwen35):
         assert shape(model.model.get_image_features) == stock
 
 
-def test_remove_restores_model_and_processor_bit_for_bit(qwen35):
-    model, processor = qwen35
+def test_remove_restores_model_and_processor_bit_for_bit(both):
+    model, processor = both
     images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model_attrs, proc_attrs = set(vars(model.model)), set(vars(processor))
@@ -188,13 +198,13 @@ def test_remove_restores_model_and_processor_bit_for_bit(qwen35):
 
 
 @pytest.mark.parametrize("method", [td.FastV(), td.PyramidDrop(), td.FastV(k=1, drop=0.5)], ids=repr)
-def test_in_llm_methods_are_refused_naming_the_hybrid_decoder(qwen35, method):
-    model, processor = qwen35
+def test_in_llm_methods_are_refused_naming_the_hybrid_decoder(both, method):
+    model, processor = both
     message = r"capability 'in_llm'.*Qwen3\.5's hybrid decoder.*not available yet"
     with pytest.raises(ValueError, match=message):
         td.apply(model, processor, method)
     with pytest.raises(ValueError, match=message):  # from the config alone: what the CLI checks before loading
-        Qwen3_5Adapter.config_check(model.config, method)
+        type(family_for(model)).config_check(model.config, method)
     with pytest.raises(ValueError, match=message):  # with a pre-LLM method in front of it
         td.apply(model, processor, td.SpatialDrop(0.5), method)
     assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)

@@ -20,6 +20,10 @@ sequence (their recurrent state runs over the kept tokens only).
 In-LLM dropping is not available yet on the hybrid decoder (capability `in_llm` off): a
 Gated-DeltaNet layer cannot mask a token (it still decays the state and enters the convolution), so
 dropped tokens must be sliced out of both layer kinds, which the decoder hook does not do yet.
+
+`Qwen3_5MoeForConditionalGeneration` (`Qwen3_5MoeAdapter`) shares all of the above: its model class
+derives from Qwen3.5's (the same tower, `get_image_features` and `get_rope_index`); only its decoder's
+MLPs are mixtures of experts.
 """
 
 from __future__ import annotations
@@ -62,3 +66,18 @@ class Qwen3_5Adapter(QwenVLStyle):
                                            conv_kernel=linear.conv_kernel_size)
         return dataclasses.replace(shapes, q_width=q_width, gated_attention=attn.q_proj.weight.shape[0] == 2 * q_width,
                                    layer_types=tuple(self.config.get_text_config().layer_types), linear=linear)
+
+
+class Qwen3_5MoeAdapter(Qwen3_5Adapter):
+    """Qwen3.5's mixture-of-experts models (Qwen3.5-35B-A3B and larger). For `tokendrop cost` the MLP
+    width is the ACTIVE one, the routed experts a token runs plus the shared expert (so `lm_params`
+    counts active parameters; the router is not counted)."""
+
+    name = "qwen3.5-moe"
+    model_type = "qwen3_5_moe"
+    model_classes = ("Qwen3_5MoeForConditionalGeneration",)
+    config_class = "Qwen3_5MoeConfig"
+    tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen3_5_moe"
+
+    def mlp_width(self, mlp) -> int:
+        return mlp.gate.top_k * mlp.experts.intermediate_dim + mlp.shared_expert.gate_proj.weight.shape[0]
