@@ -103,6 +103,30 @@ def test_pre_llm_logits_equal_the_stock_model_fed_the_kept_rows_at_their_origina
     torch.testing.assert_close(out.logits[1][0], second, atol=1e-4, rtol=1e-4)
 
 
+def test_dominant_drop_keeps_the_tokens_that_receive_the_most_attention_in_the_last_block(qwen35):
+    from tokendrop.scoring import received_attention_qwen
+
+    model, processor = qwen35
+    images = [random_image(*size, seed=i) for i, size in enumerate(SIZES[:2])]
+    full = encode(processor, images, ["a?", "b?"])
+    block, captured = model.model.visual.blocks[-1], {}  # the default scoring block: the last one
+    hook = block.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(hidden=a[0], cu=kw["cu_seqlens"], rope=kw["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        model.model.visual(full["pixel_values"], grid_thw=full["image_grid_thw"])
+        hook.remove()
+        per_patch = received_attention_qwen(block, captured["hidden"], captured["cu"], captured["rope"])
+    tokens = per_patch.view(-1, 4).sum(dim=1)  # one score per 2x2 merge group, raster order (no window blocks)
+    sizes = (full["image_grid_thw"].prod(-1) // 4).tolist()
+    with td.apply(model, processor, td.DominantDrop(0.3)) as handle, torch.no_grad():
+        model(**encode(processor, images, ["a?", "b?"]))
+        for i, scores in enumerate(torch.split(tokens, sizes)):
+            cols = int(full["image_grid_thw"][i, 2]) // 2
+            kept = handle.selections[i][:, 1] * cols + handle.selections[i][:, 2]
+            top = torch.argsort(scores, descending=True, stable=True)[: kept.numel()].sort().values
+            assert torch.equal(kept, top), i
+
+
 def test_kept_positions_are_a_subset_of_the_stock_ones_in_order(qwen35):
     # The M-RoPE rows the patched get_rope_index gives the short prompt are the stock rows of the full
     # prompt at the kept slots: nothing renumbered, the text after the image unchanged.

@@ -9,10 +9,11 @@ What pre-LLM dropping sees is Qwen3-VL's (transformers 5.19 to 5.25, read side b
   * `get_image_features(pixel_values, image_grid_thw, **kwargs)` returns the merged rows split per
     image in `pooler_output`, as Qwen3-VL's does;
   * `get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask)`
-    is Qwen3-VL's (3-D positions of the full grid; text after an image continues at the image's start
-    + max(h, w) / merge); it differs only for videos (each frame its own grid), which pre-LLM methods
-    refuse;
-  * the processor is `Qwen3VLProcessor` with the Qwen2-VL image processor (32 px per merged token).
+    is Qwen3-VL's, line for line (3-D positions of the full grid; text after an image continues at the
+    image's start + max(h, w) / merge);
+  * the processor is `Qwen3VLProcessor` with the Qwen2-VL image processor (32 px per merged token);
+  * one difference at transformers 5.19: the model declares no image modality, so `generate()` does
+    not encode images before the prefill; `common.py`'s position hook then encodes first.
 So the family is `QwenVLStyle` with Qwen3-VL's pixel limits. Kept tokens keep their original M-RoPE
 positions; text positions after an image are unchanged; the linear-attention layers see the short
 sequence (their recurrent state runs over the kept tokens only).
