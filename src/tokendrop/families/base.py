@@ -128,11 +128,45 @@ class Shapes:
     projector: tuple[int, ...]  # (in, out) of every projector linear layer
     vision_tokens_extra: int = 1  # tokens the tower adds per tile besides the patches ([CLS])
     vision_mlp_matrices: int = 2  # vd x vm matrices of a vision MLP (SwiGLU: 3)
+    gated_attention: bool = False  # q_proj also gives an output gate: d x (2 * q_width) (Qwen3-Next, Qwen3.5)
+    layer_types: tuple[str, ...] = ()  # per LLM layer: "full_attention" / "linear_attention" (); all full
+    linear: LinearAttentionShapes | None = None  # the widths of the linear-attention layers
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether LLM layer `layer` is a linear-attention layer (no per-token keys and values)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    def attention_params(self) -> int:
+        """Parameters of a full-attention layer's projections (q with its gate, k, v, o)."""
+        return (3 if self.gated_attention else 2) * self.d * self.q_width + 2 * self.d * self.kv_width
 
     def lm_params(self) -> int:
-        """LLM parameters (embeddings and head included, norms ignored)."""
-        layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m
-        return self.depth * layer + 2 * self.vocab * self.d
+        """LLM parameters (embeddings and head included, norms, conv and gate biases ignored)."""
+        mixers = sum(self.linear.params(self.d) if self.is_linear(i) else self.attention_params() for i in range(self.depth))
+        return mixers + self.depth * 3 * self.d * self.m + 2 * self.vocab * self.d
+
+
+@dataclass(frozen=True)
+class LinearAttentionShapes:
+    """The widths of a Gated-DeltaNet linear-attention layer (Qwen3-Next, Qwen3.5): `key_heads` query /
+    key heads of `key_dim`, `value_heads` value heads of `value_dim`, a depthwise causal convolution of
+    `conv_kernel` taps over q, k and v. Each value head keeps a key_dim x value_dim state matrix."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of q, k and v (the convolution's)."""
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def params(self, d: int) -> int:
+        """in_proj_qkv, in_proj_z, in_proj_a / in_proj_b, out_proj (d wide) and the convolution."""
+        values = self.value_heads * self.value_dim
+        return d * (self.conv_width + 2 * values + 2 * self.value_heads) + self.conv_width * self.conv_kernel
 
 
 def resolve(path: str):
