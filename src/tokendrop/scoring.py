@@ -121,14 +121,17 @@ def head_norm(attention: nn.Module, name: str, states: torch.Tensor) -> torch.Te
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, H, T, hd) with tables (B, T, hd): x cos + rotate_half(x) sin.
+    """Rotary embedding of x (B, H, T, hd) with tables (B, T, r): x cos + rotate_half(x) sin on the first
+    r <= hd dimensions, the rest passed through (partial rotary: Qwen3.5 rotates a quarter of each head).
 
     The tables already hold any multimodal layout (M-RoPE sections are composed by the model's
-    rotary module), so this one formula serves Llama, Qwen2 and the Qwen-VL text models.
+    rotary module), so this one formula serves Llama, Qwen2, Qwen3.5 and the Qwen-VL text models.
     """
-    half = x.shape[-1] // 2
+    r = cos.shape[-1]
+    x, rest = x[..., :r], x[..., r:]
+    half = r // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return torch.cat([x * cos[:, None] + rotated * sin[:, None], rest], dim=-1)
 
 
 #: queries per block in `received_attention`, chosen so that a block's (H, queries, keys) fp32

@@ -27,7 +27,7 @@ STEPS = 3
 TURNS = [" and then?", " why is that so, friend?"]  # two later turns of different lengths
 
 
-@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen3-vl"])
+@pytest.fixture(scope="module", params=["llava-next", "qwen2-vl", "qwen3-vl", "qwen3.5"])
 def family(request, next_model):
     """(name, model, processor, eager copy of the language model) of one tiny family."""
     from tokendrop.registry import families
@@ -71,7 +71,8 @@ def logits_of(out, row=0):
 
 
 # ---- keep-all == stock ---------------------------------------------------------------------------
-@pytest.mark.parametrize("method", [td.FastV(k=1, drop=0.0), td.PyramidDrop(ratio=1.0)], ids=repr)
+# methods that rank with layers 1 and 3: full-attention layers of every tiny decoder, Qwen3.5's hybrid one included
+@pytest.mark.parametrize("method", [td.FastV(k=2, drop=0.0), td.PyramidDrop(layers=(1, 3), ratio=1.0)], ids=repr)
 def test_keep_all_continuation_equals_stock(family, images, method):
     name, model, processor, _ = family
     inputs = processor(images=images[:1], text=[prompt(processor, name)], return_tensors="pt")
@@ -126,7 +127,7 @@ class Reference:
         return torch.tensor(tokens), torch.stack(logits)
 
 
-@pytest.mark.parametrize("method", [td.FastV(k=1, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5)], ids=repr)
+@pytest.mark.parametrize("method", [td.FastV(k=2, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5)], ids=repr)
 def test_continuation_equals_the_no_cache_reference(family, images, method):
     name, model, processor, eager = family
     inputs = processor(images=images[:1], text=[prompt(processor, name)], return_tensors="pt")
@@ -150,7 +151,7 @@ def test_continuation_equals_the_no_cache_reference(family, images, method):
 
 
 # ---- batch == rows alone -----------------------------------------------------------------------------
-@pytest.mark.parametrize("method", [td.FastV(k=1, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5)], ids=repr)
+@pytest.mark.parametrize("method", [td.FastV(k=2, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5)], ids=repr)
 def test_left_padded_batch_of_2_equals_rows_alone(family, method):
     # prompts of different lengths (left padded) and later turns of different lengths (the shorter one
     # padded inside the sequence, at its start)
@@ -165,7 +166,11 @@ def test_left_padded_batch_of_2_equals_rows_alone(family, method):
         for row in range(2):
             single = processor(images=[images[row]], text=[texts[row]], return_tensors="pt")
             alone = converse(model, single, [new_turn(processor, TURNS[row])])
-            for out, one in zip(outs, alone):
+            if name == "qwen3.5":  # the stock model too: a padding token INSIDE the sequence (the shorter turn's)
+                outs_compared = outs[:1]  # decays a Gated-DeltaNet state (its gate does not read the mask); first call only
+            else:
+                outs_compared = outs
+            for out, one in zip(outs_compared, alone):
                 assert torch.equal(out.sequences[row, -STEPS:], one.sequences[0, -STEPS:]), row
                 torch.testing.assert_close(logits_of(out, row), logits_of(one), atol=1e-4, rtol=1e-4)
 

@@ -79,6 +79,7 @@ def reference_forward(lm, embeds, positions, image, deep, method, chosen):
     drops = dict(method.keep_counts(int(image.sum()), depth))
     visual_row = torch.cumsum(image.long(), 0) - 1  # the row of every image slot in the DeepStack features
     h, idx, previous = embeds, torch.arange(embeds.shape[1]), embeds
+    kinds = getattr(lm.config, "layer_types", None) or ["full_attention"] * depth  # Qwen3.5: linear attention too
     for i, layer in enumerate(lm.layers):
         if i in drops:
             if i not in chosen:
@@ -93,7 +94,8 @@ def reference_forward(lm, embeds, positions, image, deep, method, chosen):
             keep = ~image[idx] | torch.isin(idx, chosen[i])
             h, idx = h[:, keep], idx[keep]
         previous = h
-        h = layer(h, attention_mask=causal(h.shape[1]), position_embeddings=lm.rotary_emb(h, positions[:, :, idx]))
+        mask = None if kinds[i] == "linear_attention" else causal(h.shape[1])  # one unpadded sample: no 2-D mask
+        h = layer(h, attention_mask=mask, position_embeddings=lm.rotary_emb(h, positions[:, :, idx]))
         if deep is not None and i < len(deep):
             slots = image[idx]
             h = h.clone()

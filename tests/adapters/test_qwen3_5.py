@@ -49,7 +49,7 @@ def image_slots(model, inputs, row=0) -> int:
     return int((inputs["input_ids"][row] == model.config.image_token_id).sum())
 
 
-def test_the_tiny_model_is_hybrid_and_the_family_runs_pre_llm_only(both):
+def test_the_tiny_model_is_hybrid_and_the_hybrid_hook_runs_it(both):
     model, _ = both
     adapter = family_for(model)
     kinds = model.config.text_config.layer_types
@@ -57,7 +57,8 @@ def test_the_tiny_model_is_hybrid_and_the_family_runs_pre_llm_only(both):
     assert {"linear_attention", "full_attention"} == set(kinds)
     assert all(hasattr(layer, "linear_attn") == (kind == "linear_attention")
                for layer, kind in zip(adapter.language_model.layers, kinds))
-    assert adapter.capabilities() == {"pre_llm"}  # no [CLS], no base image, M-RoPE, no in-LLM yet
+    assert adapter.capabilities() == {"pre_llm", "in_llm"}  # no [CLS], no base image, M-RoPE
+    assert type(adapter.decoder_hook()).__name__ == "HybridDecoder"
 
 
 @pytest.mark.parametrize("method", PRE_LLM, ids=repr)
@@ -221,15 +222,68 @@ def test_remove_restores_model_and_processor_bit_for_bit(both):
         assert torch.equal(model(**again).logits, expected)
 
 
-@pytest.mark.parametrize("method", [td.FastV(), td.PyramidDrop(), td.FastV(k=1, drop=0.5)], ids=repr)
-def test_in_llm_methods_are_refused_naming_the_hybrid_decoder(both, method):
+# ---- in-LLM on the hybrid decoder (tiny: full attention at layers 1 and 3) --------------------------------
+# continuing a conversation with its cache, keep-all == stock and real drops == the no-cache reference,
+# and padded batches == rows alone: tests/adapters/test_continuation.py (its families include qwen3.5)
+IN_LLM = [td.FastV(k=2, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5), td.FastV(k=2, drop=0.75)]
+
+
+@pytest.fixture(scope="module")
+def eager35(both):
+    import copy
+
     model, processor = both
-    message = r"capability 'in_llm'.*Qwen3\.5's hybrid decoder.*not available yet"
+    eager = copy.deepcopy(model.model.language_model)
+    eager.set_attn_implementation("eager")
+    return model, processor, eager
+
+
+@pytest.mark.parametrize("method", IN_LLM, ids=repr)
+def test_in_llm_equals_the_plain_reference_loop(eager35, method):
+    """Every decode step's logits equal a no-cache loop that slices the dropped tokens out of every later
+    layer, linear-attention layers included (test_qwen.reference_generate)."""
+    model, processor, eager = eager35
+    inputs = encode(processor, [random_image(*SIZES[0])])
+    tokens, logits = qwen_reference.reference_generate(model, eager, inputs, method)
+    with td.apply(model, processor, method) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=qwen_reference.STEPS, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        assert handle.layer_tokens[0].tolist() == method.layer_counts(n, len(eager.layers))
+    assert torch.equal(out.sequences[0, inputs["input_ids"].shape[1]:], tokens)
+    torch.testing.assert_close(step_logits(out, 0), logits, atol=1e-4, rtol=1e-4)
+
+
+def test_in_llm_padded_batch_equals_the_reference_per_sample(eager35):
+    # mixed image sizes, a text-only row: after the drop the rows are left-padded again, and the
+    # linear-attention layers take the 2-D padding mask of the short sequence
+    model, processor, eager = eager35
+    method = IN_LLM[0]
+    images = [random_image(*SIZES[0], seed=0), random_image(*SIZES[2], seed=2)]
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    questions = [pad + "what is it?", "just text, no image here?", pad + "how many?"]
+    batch = processor(images=images, text=questions, return_tensors="pt", padding=True)
+    with td.apply(model, processor, method), torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=qwen_reference.STEPS, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+    for i, (image, question) in enumerate([([images[0]], questions[0]), ([], questions[1]), ([images[1]], questions[2])]):
+        single = processor(images=image or None, text=[question], return_tensors="pt")
+        tokens, logits = qwen_reference.reference_generate(model, eager, single, method)
+        assert torch.equal(out.sequences[i, batch["input_ids"].shape[1]:], tokens), i
+        torch.testing.assert_close(step_logits(out, i), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, layer, move", [(td.FastV(k=1, drop=0.5), 0, "drop before layer 2"),
+                                                 (td.PyramidDrop(), 2, "drop before layer 1, before layer 3"),
+                                                 (td.FastV(k=3, drop=0.5), 2, "drop before layer 2$")])
+def test_a_linear_attention_ranking_layer_is_refused_naming_the_nearest_full_attention_layers(both, method, layer, move):
+    model, processor = both
+    message = rf"ranks .* with layer {layer}, a linear_attention layer .* full-attention layers are .*: {move}"
     with pytest.raises(ValueError, match=message):
         td.apply(model, processor, method)
     with pytest.raises(ValueError, match=message):  # from the config alone: what the CLI checks before loading
         type(family_for(model)).config_check(model.config, method)
-    with pytest.raises(ValueError, match=message):  # with a pre-LLM method in front of it
+    with pytest.raises(ValueError, match=message):  # with a pre-LLM method in front of it: nothing patched
         td.apply(model, processor, td.SpatialDrop(0.5), method)
     assert "get_image_features" not in vars(model.model) and "replace_image_token" not in vars(processor)
 

@@ -18,9 +18,11 @@ So the family is `QwenVLStyle` with Qwen3-VL's pixel limits. Kept tokens keep th
 positions; text positions after an image are unchanged; the linear-attention layers see the short
 sequence (their recurrent state runs over the kept tokens only).
 
-In-LLM dropping is not available yet on the hybrid decoder (capability `in_llm` off): a
+In-LLM dropping runs through the hybrid decoder hook (`tokendrop.engine.decoders.HybridDecoder`): a
 Gated-DeltaNet layer cannot mask a token (it still decays the state and enters the convolution), so
-dropped tokens must be sliced out of both layer kinds, which the decoder hook does not do yet.
+dropped tokens are sliced out before the boundary and no later layer of either kind sees them; a
+method must rank with a full-attention layer (the hook refuses a linear-attention ranking layer,
+naming the nearest full-attention ones).
 
 `Qwen3_5MoeForConditionalGeneration` (`Qwen3_5MoeAdapter`) shares all of the above: its model class
 derives from Qwen3.5's (the same tower, `get_image_features` and `get_rope_index`); only its decoder's
@@ -44,14 +46,8 @@ class Qwen3_5Adapter(QwenVLStyle):
     processor_class = "Qwen3VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen3_5"
-    in_llm = False  # the hybrid decoder: see the module docstring
+    decoder = "tokendrop.engine.decoders:HybridDecoder"  # Gated-DeltaNet + full attention: see the module docstring
     default_pixels = Qwen3VLAdapter.default_pixels  # the same processor defaults (min, max)
-
-    def hint(self, missing: list[str]) -> str:
-        if "in_llm" in missing:
-            return ("; in-LLM dropping on Qwen3.5's hybrid decoder (Gated-DeltaNet linear-attention and full-attention "
-                    "layers) is not available yet: use a pre-LLM method (DominantDrop, RandomDrop, SpatialDrop)")
-        return QwenVLStyle.hint(self, missing)
 
     def shapes(self) -> Shapes:
         """Qwen-VL's widths, with the decoder's layer kinds, the full-attention layers' query gate and
