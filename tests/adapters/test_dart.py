@@ -10,6 +10,7 @@ positions, recomputing the whole sequence at every step without a cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -156,14 +157,30 @@ SETTINGS = [td.DART(), td.DART(k=1, drop=0.5, pivot_image_token=2, pivot_text_to
             td.DART(k=3, drop=0.9, pivot_image_token=3, pivot_text_token=5)]
 
 
+@contextlib.contextmanager
+def uneven_final_norm(model):
+    """The final norm's weights made uneven (a random init leaves them all 1, where normed and raw states
+    have the same cosines), restored afterwards."""
+    weight = model.model.language_model.norm.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) * 2)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 # ---- the selection ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", SETTINGS, ids=repr)
 @pytest.mark.parametrize("case", CASES)
 def test_selection_equals_the_official_algorithm(request, case, method):
     model, processor, inputs, _ = CASES[case](request)
-    kept, image = stock_selection(model, inputs, method)
-    with td.apply(model, processor, method) as handle, torch.no_grad():
-        model(**inputs)
+    with uneven_final_norm(model):
+        kept, image = stock_selection(model, inputs, method)
+        with td.apply(model, processor, method) as handle, torch.no_grad():
+            model(**inputs)
     text = (~image).nonzero().squeeze(1).tolist()
     assert kept_of(handle) == sorted(text + kept)
     assert len(kept) == len(set(kept)) == handle.layer_tokens[0, -1] == round(int(image.sum()) * (1 - method.drop))
