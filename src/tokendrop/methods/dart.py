@@ -44,8 +44,9 @@ class DART(InLLMMethod):
       - fewer text tokens after the image than `pivot_text_token` (none when the prompt ends with its
         image): the ones there are are the text pivots, and P shrinks accordingly;
       - M <= `pivot_image_token`: the top M image tokens by key norm are kept, no similarity step;
-      - no pivot at all (pivot_image_token = 0 and no text after the image): the top M image tokens
-        by key norm are kept;
+      - no pivot at all (pivot_image_token = 0 and no text pivot): the top M image tokens by key
+        norm are kept;
+      - padding is never a pivot nor a candidate; each sample chooses among its own tokens only;
       - pivots never coincide (image and text pivots are disjoint) and no image token is taken twice:
         each pivot chooses among the image tokens neither a pivot nor taken by an earlier pivot;
       - several images in a sample are one pool; "after the image" is after the last image token;
@@ -61,7 +62,8 @@ class DART(InLLMMethod):
       - Key norms from the keys before grouped-query repetition (official: after; the norms are a
         constant multiple, the ranking is the same); norms and cosines in fp32.
       - Batches with padding (official: batch 1, asserted); any image position (official: a fixed
-        start index and length from the command line); k = 0 allowed (see `k`).
+        start index and length from the command line); k = 0 allowed (see `k`); positions="renumber"
+        offered as for FastV (official: original positions only).
     """
 
     k: int = K
