@@ -214,3 +214,23 @@ def rotate_half_vision(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     """x cos + rotate_half(x) sin for (N, H, hd) vision queries / keys."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rotary_keys(layer: nn.Module, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A Llama-style decoder layer's keys after RoPE, as its attention caches them, heads concatenated (DART).
+
+    Args:
+        layer: a decoder layer with `input_layernorm` and `self_attn.k_proj` (Qwen3's `k_norm`
+            applied when present).
+        hidden_states: (B, L, D) the layer's input.
+        position_embeddings: (cos, sin), each (B or 1, L, hd): the RoPE tables of the current positions.
+    Returns:
+        (B, L, Hkv * hd) fp32, one key head after another (before any grouped-query repetition).
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden_states)  # (B, L, D)
+    B, L, _ = x.shape
+    k = head_norm(attn, "k_norm", attn.k_proj(x).view(B, L, -1, attn.head_dim)).transpose(1, 2)  # (B, Hkv, L, hd)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
+    return rotate(k, cos, sin).transpose(1, 2).reshape(B, L, -1).float()

@@ -5,6 +5,7 @@ A test imports this package with transformers blocked; `tokendrop methods` lists
 
 from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
 from tokendrop.methods.base_only import BaseOnly
+from tokendrop.methods.dart import DART
 from tokendrop.methods.dominant_drop import DominantDrop
 from tokendrop.methods.fastv import FastV
 from tokendrop.methods.fastervlm import FasterVLM
@@ -17,6 +18,7 @@ from tokendrop.methods.spatial_drop import SpatialDrop
 
 __all__ = [
     "BaseOnly",
+    "DART",
     "DominantDrop",
     "FastV",
     "FasterVLM",
