@@ -34,7 +34,7 @@ def tiny_internvl(tile: int = 56, vision_layers: int = 3, text_layers: int = 4, 
     config = InternVLConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
                            image_size=[tile, tile], patch_size=[14, 14], use_absolute_position_embeddings=True,
-                           layer_scale_init_value=1.0, attention_bias=True),
+                           layer_scale_init_value=1.0, attention_bias=True, initializer_range=0.2),
         text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
