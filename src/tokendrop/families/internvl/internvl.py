@@ -122,8 +122,11 @@ class InternVLAdapter(Family):
         images = getattr(processor, "image_processor", None)
         if images is None:
             return self.geometry
-        merged = getattr(processor, "images_kwargs", None) or {}  # InternVLProcessor tiles by default
-        crop = bool(merged.get("crop_to_patches", getattr(images, "crop_to_patches", True)))
+        crop = bool(getattr(images, "crop_to_patches", False))
+        query = getattr(processor, "_get_num_multimodal_tokens", None)
+        if query is not None and int(images.max_patches) > 1:  # InternVLProcessor's own default turns tiling on
+            tile = self.config_geometry(self.config, images).tile
+            crop = query(image_sizes=[[tile, 2 * tile]]).num_image_patches[0] > 1
         return self.config_geometry(self.config, images, crop)
 
     def stock_tokens(self, image_size=None, processor=None) -> int:

@@ -49,7 +49,7 @@ def tiny_internvl(tile: int = 56, vision_layers: int = 3, text_layers: int = 4, 
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = None
-    images = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1,
+    images = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, min_patches=1,  # the processor tiles by default
                                       max_patches=max_tiles)
     grid = tile // 14 // 2
     processor = image_only(InternVLProcessor)(image_processor=images, tokenizer=tok, video_processor=None, image_seq_length=grid * grid)
