@@ -267,3 +267,60 @@ def test_internvl_arch_processor_writes_the_counted_tokens():
     for i, size in enumerate([(448, 448), (448, 896), (1000, 300), (700, 1200)]):
         ids = processor(images=random_image(*size, seed=i), text="<IMG_CONTEXT>\nhi", return_tensors="pt")["input_ids"]
         assert cost.method_cost(model, (), size, processor=processor)["visual_tokens"] == int((ids == context).sum()), size
+
+
+def greedy(model, inputs, n=3, **settings):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                             **settings)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], out.logits[0]
+
+
+@pytest.mark.parametrize("method", [td.HiRED(0.4), td.DominantDrop(0.3), td.SpatialDrop(0.5), td.BaseOnly()], ids=repr)
+def test_padded_batch_with_a_text_only_row_equals_one_by_one(internvl, images, method):
+    model, processor = internvl
+    prompts = [PROMPTS[0], "Q: no image here, what colour? A:", PROMPTS[1], PROMPTS[2]]
+    with td.apply(model, processor, method) as handle:
+        batch = encode(processor, [images[0], images[1], images[2]], prompts)
+        tokens, logits = greedy(model, batch)
+        batch_selections = handle.selections
+        for i, prompt in enumerate(prompts):
+            image = {0: images[0], 2: images[1], 3: images[2]}.get(i)
+            single = encode(processor, [image], [prompt]) if image is not None else processor.tokenizer([prompt], return_tensors="pt")
+            alone, alone_logits = greedy(model, single)
+            assert torch.equal(alone[0], tokens[i]), i
+            torch.testing.assert_close(alone_logits[0], logits[i], atol=1e-4, rtol=1e-4)
+            if image is not None:
+                assert torch.equal(handle.selections[0], batch_selections[[0, None, 1, 2][i]])
+
+
+def test_beams_expand_each_prompts_kept_tokens(internvl, images):
+    """generate(num_beams=2) copies each prompt's kept image features to its beams (the (K, 1, D) rows are
+    split by the placeholder counts of each prompt): the batch equals each prompt alone."""
+    model, processor = internvl
+    run = dict(max_new_tokens=3, do_sample=False, num_beams=2, output_scores=True, return_dict_in_generate=True)
+    with td.apply(model, processor, td.RandomDrop(0.5)), torch.no_grad():
+        batch = model.generate(**encode(processor, images, PROMPTS), **run)
+        for i in range(len(images)):
+            alone = model.generate(**encode(processor, [images[i]], [PROMPTS[i]]), **run)
+            # the first step's scores of both beams of prompt i (rows 2i, 2i+1 of the expanded batch)
+            torch.testing.assert_close(alone.scores[0], batch.scores[0][2 * i : 2 * i + 2], atol=1e-4, rtol=1e-4)
+
+
+def test_remove_restores_model_and_processor_bit_for_bit(internvl, images):
+    model, processor = internvl
+    before = {name: set(vars(obj)) for name, obj in
+              (("model", model.model), ("processor", processor), ("images", processor.image_processor))}
+    stock_inputs = encode(processor, images, PROMPTS)
+    stock_tokens, stock_logits = greedy(model, stock_inputs)
+    handle = td.apply(model, processor, td.HiRED(0.3), td.PyramidDrop())
+    patched = encode(processor, images, PROMPTS)
+    assert patched["input_ids"].shape[1] < stock_inputs["input_ids"].shape[1]
+    handle.remove()
+    after = {name: set(vars(obj)) for name, obj in
+             (("model", model.model), ("processor", processor), ("images", processor.image_processor))}
+    assert after == before
+    again = encode(processor, images, PROMPTS)
+    assert set(again) == set(stock_inputs) and all(torch.equal(again[k], stock_inputs[k]) for k in again)
+    tokens, logits = greedy(model, again)
+    assert torch.equal(tokens, stock_tokens) and torch.equal(logits, stock_logits)
