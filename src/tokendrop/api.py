@@ -142,7 +142,7 @@ class StockCopy:
             twin = copy.deepcopy(self.obj, memo)
         finally:
             vars(self.obj)["__deepcopy__"] = own
-        for patch in self.patches:
+        for patch in reversed(self.patches):  # last patch first, as remove() does (an attribute may be patched twice)
             target = memo.get(id(patch[0]))
             if target is not None:
                 _undo(patch, target)

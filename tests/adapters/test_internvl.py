@@ -324,3 +324,18 @@ def test_remove_restores_model_and_processor_bit_for_bit(internvl, images):
     assert set(again) == set(stock_inputs) and all(torch.equal(again[k], stock_inputs[k]) for k in again)
     tokens, logits = greedy(model, again)
     assert torch.equal(tokens, stock_tokens) and torch.equal(logits, stock_logits)
+
+
+def test_copies_of_the_patched_processor(internvl, images):
+    """A deep copy is the stock processor at once (its two patches of `replace_image_token` undone last
+    first); a pickled one (a DataLoader worker) writes the method's count and the image sizes."""
+    import pickle
+
+    model, processor = internvl
+    stock = encode(processor, images[:1], PROMPTS[:1])
+    with td.apply(model, processor, td.HiRED(0.5)):
+        patched = encode(processor, images[:1], PROMPTS[:1])
+        twin, worker = copy.deepcopy(processor), pickle.loads(pickle.dumps(processor))
+        from_twin, from_worker = encode(twin, images[:1], PROMPTS[:1]), encode(worker, images[:1], PROMPTS[:1])
+    assert set(from_twin) == set(stock) and torch.equal(from_twin["input_ids"], stock["input_ids"])
+    assert torch.equal(from_worker["input_ids"], patched["input_ids"]) and "image_sizes" in from_worker

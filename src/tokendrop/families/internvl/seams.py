@@ -32,7 +32,6 @@ class ImageSizes:
 
         out = type(self.image_processor)._preprocess(self.image_processor, images, *args, **kwargs)
         if self.live.active:
-            sizes = np.array([get_image_size(image) for image in images], dtype=np.int64).reshape(-1, 2)
-            out["image_sizes"] = sizes if kwargs.get("return_tensors") is None else out.__class__(
-                {"s": sizes}, tensor_type=kwargs["return_tensors"])["s"]
+            # (M, 2) int64; the processor's BatchFeature turns it into its tensor type with the rest
+            out["image_sizes"] = np.array([get_image_size(image) for image in images], dtype=np.int64).reshape(-1, 2)
         return out
