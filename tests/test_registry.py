@@ -101,7 +101,7 @@ def test_families_are_found_by_class_and_model_type():
     assert registry.family_of(architecture="LlavaForConditionalGeneration").name == "llava"
     with pytest.raises(ValueError, match="supported: LlavaNextForConditionalGeneration"):
         registry.family_of(architecture="GPT2LMHeadModel")
-    assert registry.runs_on(td.HiRED) == ["llava-next", "llava"]
+    assert registry.runs_on(td.HiRED) == ["llava-next", "llava", "internvl"]  # the towers with a [CLS] token
     assert "llava-onevision" in registry.runs_on(td.PyramidDrop)
 
 

@@ -142,7 +142,7 @@ class StockCopy:
             twin = copy.deepcopy(self.obj, memo)
         finally:
             vars(self.obj)["__deepcopy__"] = own
-        for patch in self.patches:
+        for patch in reversed(self.patches):  # last patch first, as remove() does (an attribute may be patched twice)
             target = memo.get(id(patch[0]))
             if target is not None:
                 _undo(patch, target)
@@ -230,6 +230,8 @@ def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
     _set_attr(handle, processor, "replace_image_token", Placeholders(processor, count, handle._live))
     if hasattr(processor, "_get_num_multimodal_tokens"):  # the count serving engines (vLLM) ask for
         _set_attr(handle, processor, "_get_num_multimodal_tokens", TokenQuery(processor, count, handle._live))
+    for obj, name, value in adapter.processor_patches(processor, count, handle._live):  # the family's own
+        _set_attr(handle, obj, name, value)
     stock_copy = StockCopy(processor, [])
     _set_attr(handle, processor, "__deepcopy__", stock_copy)
     stock_copy.patches.extend(handle._patches[first:])  # the processor's own records, this one's included

@@ -28,6 +28,7 @@ FAMILIES = {
     "qwen3-vl": "tokendrop.families.qwen_vl.qwen3_vl:Qwen3VLAdapter",
     "qwen3.5": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5Adapter",
     "qwen3.5-moe": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5MoeAdapter",
+    "internvl": "tokendrop.families.internvl.internvl:InternVLAdapter",
 }
 ENTRY_POINTS = "tokendrop.families"
 

@@ -39,6 +39,7 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
     transformers seams (instance methods on a model of the family)
       P encoder_patch(method, record)           a replacement `get_image_features` keeping the selection
       O pre_llm_patches(method, record, geometry)  more seams (M-RoPE positions); default: encoder_patch
+      O processor_patches(processor, count, live)  more processor seams (placeholder text, image sizes)
       O processor_geometry(processor)           geometry with the processor's resize settings
       M stock_tokens(image_size, processor)     the stock processor's placeholder count
       O check_processor(processor), hint(missing), visual_token_ids, language_model, check(method)
@@ -340,6 +341,12 @@ class Family:
     def encoder_patch(self, method: PreLLMMethod, record):
         """A replacement `get_image_features` keeping `method`'s tokens; `record(selections)` gets the picks."""
         raise NotImplementedError
+
+    def processor_patches(self, processor, count: TokenCount, live) -> list[tuple[object, str, object]]:
+        """(object, attribute, replacement) the family sets on the processor or its parts besides the
+        placeholder count (undone by `remove()`, picklable: DataLoader workers carry them); default none.
+        `live.active` is False once the handle is removed (a copy then behaves as the stock processor)."""
+        return []
 
     def pre_llm_patches(self, method: PreLLMMethod, record, geometry):
         """(attribute -> replacement on the inner model, forward pre-hooks on it) for a pre-LLM method.

@@ -161,7 +161,7 @@ class PreLLMMethod(Method):
 
     def num_tokens(self, layout: Layout) -> int:
         """Visual tokens this method hands to the LLM for one image: known before encoding."""
-        newlines = layout.canvas_rows if (self.keep_newlines and layout.num_tiles) else 0
+        newlines = layout.canvas_rows if (self.keep_newlines and layout.num_tiles and layout.newlines) else 0
         return budget_tokens(self.budget, layout) + newlines
 
 

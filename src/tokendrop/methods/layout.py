@@ -26,12 +26,15 @@ class Layout:
             (rows*G, cols*G) tokens and the model keeps rows [top, bottom) and cols [left, right).
         grid_cols: columns of a single partition that is not square (Qwen-VL's native-resolution
             grid of `grid` rows x `grid_cols` merged tokens); 0 means square.
+        newlines: the model can pack a newline token after every canvas row (LLaVA-NeXT); False
+            for tiled models without them (InternVL), where `keep_newlines` adds nothing.
     """
 
     grid: int
     tiles: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     grid_cols: int = 0
+    newlines: bool = True
 
     def __post_init__(self):
         if self.grid_cols and self.tiles != (0, 0):
