@@ -10,11 +10,12 @@ so `tokendrop.methods` works without transformers installed.
 """
 
 from tokendrop.methods import BaseOnly, DominantDrop, FastV, HiRED, PyramidDrop, RandomDrop, SpatialDrop
+from tokendrop.methods import DivPrune, VisPruner
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseOnly", "DominantDrop", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply", "check",
-           "register_family", "register_method"]
+__all__ = ["BaseOnly", "DivPrune", "DominantDrop", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop",
+           "VisPruner", "apply", "check", "register_family", "register_method"]
 
 
 def __getattr__(name):

@@ -29,9 +29,10 @@ from importlib import metadata
 from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
 from tokendrop.methods import (BaseOnly, DominantDrop, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop,
                                SpatialDrop)
+from tokendrop.methods import DivPrune, VisPruner
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
-METHODS = (HiRED, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
+METHODS = (HiRED, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV, DivPrune, VisPruner)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 VANILLA = "none"

@@ -4,6 +4,7 @@ A test imports this package with transformers blocked; `tokendrop methods` lists
 """
 
 from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
+from tokendrop.methods.divprune import DivPrune
 from tokendrop.methods.base_only import BaseOnly
 from tokendrop.methods.dominant_drop import DominantDrop
 from tokendrop.methods.fastv import FastV
@@ -12,9 +13,11 @@ from tokendrop.methods.layout import Layout, allocate, budget_tokens, top_k_sort
 from tokendrop.methods.pyramiddrop import PyramidDrop
 from tokendrop.methods.random_drop import RandomDrop
 from tokendrop.methods.spatial_drop import SpatialDrop
+from tokendrop.methods.vispruner import VisPruner
 
 __all__ = [
     "BaseOnly",
+    "DivPrune",
     "DominantDrop",
     "FastV",
     "HiRED",
@@ -26,6 +29,7 @@ __all__ = [
     "RandomDrop",
     "Score",
     "SpatialDrop",
+    "VisPruner",
     "allocate",
     "budget_tokens",
     "official_budget_split",

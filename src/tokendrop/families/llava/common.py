@@ -14,7 +14,7 @@ from tokendrop.methods.base import PreLLMMethod
 class LlavaStyle(Family):
     """Base of the LLaVA family adapters."""
 
-    in_llm = True
+    in_llm = features = True
 
     @property
     def tower(self):
