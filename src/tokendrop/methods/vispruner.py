@@ -42,7 +42,7 @@ ROUND = 8
 
 @dataclass(frozen=True)
 class VisPruner(PreLLMMethod):
-    """VisPruner: [CLS]-important tokens plus diverse tokens thinned by even/odd similarity matching.
+    """Keep [CLS]-important tokens plus diverse tokens thinned by even/odd similarity matching.
 
     Attributes:
         budget: fraction in (0, 1] of the P*N patch tokens to keep.
