@@ -63,9 +63,10 @@ class DivPrune(PreLLMMethod):
         n = layout.patches
         # 1. the candidates in packed order, as flat indices p * N + n
         order = packed_order(layout).to(features.device)
-        # 2-5. B greedy max-min picks among them
-        picks = max_min_diversity(features.reshape(-1, features.shape[-1])[order], budget_tokens(self.budget, layout))
-        flat = order[picks]
+        # 2-5. B greedy max-min picks among them (all of them: no need to order them)
+        total = budget_tokens(self.budget, layout)
+        rows = features.reshape(-1, features.shape[-1])[order]  # (V, D)
+        flat = order if total == order.numel() else order[max_min_diversity(rows, total)]
         return [(flat[flat // n == p] % n).sort().values for p in range(layout.num_partitions)]
 
 
