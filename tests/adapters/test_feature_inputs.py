@@ -76,7 +76,8 @@ def test_qwen_merger_input_and_output_in_raster_order(name):
     inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
     tower, merge = model.model.visual, model.config.vision_config.spatial_merge_size
     with torch.no_grad():
-        stock = type(model.model).get_image_features(model.model, inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        stock = type(model.model).get_image_features(model.model, inputs["pixel_values"], inputs["image_grid_thw"])
+    stock = stock.pooler_output
     SEEN.clear()
     with td.apply(model, processor, Probe(0.5)), torch.no_grad():
         model(**processor(images=images, text=text, return_tensors="pt", padding=True))

@@ -77,13 +77,18 @@ def family(name):
 def stock_llava_rows(model, inputs) -> list[torch.Tensor]:
     """Per image, the stock model's projected rows in the order it feeds them, newlines removed."""
     base = model.model
+    pixels = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
     with torch.no_grad():
-        rows = type(base).get_image_features(base, **{k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}).pooler_output
-    rows = list(rows) if isinstance(rows, (list, tuple)) else list(rows)
+        rows = list(type(base).get_image_features(base, **pixels).pooler_output)
     newline = getattr(base, "image_newline", None)
     if newline is not None:
         rows = [r[~(r == newline).all(dim=1)] for r in rows]
     return rows
+
+
+def image_pixels(pixel_values: torch.Tensor, i: int, layout) -> torch.Tensor:
+    """(P, 3, S, S) the tiles of image i (LLaVA-NeXT pads the tile dimension; LLaVA-1.5 has one)."""
+    return pixel_values[i][: layout.num_partitions] if pixel_values.dim() == 5 else pixel_values[i : i + 1]
 
 
 def picked_rows(model, selections, pixel_values_of_image) -> torch.Tensor:
@@ -116,8 +121,8 @@ def test_llava_keeps_the_reference_picks_and_feeds_their_rows(fixture, request):
         k = budget_tokens(0.25, layout)
         assert selections[i].shape[0] == k == int((short["input_ids"][i] == model.config.image_token_id).sum())
         reference = reference_divprune(expected_rows[i], k)  # indices into the stock packed rows
-        pixels = stock["pixel_values"][i][: layout.num_partitions] if stock["pixel_values"].dim() == 5 else stock["pixel_values"][i : i + 1]
-        torch.testing.assert_close(picked_rows(model, selections[i], pixels), expected_rows[i][reference], atol=1e-5, rtol=1e-5)
+        ours = picked_rows(model, selections[i], image_pixels(stock["pixel_values"], i, layout))
+        torch.testing.assert_close(ours, expected_rows[i][reference], atol=1e-5, rtol=1e-5)
         embeds[i, short["input_ids"][i] == model.config.image_token_id] = expected_rows[i][reference]
     with torch.no_grad():  # the stock model fed the reference rows
         expected = model(inputs_embeds=embeds, attention_mask=short["attention_mask"]).logits[:, -1]

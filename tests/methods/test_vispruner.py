@@ -65,6 +65,11 @@ def test_any_parity_keeps_exactly_the_count(count, ratio):
 
 
 # ---- tiny models -----------------------------------------------------------------------------------
+def image_pixels(pixel_values: torch.Tensor, i: int, layout) -> torch.Tensor:
+    """(P, 3, S, S) the tiles of image i (LLaVA-NeXT pads the tile dimension; LLaVA-1.5 has one)."""
+    return pixel_values[i][: layout.num_partitions] if pixel_values.dim() == 5 else pixel_values[i : i + 1]
+
+
 def eager_inputs(model, pixels):
     """(cls (T, N) mean over heads, features (T, N, Dv)) of the feature block, from an eager copy of the tower."""
     eager = copy.deepcopy(model.model.vision_tower)
@@ -90,8 +95,7 @@ def test_llava_keeps_the_official_loops_tokens(fixture, request):
     embeds = model.get_input_embeddings()(short["input_ids"])
     for i, image in enumerate(images):
         layout = adapter.layout((image.height, image.width))
-        pixels = short["pixel_values"][i][: layout.num_partitions] if short["pixel_values"].dim() == 5 else short["pixel_values"][i : i + 1]
-        cls, features = eager_inputs(model, pixels)
+        cls, features = eager_inputs(model, image_pixels(short["pixel_values"], i, layout))
         valid, grid = layout.valid(), layout.grid
         counts = allocate(budget_tokens(0.3, layout), [1.0] * layout.num_partitions, layout.valid_counts())
         part, row, col = selections[i].unbind(1)
@@ -127,5 +131,6 @@ def test_qwen_has_no_cls_token_and_is_refused_by_name():
 
     qwen = next(f for f in families() if f.name == "qwen2.5-vl")
     model, processor = resolve(qwen.tiny)()
-    with pytest.raises(ValueError, match=r"VisPruner needs a vision tower with a \[CLS\] token \(capability 'cls_token'\)"):
+    need = r"VisPruner needs a vision tower with a \[CLS\] token \(capability 'cls_token'\)"
+    with pytest.raises(ValueError, match=need):
         td.apply(model, processor, td.VisPruner(0.3))
