@@ -9,13 +9,13 @@ The method configs import only torch; `apply` (which needs transformers) is impo
 so `tokendrop.methods` works without transformers installed.
 """
 
-from tokendrop.methods import (DART, BaseOnly, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, PyramidDrop, RandomDrop,
-                               SpatialDrop)
+from tokendrop.methods import (DART, BaseOnly, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, PyramidDrop,
+                               RandomDrop, SpatialDrop, VisPruner)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseOnly", "DART", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED", "PyramidDrop",
-           "RandomDrop", "SpatialDrop", "apply", "check", "register_family", "register_method"]
+__all__ = ["BaseOnly", "DART", "DivPrune", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED",
+           "PyramidDrop", "RandomDrop", "SpatialDrop", "VisPruner", "apply", "check", "register_family", "register_method"]
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokendrop.methods import Layout, budget_tokens
-from tokendrop.methods.base import POSITION_RULES
+from tokendrop.methods.base import FEATURE_KINDS, POSITION_RULES
 from tokendrop.registry import method_class, method_names
 
 PRE = [n for n in method_names() if method_class(n).stage == "pre"]
@@ -29,8 +29,11 @@ def build(name: str, budget: float):
 
 
 def scores(method, layout: Layout, seed: int = 0) -> dict:
+    """Random inputs of every kind the method reads: (P, N) scores in [0, 1), (P, N, 8) features."""
     gen = torch.Generator().manual_seed(seed)
-    return {key: torch.rand(layout.num_partitions, layout.patches, generator=gen) for key in method.scores()}
+    shape = (layout.num_partitions, layout.patches)
+    return {key: torch.randn(*shape, 8, generator=gen) if score.kind in FEATURE_KINDS else torch.rand(*shape, generator=gen)
+            for key, score in method.scores().items()}
 
 
 def test_every_method_is_a_frozen_dataclass_with_a_unique_name():

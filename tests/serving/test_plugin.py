@@ -28,8 +28,11 @@ METHODS = {
     "spatial": td.SpatialDrop(0.3),
     "base-only": td.BaseOnly(),
     "hired-newlines": td.HiRED(0.25, keep_newlines=True),
+    "divprune": td.DivPrune(0.3),
+    "vispruner": td.VisPruner(0.3, important_ratio=0.4),
 }
-CONFIGURATIONS = [("next", name) for name in METHODS] + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial")]
+CONFIGURATIONS = [("next", name) for name in METHODS] + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial"),
+                                                         ("llava", "divprune"), ("llava", "vispruner")]
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGE_SIZES)]
 
 

@@ -25,7 +25,7 @@ SIZES = [(200, 300), (300, 130), (112, 112)]
 #: the first image twice: a second request with the same image reuses the first one's choice
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)] + [random_image(*SIZES[0], seed=0)]
 METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4), "dominant": td.DominantDrop(0.3),
-           "dominant-block-1": td.DominantDrop(0.3, layer=1)}
+           "dominant-block-1": td.DominantDrop(0.3, layer=1), "divprune": td.DivPrune(0.3)}
 
 
 def transformers_path(model, processor, method, images, steps=2):

@@ -13,6 +13,8 @@ on it; `apply()` checks every method's `requires()` against them and names what 
     renumber     1-D rotary positions that may be renumbered       positions="renumber"
                  (M-RoPE families keep each token's 3-D position)
     base_image   a downscaled whole image among the partitions    BaseOnly
+    features     per-token vision features before and after the   DivPrune, VisPruner
+                 projector (`methods.base.Score`'s feature kinds)
 
 A family is a `Family` subclass in its lineage's folder (`tokendrop.families.<lineage>/`), listed
 once in the table (`tokendrop.families.FAMILIES`) or registered (`register_family`, or the
@@ -25,7 +27,7 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       M tiny                                    "module:function": a tiny random (model, processor) for tests
       O tokenizer                               "module:function": its tiny tokenizer (default: LLaVA tokens)
       O vllm                                    "module:Class" of its vLLM model class ("": not served)
-      M pre_llm, cls_token, base_image,         capability flags (table above)
+      M pre_llm, cls_token, base_image,         capability flags (table above; features optional)
         positions ("rope" / "mrope")
       O decoder                                 "module:Class" of its decoder hook (`tokendrop.engine.decoders`):
                                                 grants `in_llm`; "" (default): in-LLM methods are refused
@@ -78,6 +80,7 @@ CAPABILITIES = {
     "in_llm": "a decoder the in-LLM loop can run (in-LLM dropping)",
     "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
     "base_image": "a downscaled whole image among the partitions",
+    "features": "per-token vision features before and after the projector (Score kinds 'features', 'projected')",
 }
 
 
@@ -195,6 +198,7 @@ class Family:
     cls_token: ClassVar[bool] = False
     positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
     base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
+    features: ClassVar[bool] = False  # per-token features before / after the projector (DivPrune, VisPruner)
 
     geometry = None  # image size -> Layout (pre_llm families)
 
@@ -208,7 +212,7 @@ class Family:
     def family_capabilities(cls) -> set[str]:
         """What every model of the family can do."""
         flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": bool(cls.decoder),
-                 "renumber": cls.positions == "rope", "base_image": cls.base_image}
+                 "renumber": cls.positions == "rope", "base_image": cls.base_image, "features": cls.features}
         return {name for name, on in flags.items() if on}
 
     @classmethod

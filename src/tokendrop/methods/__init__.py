@@ -6,6 +6,7 @@ A test imports this package with transformers blocked; `tokendrop methods` lists
 from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
 from tokendrop.methods.base_only import BaseOnly
 from tokendrop.methods.dart import DART
+from tokendrop.methods.divprune import DivPrune
 from tokendrop.methods.dominant_drop import DominantDrop
 from tokendrop.methods.fastv import FastV
 from tokendrop.methods.fastervlm import FasterVLM
@@ -15,10 +16,12 @@ from tokendrop.methods.layout import Layout, allocate, budget_tokens, top_k_sort
 from tokendrop.methods.pyramiddrop import PyramidDrop
 from tokendrop.methods.random_drop import RandomDrop
 from tokendrop.methods.spatial_drop import SpatialDrop
+from tokendrop.methods.vispruner import VisPruner
 
 __all__ = [
     "BaseOnly",
     "DART",
+    "DivPrune",
     "DominantDrop",
     "FastV",
     "FasterVLM",
@@ -32,6 +35,7 @@ __all__ = [
     "RandomDrop",
     "Score",
     "SpatialDrop",
+    "VisPruner",
     "allocate",
     "budget_tokens",
     "official_budget_split",

@@ -10,8 +10,12 @@ Pre-LLM methods (`PreLLMMethod`) choose among an image's vision tokens before th
                processor writes exactly that many placeholders.
     which      `select(layout, scores)`: sorted kept indices per partition, exactly `num_tokens`
                in all (without newlines), ties broken by the lower index.
-    reads      `scores()`: name -> `Score(kind, layer)`, per-token scores the adapter computes from
-               the vision tower's own projections ("cls": the [CLS] row, summed over heads).
+    reads      `scores()`: name -> `Score(kind, layer)`, per-token inputs the adapter computes from
+               the vision tower: scores, (P, N) fp32, from the tower's own projections ("cls": the
+               [CLS] row summed over heads; "received": the attention each token receives), or
+               features, (P, N, width) fp32 ("features": the feature block's output before the
+               projector; "projected": the LLM-space rows after it). `Score` lists what a family
+               computes for each kind; `select` gets them by name.
 In-LLM methods (`InLLMMethod`) drop image tokens between the language model's layers:
     where      `boundaries(depth)`: layers before which image tokens are dropped.
     how many   `keep_counts(n, depth)`: (boundary, image tokens kept from it on), from the
@@ -102,15 +106,38 @@ class Method:
         raise NotImplementedError
 
 
+#: input kinds that are per-token feature vectors, (P, N, width), rather than (P, N) scores
+FEATURE_KINDS = ("features", "projected")
+
+
 @dataclass(frozen=True)
 class Score:
-    """A per-token score a pre-LLM method reads, computed by the adapter from the vision tower.
+    """A per-token input a pre-LLM method reads, computed by the adapter from the vision tower.
+
+    Every kind is one fp32 tensor per image with one row per partition (P) and one entry per patch
+    token (N, raster order of the partition's grid; on Qwen-VL one token per merged 2x2 group):
+        "cls"        (P, N) the [CLS] query's softmax row over the patches, summed over heads
+                     (towers with a [CLS] token: capability "cls_token").
+        "received"   (P, N) the attention each token receives, averaged over heads and over the
+                     queries of its partition (Qwen-VL: summed over the 2x2 group's patches).
+        "features"   (P, N, Dv) the feature block's output (the hidden states the stock model
+                     projects: `vision_feature_layer`, [CLS] dropped), before the projector.
+                     Qwen-VL: (1, N, 4 * Dv) the merger's input, each 2x2 group's four patch
+                     states concatenated in the merger's order (before its norm).
+        "projected"  (P, N, D) the projector's output for every token: the rows the stock model
+                     hands the LLM. LLaVA-NeXT / OneVision: the projector (a per-token MLP) run on
+                     every tile, padding tokens included (they are never candidates: `Layout.valid`).
+                     Qwen-VL: the merger's output, raster order.
+    The feature kinds need the family capability "features". A family provides them by computing
+    them in its `get_image_features` seam (transformers) and its vLLM model class, from the same
+    tower pass that the stock model runs, and by answering them in `config_score_blocks`
+    ((kind, the feature block)); a family that cannot leaves the capability off, and methods that
+    read them are refused by name.
 
     Attributes:
-        kind: "cls", the [CLS] query's attention over the patches, summed over heads; "received",
-            the attention each patch receives, averaged over heads and queries.
+        kind: one of the kinds above.
         layer: encoder block index (negative counts from the end); None: the block whose output
-            the LLM receives (`vision_feature_layer`).
+            the LLM receives (`vision_feature_layer`). Feature kinds are always that block's (None).
         clamp: a block past the tower's last one reads the last one instead of being refused (a
             method whose official default layer is absolute and deeper than small towers: HiPrune).
     """
@@ -118,6 +145,11 @@ class Score:
     kind: str
     layer: int | None = None
     clamp: bool = False
+
+    def __post_init__(self):
+        if self.kind in FEATURE_KINDS and self.layer is not None:
+            raise ValueError(f"a {self.kind!r} input comes from the feature block only: its layer must be None, "
+                             f"got {self.layer!r}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +173,9 @@ class PreLLMMethod(Method):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
 
     def requires(self) -> set[str]:
-        return {"pre_llm"} | {"cls_token" for score in self.scores().values() if score.kind == "cls"}
+        kinds = {score.kind for score in self.scores().values()}
+        return {"pre_llm"} | ({"cls_token"} if "cls" in kinds else set()) | (
+            {"features"} if kinds & set(FEATURE_KINDS) else set())
 
     def scores(self) -> dict[str, Score]:
         """The scores `select` reads, by name (none for score-free methods)."""
@@ -155,7 +189,8 @@ class PreLLMMethod(Method):
         """Sorted kept indices (into N) for every partition, `counts` of them.
 
         Args:
-            scores: name -> (P, N) fp32 tensor, one row per partition, for every name in `scores()`.
+            scores: name -> fp32 tensor, one row per partition, for every name in `scores()`:
+                (P, N) for scores, (P, N, width) for the feature kinds (`Score`).
         """
         raise NotImplementedError
 

@@ -59,8 +59,33 @@ def received_scores(qkv: torch.Tensor, attention) -> torch.Tensor:
     return received.view(T, L)[:, 1:]
 
 
-#: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here
+#: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here (the feature kinds: `feature_inputs`)
 SCORERS = {"cls": cls_scores, "received": received_scores}
+
+
+def feature_inputs(blocks: dict, features: torch.Tensor, projector) -> dict[str, torch.Tensor]:
+    """The feature kinds among `blocks` (name -> (kind, block)) from the tower's output, as the transformers
+    path gives them: "features" (T, N, Dv) fp32, "projected" (T, N, D) fp32 (vLLM's projector on every tile)."""
+    inputs = {}
+    for name, (kind, _) in blocks.items():
+        if kind == "features":
+            inputs[name] = features.float()
+        elif kind == "projected":
+            with torch.no_grad():
+                inputs[name] = projector(features).float()
+    return inputs
+
+
+@contextlib.contextmanager
+def record_merger_input(merger, wanted: bool):
+    """Qwen2.5-VL: keep the input of vLLM's patch merger ((patches, 1, Dv), window order) when `wanted`."""
+    kept = {}
+    hook = merger.register_forward_pre_hook(lambda module, args: kept.update(input=args[0])) if wanted else None
+    try:
+        yield kept
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 @contextlib.contextmanager
@@ -101,3 +126,18 @@ def qwen_received_scores(recorded: dict, attention, merge_unit: int, reverse_ind
     patches = received_attention(q, k, scale, list(zip(bounds[:-1], bounds[1:])))  # (N,) window order
     tokens = patches.view(-1, merge_unit).sum(dim=1)[reverse_indices.to(patches.device)]  # raster order
     return list(torch.split(tokens, sizes))
+
+
+def qwen_feature_inputs(blocks: dict, recorded: dict, embeddings, merge_unit: int, reverse_indices: torch.Tensor,
+                        sizes: list[int]) -> dict[str, list[torch.Tensor]]:
+    """The feature kinds among `blocks`, per image in raster order, as the transformers path gives them:
+    "features" (N_i, merge_unit * Dv) fp32, the merger's input grouped; "projected" (N_i, D) fp32, its output."""
+    inputs = {}
+    for name, (kind, _) in blocks.items():
+        if kind == "features":
+            hidden = recorded["input"].detach().float()
+            groups = hidden.reshape(-1, merge_unit * hidden.shape[-1])[reverse_indices.to(hidden.device)]
+            inputs[name] = list(torch.split(groups, sizes))
+        elif kind == "projected":
+            inputs[name] = [rows.detach().float() for rows in embeddings]
+    return inputs

@@ -15,6 +15,7 @@ class LlavaStyle(Family):
     """Base of the LLaVA family adapters."""
 
     decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Llama / Mistral / Qwen2 language models
+    features = True
 
     @property
     def tower(self):

@@ -60,7 +60,8 @@ class LlavaAdapter(LlavaStyle):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
             outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
-                                                 cls=self.config.vision_feature_select_strategy == "default")
+                                                 cls=self.config.vision_feature_select_strategy == "default",
+                                                 projector=self.base.multi_modal_projector)
             packed, selections = [], []
             for i in range(features.shape[0]):
                 keep = method.select(layout, {name: row[i : i + 1] for name, row in rows.items()})[0]

@@ -106,7 +106,8 @@ class LlavaNextAdapter(LlavaStyle):
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
             blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
             outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
-                                                 cls=self.config.vision_feature_select_strategy == "default")
+                                                 cls=self.config.vision_feature_select_strategy == "default",
+                                                 projector=self.base.multi_modal_projector)
             packed, selections, start = [], [], 0
             for lay in layouts:
                 part = slice(start, start + lay.num_partitions)

