@@ -16,8 +16,8 @@ RELEASE = compat._release(transformers.__version__)
 
 
 def language_model_classes():
-    """Every decoder class the in-LLM loop replaces: each registered family's (from its tiny model),
-    and the Llama-family decoders LLaVA checkpoints ship with."""
+    """Every decoder class the in-LLM loop replaces: each registered family's that drops in the LLM
+    (from its tiny model), and the Llama-family decoders LLaVA checkpoints ship with."""
     from transformers import LlamaModel, MistralModel, Qwen2Model
 
     from tokendrop.families.base import resolve
@@ -25,6 +25,8 @@ def language_model_classes():
 
     classes = [LlamaModel, MistralModel, Qwen2Model]
     for family in families():
+        if "in_llm" not in family.family_capabilities():  # its decoder is never replaced
+            continue
         model, _ = resolve(family.tiny)()
         classes.append(type(family_for(model).language_model))
     return list(dict.fromkeys(classes))

@@ -49,9 +49,44 @@ def _twin(name: str) -> type:
 
         stock = getattr(transformers, name)
         # the stock name: save_pretrained writes it into processor_config.json for AutoProcessor to read
-        _TWINS[name] = type(name, (ImageOnly, stock), {"__module__": __name__, "__qualname__": name,
-                                                       "__doc__": f"{name} without its video processor."})
+        _TWINS[name] = type(name, (ImageOnly, stock, _without_video_keyword()),
+                            {"__module__": __name__, "__qualname__": name, "__init__": _init_without_video(stock),
+                             "__doc__": f"{name} without its video processor."})
     return _TWINS[name]
+
+
+def _init_without_video(stock: type):
+    """The stock __init__ (and its signature, from which transformers reads the sub-processors) with
+    `video_processor=None` when the caller gives none: Gemma 4's requires it, from_pretrained too."""
+    import inspect
+
+    signature = inspect.signature(stock.__init__)
+    names = list(signature.parameters)[1:]  # without self
+
+    def __init__(self, *args, **kwargs):
+        if "video_processor" in names and len(args) <= names.index("video_processor"):
+            kwargs.setdefault("video_processor", None)
+        stock.__init__(self, *args, **kwargs)
+
+    __init__.__signature__ = signature
+    return __init__
+
+
+def _without_video_keyword() -> type:
+    """A `ProcessorMixin` that drops a `video_processor=None` keyword: placed after the stock class in a
+    twin's bases, it catches the stock __init__'s own `super().__init__(..., video_processor=...)`
+    (Gemma 4's passes it by keyword; positional ones beyond the attributes are dropped by the mixin)."""
+    if "_NoVideoKeyword" not in _TWINS:
+        from transformers.processing_utils import ProcessorMixin
+
+        class _NoVideoKeyword(ProcessorMixin):
+            def __init__(self, *args, **kwargs):
+                if kwargs.pop("video_processor", None) is not None:
+                    raise TypeError("an image-only processor takes no video processor")
+                super().__init__(*args, **kwargs)
+
+        _TWINS["_NoVideoKeyword"] = _NoVideoKeyword
+    return _TWINS["_NoVideoKeyword"]
 
 
 def __getattr__(name: str):

@@ -30,7 +30,8 @@ def tiny(request):
 
 def inputs(processor, images):
     prompts = [format_prompt(processor, "what is it?") for _ in images]
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # one image per prompt, nested: Gemma 4's processor reads a flat list as ONE prompt's images
+    return processor(images=[[image] for image in images], text=prompts, return_tensors="pt", padding=True)
 
 
 def test_declaration_is_complete(tiny):
