@@ -23,7 +23,10 @@ SIZES = [(150, 300), (224, 224)]
 @pytest.fixture(scope="module", params=families(), ids=lambda f: f.name)
 def tiny(request):
     family = request.param
-    model, processor = resolve(family.tiny)()
+    try:
+        model, processor = resolve(family.tiny)()
+    except ImportError as err:  # a family this transformers cannot import (Gemma 4 below 5.25 without torchvision)
+        pytest.skip(f"{family.name}: {err}")
     processor.tokenizer.padding_side = "left"
     return family, model, processor
 
