@@ -23,6 +23,11 @@ class ImageOnly:
     video_processor = None
 
     @classmethod
+    def from_dict(cls, processor_dict: dict, **kwargs):
+        """from_pretrained's last step: a stock __init__ that requires its video processor (Gemma 4's) gets None."""
+        return super().from_dict({**processor_dict, "video_processor": None}, **kwargs)
+
+    @classmethod
     def get_attributes(cls) -> list[str]:
         """The stock sub-processors except the video processor (what __init__ takes, save and load write)."""
         return [name for name in super().get_attributes() if "video" not in name]
@@ -50,26 +55,9 @@ def _twin(name: str) -> type:
         stock = getattr(transformers, name)
         # the stock name: save_pretrained writes it into processor_config.json for AutoProcessor to read
         _TWINS[name] = type(name, (ImageOnly, stock, _without_video_keyword()),
-                            {"__module__": __name__, "__qualname__": name, "__init__": _init_without_video(stock),
+                            {"__module__": __name__, "__qualname__": name,
                              "__doc__": f"{name} without its video processor."})
     return _TWINS[name]
-
-
-def _init_without_video(stock: type):
-    """The stock __init__ (and its signature, from which transformers reads the sub-processors) with
-    `video_processor=None` when the caller gives none: Gemma 4's requires it, from_pretrained too."""
-    import inspect
-
-    signature = inspect.signature(stock.__init__)
-    names = list(signature.parameters)[1:]  # without self
-
-    def __init__(self, *args, **kwargs):
-        if "video_processor" in names and len(args) <= names.index("video_processor"):
-            kwargs.setdefault("video_processor", None)
-        stock.__init__(self, *args, **kwargs)
-
-    __init__.__signature__ = signature
-    return __init__
 
 
 def _without_video_keyword() -> type:

@@ -25,7 +25,7 @@ def tiny(request):
     family = request.param
     try:
         model, processor = resolve(family.tiny)()
-    except ImportError as err:  # a family this transformers cannot import (Gemma 4 below 5.25 without torchvision)
+    except ImportError as err:  # a family this transformers cannot import (Gemma 4 below 5.21 without torchvision)
         pytest.skip(f"{family.name}: {err}")
     processor.tokenizer.padding_side = "left"
     return family, model, processor

@@ -65,8 +65,8 @@ def processor_class() -> type:
     """The image-only twin of transformers' Gemma 4 processor (its video processor needs torchvision).
 
     Raises:
-        ImportError: this transformers cannot import the processor without torchvision (before 5.25
-            its module imports the torchvision image processor); the message says what to install.
+        ImportError: this transformers cannot import the processor without torchvision (its module
+            imports the torchvision image processor before 5.21); the message says what to install.
     """
     import transformers
 
@@ -76,7 +76,7 @@ def processor_class() -> type:
         stock = transformers.Gemma4Processor
     except ImportError as err:
         raise ImportError(f"Gemma 4 needs transformers' Gemma4Processor, which transformers {transformers.__version__} "
-                          "cannot import without torchvision (pip install torchvision, or transformers>=5.25)") from err
+                          "cannot import without torchvision (pip install torchvision, or transformers>=5.21)") from err
     return image_only(stock)
 
 
@@ -203,7 +203,8 @@ class Gemma4Adapter(Family):
         from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
         return processor_class()(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor,
-                                 tokenizer=tokenizer, chat_template=chat_template or GEMMA4_CHAT_TEMPLATE, **settings)
+                                 tokenizer=tokenizer, video_processor=None,
+                                 chat_template=chat_template or GEMMA4_CHAT_TEMPLATE, **settings)
 
     @classmethod
     def bind_tokenizer(cls, config, tokenizer) -> None:

@@ -27,8 +27,8 @@ def tiny_gemma4(text_layers: int = 4, seed: int = 0, soft_tokens: int = TINY_SOF
     image is at most `soft_tokens` LLM tokens), layers alternating sliding (window 16) and full attention.
 
     Raises:
-        ImportError: transformers' Gemma 4 processor cannot be imported here (transformers < 5.25
-            imports torchvision for it; see `tokendrop.families.gemma4.gemma4.Gemma4Adapter`).
+        ImportError: transformers' Gemma 4 processor cannot be imported here (transformers < 5.21
+            imports torchvision for it: `tokendrop.families.gemma4.gemma4.processor_class`).
     """
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
