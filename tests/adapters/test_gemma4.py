@@ -161,6 +161,18 @@ def test_padded_batch_with_mixed_sizes_and_a_text_only_row_equals_one_by_one(gem
                 torch.testing.assert_close(a[i], b[0], atol=1e-4, rtol=1e-4)
 
 
+def test_generate_without_cache_equals_the_cached_run(gemma):
+    """Without a cache every step runs the whole prompt again: the encoder's choice is the same one."""
+    model, processor = gemma
+    images = [random_image(150, 300, seed=10), random_image(224, 224, seed=11)]
+    run = dict(max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with td.apply(model, processor, td.DominantDrop(0.3)), torch.no_grad():
+        batch = encode(processor, images)
+        cached, uncached = model.generate(**batch, **run), model.generate(**batch, use_cache=False, **run)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
 def test_remove_restores_model_and_processor_bit_for_bit(gemma):
     model, processor = gemma
     images = [random_image(150, 300, seed=7)]
