@@ -31,7 +31,8 @@ def test_registry_builds_every_name():
     assert isinstance(build_methods("spatial", budget=0.3)[0], td.SpatialDrop)
     assert needs_budget("spatial+fastv") and not needs_budget("pdrop") and not needs_budget("base-only")
     assert build_methods("base-only+pdrop") == (td.BaseOnly(), td.PyramidDrop())
-    assert {VANILLA, *method_names()} == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv", "dominant"}
+    assert {VANILLA, *method_names()} == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv", "dominant",
+                                          "fastervlm", "hiprune"}
 
 
 @pytest.mark.parametrize("name, kwargs, message", [

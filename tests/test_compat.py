@@ -16,32 +16,32 @@ RELEASE = compat._release(transformers.__version__)
 
 
 def language_model_classes():
-    """Every decoder class the in-LLM loop replaces: each registered family's that drops in the LLM
-    (from its tiny model), and the Llama-family decoders LLaVA checkpoints ship with."""
+    """Every decoder class the in-LLM loop replaces, with the keywords its family's decoder hook takes:
+    each registered family that runs in-LLM methods (from its tiny model), and the Llama-family
+    decoders LLaVA checkpoints ship with."""
     from transformers import LlamaModel, MistralModel, Qwen2Model
 
     from tokendrop.families.base import resolve
     from tokendrop.registry import families, family_for
 
-    classes = [LlamaModel, MistralModel, Qwen2Model]
+    classes = {LlamaModel: (), MistralModel: (), Qwen2Model: ()}
     for family in families():
-        if "in_llm" not in family.family_capabilities():  # its decoder is never replaced
-            continue
-        model, _ = resolve(family.tiny)()
-        classes.append(type(family_for(model).language_model))
-    return list(dict.fromkeys(classes))
+        if "in_llm" in family.family_capabilities():
+            adapter = family_for(resolve(family.tiny)()[0])
+            classes[type(adapter.language_model)] = resolve(family.decoder).keywords
+    return list(classes.items())
 
 
-@pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
-def test_replacement_forward_accepts_every_keyword_of_the_stock_forward(cls):
+@pytest.mark.parametrize("cls, keywords", language_model_classes(), ids=lambda c: getattr(c, "__name__", ""))
+def test_replacement_forward_accepts_every_keyword_of_the_stock_forward(cls, keywords):
     stock = inspect.signature(cls.forward).parameters
-    ours = inspect.signature(LLMDropper.forward).parameters
+    ours = {*inspect.signature(LLMDropper.forward).parameters, *keywords}  # the hook takes its own keywords
     named = [n for n, p in stock.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    assert set(named) <= set(ours), f"{cls.__name__}.forward takes {set(named) - set(ours)} that LLMDropper.forward does not"
-    compat.check_signature(cls.forward, LLMDropper.forward)
+    assert set(named) <= ours, f"{cls.__name__}.forward takes {set(named) - ours} that LLMDropper.forward does not"
+    compat.check_signature(cls.forward, LLMDropper.forward, known=keywords)
 
 
-@pytest.mark.parametrize("cls", language_model_classes(), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [cls for cls, _ in language_model_classes()], ids=lambda c: c.__name__)
 def test_cache_keyword_is_the_installed_releases(cls):
     import sys
 

@@ -173,7 +173,7 @@ def test_cost_cli_bad_arguments_exit_2(capsys, argv, message):
     assert len(captured.err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b"])
+@pytest.mark.parametrize("arch", ["qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3.5-9b"])
 def test_qwen_archs_count_what_their_image_processor_writes(arch):
     from sample_inputs import random_image
 
@@ -191,3 +191,68 @@ def test_qwen_archs_count_what_their_image_processor_writes(arch):
         assert kept["kv_cache_bytes"] < stock["kv_cache_bytes"] / 2  # 20% of the image tokens, plus the text
     shapes = family_for(model).shapes()
     assert shapes.vision_tokens_extra == 0 and shapes.depth == spec["model"]["text_config"]["num_hidden_layers"]
+
+
+# ---- hybrid decoders: Gated-DeltaNet linear-attention layers beside full-attention layers ----------------
+def hybrid_shapes():
+    """One linear-attention layer, then one gated full-attention layer (hand-sized widths)."""
+    linear = cost.LinearAttentionShapes(key_heads=1, key_dim=2, value_heads=2, value_dim=3, conv_kernel=4)
+    return cost.Shapes(d=8, m=16, depth=2, q_width=8, kv_width=4, vocab=10, vd=4, vm=8, vision_depth=1, patch_inputs=3,
+                       projector=(4, 8), gated_attention=True, layer_types=("linear_attention", "full_attention"),
+                       linear=linear)
+
+
+def test_hybrid_prefill_decode_and_kv_by_hand():
+    shapes = hybrid_shapes()
+    # linear layer per token: q/k/v 8 * (2*1*2 + 2*3) = 80, gate z 8*6 = 48, a and b 2*8*2 = 32, out 6*8 = 48,
+    # convolution 10 channels * 4 taps = 40, state read / write / query 3 * 2 heads * 2*3 = 36 -> 284
+    # full layer per token: q with its gate 2*8*8 = 128, k and v 2*8*4 = 64, o 8*8 = 64 -> 256
+    L = 5  # causal attention 15 pairs * 2 * 8 = 240; MLP 3*5*8*16 = 1920 per layer; head 8*10 = 80
+    assert cost.prefill_flops(shapes, [L, L]) == 2 * (5 * 284 + 1920 + 5 * 256 + 240 + 1920 + 80)
+    # decode: MLPs 2 * 3*8*16, head 80, one recurrence step 284, the full layer 256 + (5 + 1) * 2 * 8
+    assert cost.decode_flops(shapes, [L, L]) == 2 * (2 * 384 + 80 + 284 + 256 + 96)
+    assert cost.kv_bytes_per_layer(shapes, [L, L], 2) == [0, 2 * 4 * 5 * 2]  # no per-token KV in the linear layer
+    assert cost.recurrent_state_bytes(shapes, 2) == (2 * 2 * 3 + 10 * 4) * 2  # state matrices + convolution window
+    # LLM parameters: linear 248 weights (all but the state products), full 256, MLPs 2 * 384, embeddings and head 160
+    assert shapes.lm_params() == 248 + 256 + 2 * 384 + 160
+
+
+def test_a_decoder_without_linear_layers_is_counted_as_before():
+    plain = cost.Shapes(d=8, m=16, depth=2, q_width=8, kv_width=4, vocab=10, vd=4, vm=8, vision_depth=1, patch_inputs=3,
+                        projector=(4, 8))
+    assert cost.prefill_flops(plain, [5, 5]) == 2 * (2 * (5 * 192 + 240 + 1920) + 80)
+    assert cost.kv_bytes_per_layer(plain, [5, 5], 2) == [80, 80] and cost.recurrent_state_bytes(plain, 2) == 0
+
+
+def test_hybrid_shapes_count_the_tiny_models_weights():
+    # LLM parameters from the shapes == the tiny Qwen3.5's own weights (norms, A_log and dt_bias aside)
+    from tokendrop.families.qwen_vl.tiny import tiny_qwen3_5
+
+    model, _ = tiny_qwen3_5()
+    shapes = family_for(model).shapes()
+    assert shapes.layer_types == tuple(model.config.text_config.layer_types) and shapes.gated_attention
+    counted = [model.model.language_model, model.lm_head]
+    weights = sum(p.numel() for module in counted for name, p in module.named_parameters()
+                  if "norm" not in name and name.rpartition(".")[2] not in ("A_log", "dt_bias"))
+    assert shapes.lm_params() == weights
+
+
+def test_a_mixture_of_experts_counts_the_mlp_width_a_token_runs():
+    from tokendrop.families.qwen_vl.tiny import tiny_qwen3_5_moe
+
+    model, _ = tiny_qwen3_5_moe()
+    assert family_for(model).shapes().m == 2 * 32 + 48  # 2 routed experts of width 32 per token + the shared one (48)
+
+
+def test_qwen3_5_9b_kv_bytes_count_its_full_attention_layers_only(shapes):
+    nine = shapes["qwen3.5-9b"]
+    full = [i for i, kind in enumerate(nine.layer_types) if kind == "full_attention"]
+    assert full == [3, 7, 11, 15, 19, 23, 27, 31] and (nine.kv_width, nine.q_width) == (4 * 256, 16 * 256)
+    assert 8.9e9 < nine.lm_params() < 9.0e9  # Qwen3.5-9B: ~8.95B in the LLM (the rest: vision tower, MTP head)
+    model = cost.meta_model(cost.arch_config(cost.load_arch("qwen3.5-9b")))
+    record = cost.method_cost(model, build_methods("dominant", budget=0.5), (640, 640), text_tokens=40)
+    tokens = 40 + record["visual_tokens"]
+    assert record["visual_tokens"] == 200  # (640 / 32)^2 = 400 merged tokens, half kept
+    assert record["kv_cache_bytes_per_layer"] == [2 * 1024 * tokens * 2 if i in full else 0 for i in range(32)]
+    assert record["kv_cache_bytes"] == 8 * 2 * 1024 * tokens * 2
+    assert record["recurrent_state_bytes"] == 24 * (32 * 128 * 128 + (2 * 16 * 128 + 32 * 128) * 4) * 2

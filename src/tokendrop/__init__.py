@@ -9,12 +9,12 @@ The method configs import only torch; `apply` (which needs transformers) is impo
 so `tokendrop.methods` works without transformers installed.
 """
 
-from tokendrop.methods import BaseOnly, DominantDrop, FastV, HiRED, PyramidDrop, RandomDrop, SpatialDrop
+from tokendrop.methods import BaseOnly, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, PyramidDrop, RandomDrop, SpatialDrop
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseOnly", "DominantDrop", "FastV", "Handle", "HiRED", "PyramidDrop", "RandomDrop", "SpatialDrop", "apply", "check",
-           "register_family", "register_method"]
+__all__ = ["BaseOnly", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED", "PyramidDrop", "RandomDrop",
+           "SpatialDrop", "apply", "check", "register_family", "register_method"]
 
 
 def __getattr__(name):

@@ -274,8 +274,10 @@ def _patch_in_llm(handle: Handle, adapter, method: InLLMMethod) -> None:
     def record(counts, origin):
         handle.layer_tokens, handle.kept_positions = counts, origin
 
-    compat.check_signature(type(lm).forward, LLMDropper.forward)  # a renamed keyword fails here, not in torch
-    dropper = LLMDropper(lm, method, record, mrope=adapter.positions == "mrope")
+    decoder = adapter.decoder_hook()
+    # a renamed keyword fails here, not in torch
+    compat.check_signature(type(lm).forward, LLMDropper.forward, known=decoder.keywords)
+    dropper = LLMDropper(decoder, method, record)
     token_ids = adapter.visual_token_ids
 
     def find_images(module, args, kwargs):

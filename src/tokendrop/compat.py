@@ -111,14 +111,15 @@ def mask_builder(function):
     return build
 
 
-def check_signature(stock, replacement, accepted_aliases=CACHE_NAMES) -> None:
+def check_signature(stock, replacement, accepted_aliases=CACHE_NAMES, known=()) -> None:
     """Raise unless `replacement` names every keyword the `stock` function it replaces accepts.
 
     Args:
         stock: the installed release's function (e.g. `type(language_model).forward`).
         replacement: tokendrop's function with the same role.
+        known: keywords the replacement takes through `**kwargs` (a decoder hook's `keywords`).
     """
-    ours = inspect.signature(replacement).parameters
+    ours = {*inspect.signature(replacement).parameters, *known}
     missing = [name for name, p in inspect.signature(stock).parameters.items()
                if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in ours]
     if missing:

@@ -12,6 +12,22 @@ Two families of figures (see docs/cost_model.md):
   projector, scoring overhead, LLM prefill over the whole prompt (causal attention, GQA, the
   last-token LM head), decode per token, and KV-cache bytes with the tokens each layer keeps.
 
+Hybrid decoders (Qwen3.5: `layer_types` mixes "full_attention" and "linear_attention" layers) are
+counted layer by layer from `Shapes.layer_types`. A full-attention layer is counted as above, its
+query projection twice as wide when it also gives an output gate (`gated_attention`). A Gated-DeltaNet
+linear-attention layer (h_k query / key heads of width d_k, h_v value heads of width d_v, a K-tap
+depthwise convolution over the C = 2 h_k d_k + h_v d_v channels of q, k and v) costs, per token,
+    projections  d C (q, k, v) + d h_v d_v (output gate z) + 2 d h_v (decay a, step b) + h_v d_v d (out)
+    convolution  C K
+    recurrence   3 h_v d_k d_v: each value head's d_k x d_v state is read (k^T S), written (k delta^T)
+                 and queried (q^T S); the elementwise decay is not counted, as norms and gates are not
+multiply-adds, the same at prefill and at decode (no term grows with the context). Convention: the
+recurrent form, the one decoding runs; the chunked prefill kernel's extra intra-chunk work is not
+counted. A linear-attention layer caches no per-token keys and values: its KV bytes are 0, and its
+fixed per-sequence state (h_v d_k d_v + the C x K convolution window) is reported apart
+(`recurrent_state_bytes`), unchanged by dropping. The papers' conventions are kept as the papers
+define them (every layer a LLaMA layer): on a hybrid decoder they only place it beside their tables.
+
 Shapes are read from a model's modules; the shipped architectures (`archs/*.json`, no weights) are
 built on the meta device, so nothing is allocated. Letters: n image tokens, L prompt length,
 d / m LLM width / MLP width, T LLM depth, P partitions (tiles) of an image.
@@ -23,7 +39,7 @@ import difflib
 import json
 from pathlib import Path
 
-from tokendrop.families.base import Shapes, TokenCount, resolve
+from tokendrop.families.base import LinearAttentionShapes, Shapes, TokenCount, resolve  # noqa: F401 (cost.* names)
 from tokendrop.lazy import torch
 from tokendrop.methods.layout import floor_mul
 from tokendrop.registry import family_for, family_of
@@ -152,26 +168,50 @@ def last_token_scoring_flops(shapes: Shapes, lengths_before: list[int]) -> float
                      for L in lengths_before)
 
 
+def linear_token_macs(shapes: Shapes) -> int:
+    """Multiply-adds of a Gated-DeltaNet layer's token mixer per token (module docstring): its
+    projections and convolution (one multiply-add per weight) and 3 h_v d_k d_v for the state."""
+    linear = shapes.linear
+    return linear.params(shapes.d) + 3 * linear.value_heads * linear.key_dim * linear.value_dim
+
+
 def prefill_flops(shapes: Shapes, lengths: list[int]) -> float:
-    """LLM prefill, layer l over lengths[l] tokens with causal attention, plus the last token's logits."""
+    """LLM prefill, layer l over lengths[l] tokens (causal attention, or the linear-attention recurrence),
+    plus the last token's logits."""
     total = 0.0
-    for L in lengths:
-        proj = L * (2 * shapes.d * shapes.q_width + 2 * shapes.d * shapes.kv_width)
-        attention = L * (L + 1) // 2 * 2 * shapes.q_width  # q.K^T and A.V over the causal half
-        total += proj + attention + 3 * L * shapes.d * shapes.m
+    for layer, L in enumerate(lengths):
+        if shapes.is_linear(layer):
+            mixer = L * linear_token_macs(shapes)
+        else:  # projections (q with its gate, k, v, o), then q.K^T and A.V over the causal half
+            mixer = L * shapes.attention_params() + L * (L + 1) // 2 * 2 * shapes.q_width
+        total += mixer + 3 * L * shapes.d * shapes.m
     return 2.0 * (total + shapes.d * shapes.vocab)
 
 
 def decode_flops(shapes: Shapes, lengths: list[int]) -> float:
-    """One decoded token attending to lengths[l] cached tokens (+ itself) in layer l, plus its logits."""
-    per_layer = 2 * shapes.d * shapes.q_width + 2 * shapes.d * shapes.kv_width + 3 * shapes.d * shapes.m
-    attention = sum(2 * (L + 1) * shapes.q_width for L in lengths)
-    return 2.0 * (shapes.depth * per_layer + attention + shapes.d * shapes.vocab)
+    """One decoded token attending to lengths[l] cached tokens (+ itself) in full-attention layer l
+    (a linear-attention layer: one recurrence step), plus its logits."""
+    total = shapes.depth * 3 * shapes.d * shapes.m + shapes.d * shapes.vocab
+    for layer, L in enumerate(lengths):
+        total += linear_token_macs(shapes) if shapes.is_linear(layer) else shapes.attention_params() + 2 * (L + 1) * shapes.q_width
+    return 2.0 * total
 
 
 def kv_bytes_per_layer(shapes: Shapes, lengths: list[int], bytes_per_element: int) -> list[int]:
-    """Keys and values cached by every layer: 2 * kv_heads * head_dim * tokens * bytes."""
-    return [2 * shapes.kv_width * L * bytes_per_element for L in lengths]
+    """Keys and values cached by every layer: 2 * kv_heads * head_dim * tokens * bytes (0 for a
+    linear-attention layer: it keeps no per-token keys and values)."""
+    return [0 if shapes.is_linear(layer) else 2 * shapes.kv_width * L * bytes_per_element for layer, L in enumerate(lengths)]
+
+
+def recurrent_state_bytes(shapes: Shapes, bytes_per_element: int) -> int:
+    """The fixed per-sequence state of the linear-attention layers (0 without them): each value head's
+    d_k x d_v matrix and the convolution's window of K inputs (as transformers caches it), whatever the
+    number of tokens."""
+    if shapes.linear is None:
+        return 0
+    linear = shapes.linear
+    per_layer = linear.value_heads * linear.key_dim * linear.value_dim + linear.conv_width * linear.conv_kernel
+    return sum(shapes.is_linear(layer) for layer in range(shapes.depth)) * per_layer * bytes_per_element
 
 
 # ---- one record per method ----------------------------------------------------------------------------
@@ -271,6 +311,7 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
         "decode_flops_per_token": batch * decode_flops(shapes, lengths),
         "kv_cache_bytes": batch * sum(kv),
         "kv_cache_bytes_per_layer": [batch * x for x in kv],
+        "recurrent_state_bytes": batch * recurrent_state_bytes(shapes, bytes_per_element),
         "kv_bytes_per_element": bytes_per_element,
         "lm_params": shapes.lm_params(),
     }

@@ -27,11 +27,11 @@ import warnings
 from importlib import metadata
 
 from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
-from tokendrop.methods import (BaseOnly, DominantDrop, FastV, HiRED, InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop,
-                               SpatialDrop)
+from tokendrop.methods import (BaseOnly, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, InLLMMethod, PreLLMMethod,
+                               PyramidDrop, RandomDrop, SpatialDrop)
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
-METHODS = (HiRED, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
+METHODS = (HiRED, FasterVLM, HiPrune, DominantDrop, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop, FastV)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 VANILLA = "none"

@@ -88,7 +88,7 @@ def query_attention_rows(
     B, L, D = x.shape
     Q, hd = query_index.shape[1], attn.head_dim
     x_q = x.gather(1, query_index[..., None].expand(-1, -1, D))  # (B, Q, D)
-    q = head_norm(attn, "q_norm", attn.q_proj(x_q).view(B, Q, -1, hd)).transpose(1, 2)  # (B, Hq, Q, hd)
+    q = head_norm(attn, "q_norm", queries(attn, x_q)).transpose(1, 2)  # (B, Hq, Q, hd)
     k = head_norm(attn, "k_norm", attn.k_proj(x).view(B, L, -1, hd)).transpose(1, 2)  # (B, Hkv, L, hd)
     cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # a batch of 1 when positions are shared
     pick = query_index[..., None].expand(-1, -1, cos.shape[-1])
@@ -100,6 +100,18 @@ def query_attention_rows(
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+
+
+def queries(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T, Hq, hd) queries of x (B, T, D); a gated attention (Qwen3.5) projects [query, gate] per
+    head, of which the query half is taken."""
+    B, T, _ = x.shape
+    hd = attention.head_dim
+    q = attention.q_proj(x)
+    heads = getattr(getattr(attention, "config", None), "num_attention_heads", None)
+    if heads is not None and q.shape[-1] == 2 * heads * hd:  # (B, T, Hq, 2 hd): query, then gate
+        return q.view(B, T, heads, 2 * hd)[..., :hd]
+    return q.view(B, T, -1, hd)
 
 
 def head_norm(attention: nn.Module, name: str, states: torch.Tensor) -> torch.Tensor:

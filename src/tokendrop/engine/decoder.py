@@ -1,5 +1,5 @@
-"""In-LLM dropping: a replacement forward for a stock Llama-style decoder (Llama, Mistral, Qwen2, and
-the Qwen-VL text models with M-RoPE and DeepStack).
+"""In-LLM dropping: a replacement forward for a stock decoder, run through its family's decoder hook
+(`tokendrop.engine.decoders`: Llama, Mistral, Qwen2/3, the Qwen-VL text models with M-RoPE and DeepStack).
 
 The stock `LlamaModel.forward` builds the mask and position embeddings once and runs every layer
 on the same sequence, so a hook on one layer cannot shorten it. This forward is the stock loop plus
@@ -7,6 +7,8 @@ one thing: before a boundary layer it ranks the image tokens by the last prompt 
 (`tokendrop.scoring`, from a layer's own projections), gathers the kept tokens, their positions and
 mask, and continues with a shorter sequence. Every layer keeps its own attention backend (SDPA,
 flash, eager) and writes what it saw into its own cache slot: DynamicCache keeps a length per layer.
+What differs between decoders (mask types per layer, rotary tables, inputs added after a layer such
+as DeepStack's, layers whose cache has no length) is asked of the family's hook, never tested here.
 
 Prefill (the layer-0 cache is empty) selects; decoding reuses the prefill's static keep sets:
   stage mask  = the stage's compacted prefill mask + the caller's mask for the decoded tokens,
@@ -19,8 +21,8 @@ A sample's image tokens are found from its own input_ids; samples differ in leng
 when they keep different numbers of tokens, and are then left-padded again (mask 0).
 M-RoPE (Qwen-VL): the 3-D rotary positions are gathered with the tokens, so kept tokens keep their
 original phases (renumbering is refused for these models); the text row, when the caller gives
-one, goes to the masks and layers as the stock forward passes it. DeepStack (Qwen3-VL): the visual
-features added after the first layers are added to the kept visual tokens only.
+one, goes to the masks and layers as the stock forward passes it. Inputs a hook adds after a layer
+(Qwen3-VL's DeepStack features) are added to the kept tokens only: each slot carries its row.
 
 B batch, L sequence, D width.
 """
@@ -30,14 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from tokendrop import compat
 from tokendrop.scoring import query_attention_row
-
-causal_mask = compat.mask_builder(create_causal_mask)
-sliding_window_mask = compat.mask_builder(create_sliding_window_causal_mask)
 
 
 class Stage:
@@ -61,7 +59,7 @@ class Tokens:
     query: torch.Tensor  # bool: a scoring query (last prompt token, or the token before each answer)
     origin: torch.Tensor  # long: index in the caller's sequence, -1 for padding added by a drop
     rope: torch.Tensor | None = None  # (3, B, L) long: M-RoPE positions, or None (1-D rotary)
-    visual: torch.Tensor | None = None  # long: row of the DeepStack features, -1 for other slots
+    visual: torch.Tensor | None = None  # long: row in the hook's per-token inputs (DeepStack), -1 for other slots
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Tokens":
         """The slots `index` (B, L'); slots where `valid` is False become padding."""
@@ -82,10 +80,10 @@ class RankingView:
     """What an in-LLM method's `rank` reads before boundary `boundary` (`InLLMMethod.rank`): the
     current sequence and the two layers around the drop, read on demand. All (B, L[, D])."""
 
-    def __init__(self, lm, seq: Tokens, boundary: int, layer_input: torch.Tensor | None):
-        self.lm, self.seq, self.boundary, self._before = lm, seq, boundary, layer_input
+    def __init__(self, decoder, seq: Tokens, boundary: int, layer_input: torch.Tensor | None):
+        self.decoder, self.seq, self.boundary, self._before = decoder, seq, boundary, layer_input
         self.image, self.query, self.mask = seq.image, seq.query, seq.mask
-        self.layers, self.norm = lm.layers, lm.norm
+        self.layers, self.norm = decoder.lm.layers, decoder.lm.norm
 
     def inputs(self, layer: int) -> torch.Tensor:
         """(B, L, D) hidden states entering `layer` (the layer before the boundary, or the boundary)."""
@@ -98,7 +96,8 @@ class RankingView:
 
     def rotary(self, layer: int):
         """The position embeddings (cos, sin) `layer` applies to this sequence."""
-        return self.lm.rotary_emb(self.inputs(layer), self.seq.rotary)
+        decoder = self.decoder
+        return decoder.layer_rotary(layer, decoder.rotary(self.inputs(layer), self.seq.rotary))
 
     def attention_row(self, layer: int) -> torch.Tensor:
         """(B, L) attention of each sample's query token(s) over the sequence in `layer`."""
@@ -177,22 +176,6 @@ def query_tokens(mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tenso
     return torch.where(before.any(dim=1, keepdim=True), before, last)
 
 
-def deepstack_rows(deepstack) -> torch.Tensor | None:
-    """(B, L) row of every visual slot in Qwen3-VL's DeepStack features (-1 elsewhere), or None."""
-    if deepstack is None:
-        return None
-    visual = deepstack[0].bool()  # (B, L) visual_pos_masks; features are in its row-major order
-    return (visual.flatten().long().cumsum(0) - 1).view_as(visual).masked_fill(~visual, -1)
-
-
-def add_deepstack(hidden: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """`hidden` with DeepStack `features` (Nv, D) added at the slots still holding visual tokens."""
-    where = rows >= 0
-    hidden = hidden.clone()
-    hidden[where] = hidden[where] + features.to(hidden.device, hidden.dtype)[rows[where]]
-    return hidden
-
-
 def extend_mask(mask):
     """A single-query mask one key longer, the new key attended like the previous one (the last token
     is always attended); NotImplemented for a mask type that cannot grow (flex attention's BlockMask)."""
@@ -203,25 +186,16 @@ def extend_mask(mask):
     return NotImplemented
 
 
-def check_cache(cache) -> None:
-    """Refuse caches whose layers cannot grow to different lengths (static caches preallocate)."""
-    from transformers.cache_utils import DynamicLayer
-
-    if cache is not None and not all(isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", ())):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, DynamicLayer)})
-        raise ValueError(f"in-LLM methods need a cache whose layers keep their own lengths (DynamicCache); got "
-                         f"{type(cache).__name__} with {', '.join(kinds)}. Do not pass cache_implementation='static' "
-                         "(or a StaticCache) to generate() while PyramidDrop / FastV are applied")
-
-
 class LLMDropper:
-    """Replaces `language_model.forward` (instance attribute) for one in-LLM method."""
+    """Replaces `language_model.forward` (instance attribute) for one in-LLM method, running the
+    layers through `decoder`, the family's hook (`tokendrop.engine.decoders`)."""
 
-    def __init__(self, language_model, method, record, mrope: bool = False):
-        self.lm = language_model
+    def __init__(self, decoder, method, record):
+        self.decoder = decoder
+        self.lm = language_model = decoder.lm
         self.method = method
-        self.mrope = mrope  # 3-D rotary positions (Qwen-VL)
-        self.renumber = method.positions == "renumber" or (method.positions is None and not mrope)
+        self.mrope = decoder.mrope  # 3-D rotary positions (Qwen-VL)
+        self.renumber = method.positions == "renumber" or (method.positions is None and not self.mrope)
         self.record = record  # callable(layer_tokens (B, depth) long, origin (B, L') long)
         self.depth = len(language_model.layers)
         self.boundaries = method.boundaries(self.depth)
@@ -236,22 +210,27 @@ class LLMDropper:
 
     # ---- entry --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, visual_pos_masks=None, deepstack_visual_embeds=None, **kwargs):
+                use_cache=None, past_key_values=None, **kwargs):
         """The stock language model's forward, under either name of the cache (`compat`).
 
         With `output_hidden_states`, entry i < depth of the returned `hidden_states` is the input of
         layer i with the tokens that layer saw (after any drop before it), the last entry the normed
         output, like the stock tuple of depth + 1 tensors; their lengths differ across a drop.
-        `visual_pos_masks` and `deepstack_visual_embeds` are Qwen3-VL's DeepStack inputs.
+        Keywords of the family's own (the hook's `keywords`, e.g. Qwen3-VL's DeepStack inputs) are
+        taken by the hook.
         """
         lm = self.lm
         cache = compat.cache_argument(cache, past_key_values)
+        extras = self.decoder.take(kwargs)
+        if isinstance(attention_mask, dict):
+            raise ValueError(f"tokendrop: {type(lm).__name__} was given its attention masks already built (a dict per "
+                             "layer type); in-LLM methods build them for every shortened sequence from a 2-D padding mask")
         if kwargs.pop("output_attentions", None) or lm.config.output_attentions:
             raise ValueError("output_attentions=True is not available under in-LLM methods (the layers run SDPA / flash "
                              "attention on shortened sequences); remove the handle to read attention maps")
         keep_states = kwargs.pop("output_hidden_states", None)
         states = [] if (lm.config.output_hidden_states if keep_states is None else keep_states) else None
-        check_cache(cache)
+        self.decoder.check_cache(cache)
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
         use_cache = lm.config.use_cache if use_cache is None else use_cache
@@ -267,9 +246,8 @@ class LLMDropper:
         attention_mask = attention_mask.bool()
         self.pass_text = text is not None  # hand text positions to masks and layers as the stock forward does
         positions = text if text is not None else (attention_mask[:, past:].long().cumsum(dim=1) - 1 + past)
-        deepstack = (visual_pos_masks, deepstack_visual_embeds) if deepstack_visual_embeds is not None else None
         if past == 0:
-            hidden = self.prefill(inputs_embeds, attention_mask, positions, rope, deepstack, cache, use_cache, states, **kwargs)
+            hidden = self.prefill(inputs_embeds, attention_mask, positions, rope, extras, cache, use_cache, states, **kwargs)
         else:
             hidden = self.decode(inputs_embeds, attention_mask, positions, rope, cache, use_cache, states, **kwargs)
         hidden = lm.norm(hidden)
@@ -277,20 +255,25 @@ class LLMDropper:
                                    hidden_states=None if states is None else (*states, hidden))
 
     def _cached_tokens(self, cache) -> int:
-        """How many of the caller's tokens the cache holds (0: a prefill), from layer 0's length; a drop
-        before layer 0 (FastV k=0) left fewer entries there than the prefill had tokens."""
-        past = cache.get_seq_length(0) if cache is not None else 0
-        if past and self.stages and self.stages[0].layer == 0:
-            past += self.prefill_length - self.stages[0].mask.shape[1]
-        return past
+        """How many of the caller's tokens the cache holds (0: a prefill), from the first layer whose
+        cache counts tokens; a drop before it (FastV k=0) left fewer entries there than the prefill had."""
+        if cache is None:
+            return 0
+        first = self.decoder.length_layers[0]  # the first layer whose cache counts tokens
+        past = self.decoder.cached(cache, first)
+        return past + self.prefill_length - self._width(first) if past else 0
+
+    def _width(self, i: int) -> int:
+        """Tokens of the last prefill that layer i kept."""
+        return next((s.mask.shape[1] for s in reversed(self.stages) if s.layer <= i), self.prefill_length)
 
     # ---- prefill: select and compact -------------------------------------------------------------
-    def prefill(self, hidden, mask, positions, rope, deepstack, cache, use_cache, states, **kwargs):
+    def prefill(self, hidden, mask, positions, rope, extras, cache, use_cache, states, **kwargs):
         image = self.image_mask
         if image is None or image.shape != mask.shape:
             image = torch.zeros_like(mask)
         seq = Tokens(hidden, mask, positions, image.to(mask.device) & mask, query_tokens(mask, self.labels),
-                     torch.arange(mask.shape[1], device=mask.device).expand_as(mask), rope, deepstack_rows(deepstack))
+                     torch.arange(mask.shape[1], device=mask.device).expand_as(mask), rope, self.decoder.start(extras))
         original = seq.image.sum(dim=1)  # (B,) N per sample
         drops = dict(self._keep_counts(original))
         self.stages, self.prefill_length, self.decode_masks = [], mask.shape[1], {}
@@ -312,23 +295,24 @@ class LLMDropper:
                 self.stages.append(Stage(i, seq.mask, shift, same))
             if i == 0 or (i in drops and not self.stages[-1].same):
                 causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i)
-                rotary = self.lm.rotary_emb(seq.hidden, seq.rotary)
+                rotary = self.decoder.rotary(seq.hidden, seq.rotary)
             counts[:, i] = seq.image.sum(dim=1)
             layer_input = seq.hidden
             if states is not None:
                 states.append(seq.hidden)
-            seq.hidden = self._layer(layer, seq.hidden, causal, seq.positions, rotary, cache, use_cache, **kwargs)
-            if deepstack is not None and i < len(deepstack[1]):  # Qwen3-VL: visual features after the first layers
-                seq.hidden = add_deepstack(seq.hidden, seq.visual, deepstack[1][i])
+            seq.hidden = self._layer(i, layer, seq.hidden, causal, seq.positions, rotary, cache, use_cache, **kwargs)
+            seq.hidden = self.decoder.after(i, seq.hidden, seq.visual, extras)  # e.g. DeepStack, on the kept slots
         self.origin = seq.origin
         self.record(counts, seq.origin)
         return seq.hidden
 
-    def _layer(self, layer, hidden, causal, positions, rotary, cache, use_cache, **kwargs):
-        """One decoder layer, called with the keywords the installed release names (`compat`)."""
-        return layer(hidden, attention_mask=causal[getattr(layer, "attention_type", "full_attention")],
-                     position_ids=positions if self.pass_text else None, use_cache=use_cache,
-                     position_embeddings=rotary, **{self.cache_kw: cache}, **kwargs)
+    def _layer(self, i, layer, hidden, causal, positions, rotary, cache, use_cache, **kwargs):
+        """Decoder layer i, with its mask and rotary tables (the hook's), called with the keywords the
+        installed release names (`compat`)."""
+        decoder = self.decoder
+        return layer(hidden, attention_mask=decoder.layer_mask(i, causal), position_ids=positions if self.pass_text else None,
+                     use_cache=use_cache, position_embeddings=decoder.layer_rotary(i, rotary), **{self.cache_kw: cache},
+                     **kwargs)
 
     def _keep_counts(self, original: torch.Tensor):
         """(layer, (B,) kept image tokens) per boundary, from each sample's ORIGINAL count."""
@@ -339,7 +323,7 @@ class LLMDropper:
     def _scores(self, i, seq: "Tokens", layer_input):
         """(B, L) scores of the current sequence before boundary `i`: the method's `rank` (by default
         the attention of each sample's query token(s) from the layer before or after the drop)."""
-        scores = self.method.rank(i, RankingView(self.lm, seq, i, layer_input))
+        scores = self.method.rank(i, RankingView(self.decoder, seq, i, layer_input))
         if not isinstance(scores, torch.Tensor) or scores.shape != seq.image.shape:
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise TypeError(f"{type(self.method).__name__}.rank must return a (B, L) = {tuple(seq.image.shape)} tensor "
@@ -363,10 +347,10 @@ class LLMDropper:
                     current_mask = torch.cat([stage.mask, new_tail], dim=1)
                     current_positions = positions - stage.shift[:, None]
                 causal = self._step_masks(hidden, current_mask, current_positions, cache, i)
-                rotary = self.lm.rotary_emb(hidden, current_positions if rope is None else rope)
+                rotary = self.decoder.rotary(hidden, current_positions if rope is None else rope)
             if states is not None:
                 states.append(hidden)
-            hidden = self._layer(layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
+            hidden = self._layer(i, layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
         return hidden
 
     def _check_chunk(self, t: int) -> None:
@@ -392,12 +376,16 @@ class LLMDropper:
         if cache is None:
             return
         later = cached - self.prefill_length  # tokens decoded (or continued) after the prefill
-        # each stage's first layer (a stage's layers share their length); layer 0 keeps the prefill unless one starts there
-        firsts = {0: self.prefill_length, **{s.layer: s.mask.shape[1] for s in self.stages}}
-        for i, width in firsts.items():
-            if cache.get_seq_length(i) != width + later:
+        # one layer per stage (a stage's layers share their length): the first whose cache counts tokens
+        starts = sorted({0, *(s.layer for s in self.stages)})
+        for start, end in zip(starts, [*starts[1:], self.depth]):
+            i = next((j for j in self.decoder.length_layers if start <= j < end), None)
+            if i is None:
+                continue
+            width, held = self._width(i), self.decoder.cached(cache, i)
+            if held != width + later:
                 raise ValueError(
-                    f"tokendrop: the cache passed holds {cache.get_seq_length(i)} tokens in layer {i}, but the last "
+                    f"tokendrop: the cache passed holds {held} tokens in layer {i}, but the last "
                     f"prefill under this handle leaves {width + later} there ({width} kept of its "
                     f"{self.prefill_length} + {later} after it). An in-LLM method keeps the keep sets of one "
                     "conversation, the last one prefilled: continue that one, or generate again without the cache")
@@ -408,7 +396,7 @@ class LLMDropper:
         window); else built. A chunk of several tokens has as many query rows: built, never grown."""
         previous = self.decode_masks.pop(layer_idx, None)
         grows = (previous is not None and hidden.shape[1] == 1 and previous[1] + 1 == mask.shape[1]
-                 and bool(mask[:, -1].all()) and getattr(self.lm.config, "sliding_window", None) is None)
+                 and bool(mask[:, -1].all()) and self.decoder.grows)
         masks = {kind: extend_mask(m) for kind, m in previous[0].items()} if grows else None
         if masks is None or any(m is NotImplemented for m in masks.values()):
             masks = self._masks(hidden, mask, positions, cache, layer_idx)
@@ -418,13 +406,5 @@ class LLMDropper:
 
     # ---- masks ----------------------------------------------------------------------------------
     def _masks(self, hidden, mask, positions, cache, layer_idx):
-        """Causal masks per attention type, sized against layer `layer_idx`'s cache."""
-        config = self.lm.config
-        args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, cache=cache,
-                    position_ids=positions if self.pass_text else None, layer_idx=layer_idx)
-        masks = {"full_attention": causal_mask(**args)}
-        if getattr(config, "sliding_window", None) is not None:
-            masks["sliding_attention"] = sliding_window_mask(**args)
-            if "sliding_attention" not in set(getattr(config, "layer_types", None) or []):
-                masks["full_attention"] = masks["sliding_attention"]  # Mistral: every layer slides
-        return masks
+        """The hook's masks per layer type, sized against layer `layer_idx`'s cache."""
+        return self.decoder.masks(hidden, mask, positions if self.pass_text else None, cache, layer_idx)

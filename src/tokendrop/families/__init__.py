@@ -26,6 +26,8 @@ FAMILIES = {
     "qwen2-vl": "tokendrop.families.qwen_vl.qwen2_vl:Qwen2VLAdapter",
     "qwen2.5-vl": "tokendrop.families.qwen_vl.qwen2_5_vl:Qwen2_5_VLAdapter",
     "qwen3-vl": "tokendrop.families.qwen_vl.qwen3_vl:Qwen3VLAdapter",
+    "qwen3.5": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5Adapter",
+    "qwen3.5-moe": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5MoeAdapter",
     "gemma4": "tokendrop.families.gemma4.gemma4:Gemma4Adapter",
 }
 ENTRY_POINTS = "tokendrop.families"

@@ -7,9 +7,9 @@ on it; `apply()` checks every method's `requires()` against them and names what 
     pre_llm      a processor seam for the placeholder count and    every pre-LLM method
                  a `get_image_features` to prune (plus geometry)
     cls_token    a vision tower with a [CLS] token in front        HiRED (its scores are [CLS] rows)
-    in_llm       a Llama-style decoder (`layers` with              PyramidDrop, FastV
-                 `input_layernorm`, `self_attn.{q,k}_proj`, a
-                 `rotary_emb`) behind `language_model`
+    in_llm       a decoder hook the in-LLM loop runs its decoder   PyramidDrop, FastV
+                 with (`decoder`, `tokendrop.engine.decoders`),
+                 and a decoder that hook can run (`unfit` is "")
     renumber     1-D rotary positions that may be renumbered       positions="renumber"
                  (M-RoPE families keep each token's 3-D position)
     base_image   a downscaled whole image among the partitions    BaseOnly
@@ -25,8 +25,10 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       M tiny                                    "module:function": a tiny random (model, processor) for tests
       O tokenizer                               "module:function": its tiny tokenizer (default: LLaVA tokens)
       O vllm                                    "module:Class" of its vLLM model class ("": not served)
-      M pre_llm, cls_token, in_llm, base_image,   capability flags (table above)
+      M pre_llm, cls_token, base_image,         capability flags (table above)
         positions ("rope" / "mrope")
+      O decoder                                 "module:Class" of its decoder hook (`tokendrop.engine.decoders`):
+                                                grants `in_llm`; "" (default): in-LLM methods are refused
       O projects_all                            the projector runs on every token (select after it)
     config-level answers (classmethods: pure functions of the config, shared by both engines)
       O config_capabilities(config)             capabilities a config turns off (default: the flags)
@@ -49,7 +51,9 @@ To add a family:
      with a `Family` subclass declaring the attributes above.
   2. For `pre_llm`: `config_geometry`, `config_score_blocks` (if its methods read scores) and
      `encoder_patch`; `check_processor` names a processor that does not belong to the model.
-  3. For `in_llm`: nothing more when the decoder is Llama-style (`tokendrop.engine.decoder` runs it).
+  3. For `in_llm`: name the decoder hook in `decoder`: `tokendrop.engine.decoders:LlamaDecoder` for a
+     Llama-style decoder (Llama, Mistral, Qwen2/3), a hook of your own (a subclass answering what differs:
+     masks, rotary tables, inputs added after a layer, layers whose cache has no length) otherwise.
   4. `shapes()` and `stock_tokens(image_size)` for `tokendrop cost` / `bench`, and a tiny random model
      builder in the folder's `tiny.py`, named by `tiny` (the contract tests build it).
   5. One line in `tokendrop.families.FAMILIES` (or `td.register_family(cls)` in a script, or an entry
@@ -70,7 +74,7 @@ from tokendrop.methods.base import PreLLMMethod
 CAPABILITIES = {
     "pre_llm": "dropping before the LLM (a placeholder count known from the image size, prunable image features)",
     "cls_token": "a vision tower with a [CLS] token",
-    "in_llm": "a Llama-style decoder (in-LLM dropping)",
+    "in_llm": "a decoder the in-LLM loop can run (in-LLM dropping)",
     "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
     "base_image": "a downscaled whole image among the partitions",
 }
@@ -124,11 +128,45 @@ class Shapes:
     projector: tuple[int, ...]  # (in, out) of every projector linear layer
     vision_tokens_extra: int = 1  # tokens the tower adds per tile besides the patches ([CLS])
     vision_mlp_matrices: int = 2  # vd x vm matrices of a vision MLP (SwiGLU: 3)
+    gated_attention: bool = False  # q_proj also gives an output gate: d x (2 * q_width) (Qwen3-Next, Qwen3.5)
+    layer_types: tuple[str, ...] = ()  # per LLM layer: "full_attention" / "linear_attention" (); all full
+    linear: LinearAttentionShapes | None = None  # the widths of the linear-attention layers
+
+    def is_linear(self, layer: int) -> bool:
+        """Whether LLM layer `layer` is a linear-attention layer (no per-token keys and values)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    def attention_params(self) -> int:
+        """Parameters of a full-attention layer's projections (q with its gate, k, v, o)."""
+        return (3 if self.gated_attention else 2) * self.d * self.q_width + 2 * self.d * self.kv_width
 
     def lm_params(self) -> int:
-        """LLM parameters (embeddings and head included, norms ignored)."""
-        layer = 2 * self.d * self.q_width + 2 * self.d * self.kv_width + 3 * self.d * self.m
-        return self.depth * layer + 2 * self.vocab * self.d
+        """LLM parameters (embeddings and head included, norms, conv and gate biases ignored)."""
+        mixers = sum(self.linear.params(self.d) if self.is_linear(i) else self.attention_params() for i in range(self.depth))
+        return mixers + self.depth * 3 * self.d * self.m + 2 * self.vocab * self.d
+
+
+@dataclass(frozen=True)
+class LinearAttentionShapes:
+    """The widths of a Gated-DeltaNet linear-attention layer (Qwen3-Next, Qwen3.5): `key_heads` query /
+    key heads of `key_dim`, `value_heads` value heads of `value_dim`, a depthwise causal convolution of
+    `conv_kernel` taps over q, k and v. Each value head keeps a key_dim x value_dim state matrix."""
+
+    key_heads: int
+    key_dim: int
+    value_heads: int
+    value_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of q, k and v (the convolution's)."""
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+    def params(self, d: int) -> int:
+        """in_proj_qkv, in_proj_z, in_proj_a / in_proj_b, out_proj (d wide) and the convolution."""
+        values = self.value_heads * self.value_dim
+        return d * (self.conv_width + 2 * values + 2 * self.value_heads) + self.conv_width * self.conv_kernel
 
 
 def resolve(path: str):
@@ -149,11 +187,11 @@ class Family:
     tiny: ClassVar[str] = ""  # "module:function" building a tiny random (model, processor), in the family's folder
     vllm: ClassVar[str] = ""  # "module:Class" of the vLLM model class serving it (its folder's vllm.py); "": not served
     tokenizer: ClassVar[str] = "tokendrop.tiny:tiny_tokenizer"  # a tiny tokenizer with the family's special tokens
+    decoder: ClassVar[str] = ""  # "module:Class" of the decoder hook the in-LLM loop runs (grants in_llm); "": none
     projects_all: ClassVar[bool] = False  # the projector runs on every token (pre-LLM selection after it)
     # capabilities of the family (an instance may lack some: see `capabilities`)
     pre_llm: ClassVar[bool] = False
     cls_token: ClassVar[bool] = False
-    in_llm: ClassVar[bool] = False
     positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
     base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
 
@@ -168,14 +206,26 @@ class Family:
     @classmethod
     def family_capabilities(cls) -> set[str]:
         """What every model of the family can do."""
-        flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": cls.in_llm,
+        flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": bool(cls.decoder),
                  "renumber": cls.positions == "rope", "base_image": cls.base_image}
         return {name for name, on in flags.items() if on}
 
     @classmethod
     def config_capabilities(cls, config) -> set[str]:
         """What a model with this config can do, from the config alone (both engines ask this)."""
-        return cls.family_capabilities()
+        caps = cls.family_capabilities()
+        if "in_llm" in caps and cls.decoder_unfit(config):
+            caps.discard("in_llm")
+        return caps
+
+    @classmethod
+    def decoder_unfit(cls, config, language_model=None) -> str:
+        """Why the in-LLM loop cannot run this config's (or this loaded) decoder under the family's
+        hook ("" when it can, or when the family names no hook)."""
+        if not cls.decoder:
+            return ""
+        hook = resolve(cls.decoder)
+        return hook.unfit(language_model) if language_model is not None else hook.config_unfit(config.get_text_config())
 
     @classmethod
     def config_geometry(cls, config):
@@ -190,9 +240,13 @@ class Family:
     def capabilities(self) -> set[str]:
         """What this model can do (its config may turn a family capability off)."""
         caps = self.config_capabilities(self.config)
-        if "in_llm" in caps and not is_llama_style(self.language_model):
+        if "in_llm" in caps and self.decoder_unfit(self.config, self.language_model):
             caps.discard("in_llm")
         return caps
+
+    def decoder_hook(self):
+        """The family's decoder hook around this model's language model (`tokendrop.engine.decoders`)."""
+        return resolve(self.decoder)(self.language_model, mrope=self.positions == "mrope")
 
     @classmethod
     def config_check(cls, config, method, capabilities: set[str] | None = None, model_name: str | None = None,
@@ -210,12 +264,13 @@ class Family:
         missing = sorted(method.requires() - capabilities)
         if missing:
             name = model_name or (getattr(config, "architectures", None) or [*cls.model_classes, cls.name])[0]
-            hint = hint or (lambda names: cls.hint(cls, names))  # the family's hint, asked of the class
+            hint = hint or (lambda names: cls.unfit_reason(config, None, names) + cls.hint(cls, names))
             need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)
             raise ValueError(f"{type(method).__name__} needs {need}, which {name} "
                              f"({cls.name}) does not have{hint(missing)}")
         if method.stage == "in":
             method.boundaries(config.get_text_config().num_hidden_layers)
+            resolve(cls.decoder).check_method(config.get_text_config(), method)  # e.g. a ranking layer that cannot rank
         elif method.stage == "pre":
             cls.config_score_blocks(config, method)
 
@@ -223,13 +278,22 @@ class Family:
         """ValueError naming the capability `method` needs and this model lacks, or an option that
         does not fit this model (a layer beyond its depth): `config_check` with this model's
         capabilities and class name, and its depth counted on the loaded decoder."""
-        self.config_check(self.config, method, self.capabilities(), type(self.model).__name__, self.hint)
+        self.config_check(self.config, method, self.capabilities(), type(self.model).__name__, self._hint)
         if method.stage == "in":
             method.boundaries(len(self.language_model.layers))
 
     def hint(self, missing: list[str]) -> str:
         """What to use instead, appended to a capability error."""
         return ""
+
+    def _hint(self, missing: list[str]) -> str:
+        return self.unfit_reason(self.config, self.language_model, missing) + self.hint(missing)
+
+    @classmethod
+    def unfit_reason(cls, config, language_model, missing: list[str]) -> str:
+        """": <why the family's hook cannot run this decoder>" when `in_llm` is missing for that reason."""
+        unfit = cls.decoder_unfit(config, language_model) if "in_llm" in missing else ""
+        return f": {unfit}" if unfit else ""
 
     # ---- what every family answers -----------------------------------------------------------
     @property
@@ -306,9 +370,3 @@ class Family:
         """Point `config`'s special-token ids at `tokenizer`'s (benchmark models built from an arch)."""
         config.image_token_index = config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
-
-def is_llama_style(language_model) -> bool:
-    """Whether the decoder layers have what the in-LLM loop and the scorer use."""
-    layers = getattr(language_model, "layers", None)
-    return bool(layers) and hasattr(language_model, "rotary_emb") and all(
-        hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers)

@@ -7,6 +7,8 @@ from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
 from tokendrop.methods.base_only import BaseOnly
 from tokendrop.methods.dominant_drop import DominantDrop
 from tokendrop.methods.fastv import FastV
+from tokendrop.methods.fastervlm import FasterVLM
+from tokendrop.methods.hiprune import HiPrune
 from tokendrop.methods.hired import HiRED, official_budget_split, paper_allocation
 from tokendrop.methods.layout import Layout, allocate, budget_tokens, top_k_sorted
 from tokendrop.methods.pyramiddrop import PyramidDrop
@@ -17,6 +19,8 @@ __all__ = [
     "BaseOnly",
     "DominantDrop",
     "FastV",
+    "FasterVLM",
+    "HiPrune",
     "HiRED",
     "InLLMMethod",
     "Layout",

@@ -107,13 +107,17 @@ class Score:
     """A per-token score a pre-LLM method reads, computed by the adapter from the vision tower.
 
     Attributes:
-        kind: "cls", the [CLS] query's attention over the patches, summed over heads.
+        kind: "cls", the [CLS] query's attention over the patches, summed over heads; "received",
+            the attention each patch receives, averaged over heads and queries.
         layer: encoder block index (negative counts from the end); None: the block whose output
             the LLM receives (`vision_feature_layer`).
+        clamp: a block past the tower's last one reads the last one instead of being refused (a
+            method whose official default layer is absolute and deeper than small towers: HiPrune).
     """
 
     kind: str
     layer: int | None = None
+    clamp: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ stock model's for that prompt. Videos pass through unpruned.
 
 In-LLM methods are refused (capability `in_llm`): the decoder builds a dict of masks (sliding
 window; bidirectional image blocks from `mm_token_type_ids`), per-layer-type rotary tables and
-per-layer inputs from `input_ids`, which the engine's Llama-style loop does not slice; it waits for
-the engine's per-family decoder hook.
+per-layer inputs from `input_ids`, which the Llama-style hook (`tokendrop.engine.decoders`) does not
+slice: the family names no `decoder` until a Gemma 4 hook does.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Gemma4Adapter(Family):
     tiny = "tokendrop.families.gemma4.tiny:tiny_gemma4"
     tokenizer = "tokendrop.families.gemma4.tiny:tiny_gemma4_tokenizer"
     pre_llm = projects_all = True  # the embedder works per token: rows are kept after it
-    in_llm = False  # see the module docstring and `hint`
+    decoder = ""  # no decoder hook (yet): in-LLM methods are refused (module docstring, `hint`)
 
     def __init__(self, model):
         super().__init__(model)
@@ -160,6 +160,8 @@ class Gemma4Adapter(Family):
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} vision encoder "
                                  "has no [CLS] token and gives 'received' attention scores only")
             block = depth - 1 if score.layer is None else score.layer
+            if score.clamp:  # a block past the last one reads the last one (`Score.clamp`)
+                block = min(block, depth - 1)
             if not -depth <= block < depth:
                 raise ValueError(f"layer must be in [{-depth}, {depth}) for a {depth}-layer vision encoder, got {block}")
             blocks[name] = (score.kind, block % depth)

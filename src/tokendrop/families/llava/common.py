@@ -14,7 +14,7 @@ from tokendrop.methods.base import PreLLMMethod
 class LlavaStyle(Family):
     """Base of the LLaVA family adapters."""
 
-    in_llm = True
+    decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Llama / Mistral / Qwen2 language models
 
     @property
     def tower(self):

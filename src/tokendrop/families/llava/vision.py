@@ -29,7 +29,8 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
     `depth` blocks (a config value: `vision_config.num_hidden_layers`).
 
     A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer) or its
-    `layer` (DominantDrop); None means the block whose output is `feature_layer`.
+    `layer` (DominantDrop); None means the block whose output is `feature_layer`; a `Score.clamp` block
+    past the tower's last one is the last one (HiPrune's object layer).
     """
     blocks = {}
     for name, score in method.scores().items():
@@ -37,6 +38,8 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
             raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score, which this tower does not "
                              f"compute (known: {', '.join(SCORE_KINDS)})")
         block = feature_block(depth, feature_layer) if score.layer is None else score.layer
+        if score.clamp:
+            block = min(block, depth - 1)
         if not -depth <= block < depth:
             field = f"{name}_layer" if f"{name}_layer" in method.options() else "layer"
             raise ValueError(f"{field} must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")

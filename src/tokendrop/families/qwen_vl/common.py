@@ -14,7 +14,8 @@ Pre-LLM methods patch four seams (instance attributes and a hook, undone by `rem
   * `get_video_features`: refuses (as the other two seams do when a video reaches them);
   * a forward pre-hook on the inner model: `generate()` computes position ids before the encoder
     runs (the selection is not known yet), so at prefill the image rows are computed again from the
-    selection the encoder just made. Decoding continues at the original maximum + 1.
+    selection the encoder just made (when `generate()` leaves the encoding to the forward, as for
+    Qwen3.5 at transformers 5.19, the hook encodes first). Decoding continues at the original maximum + 1.
 Videos are refused by pre-LLM methods (they drop image tokens only).
 """
 
@@ -78,8 +79,9 @@ class QwenGeometry:
 class QwenVLStyle(Family):
     """Base of the Qwen-VL family adapters."""
 
-    pre_llm = in_llm = projects_all = True
+    pre_llm = projects_all = True
     positions = "mrope"
+    decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Qwen2 / Qwen3 text models, M-RoPE positions
     tokenizer = "tokendrop.families.qwen_vl.tiny:tiny_qwen_tokenizer"
     default_pixels = (56 * 56, 28 * 28 * 1280)  # the processors' defaults (min, max)
 
@@ -103,7 +105,10 @@ class QwenVLStyle(Family):
             if score.kind != "received":
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
                                  "[CLS] token and gives 'received' attention scores only")
-            blocks[name] = (score.kind, cls.config_score_block(config, score.layer))
+            layer = score.layer
+            if score.clamp and layer is not None:
+                layer = min(layer, config.vision_config.depth - 1)
+            blocks[name] = (score.kind, cls.config_score_block(config, layer))
         return blocks
 
     @classmethod
@@ -155,10 +160,18 @@ class QwenVLStyle(Family):
         def refresh_positions(module, args, kwargs):
             ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
             refuse_videos(kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw"))
-            if ids is None or positions is None or positions.ndim != 3 or kwargs.get("mm_encoder_outputs") is None:
+            if ids is None or positions is None or positions.ndim != 3:
                 return None
             if not bool((ids == self.image_token_id).any()) or ids.shape[1] != positions.shape[-1]:
                 return None
+            if kwargs.get("mm_encoder_outputs") is None:
+                if kwargs.get("pixel_values") is None:
+                    return None
+                # a generate() that does not encode before the prefill (Qwen3.5 at transformers 5.19: its
+                # model declares no image modality there): encode here, as later versions do, so that the
+                # positions can follow the selection
+                encoded = module.get_image_features(kwargs["pixel_values"], kwargs.get("image_grid_thw"), return_dict=True)
+                kwargs = {**kwargs, "pixel_values": None, "mm_encoder_outputs": {"image": encoded}}
             # the encoder's own grids, to which its kept indices are aligned (generate() may pass expanded
             # copies, or none, to the prefill)
             rope, _ = rope_index(ids, mm_token_type_ids=kwargs.get("mm_token_type_ids"), image_grid_thw=state["grids"],
@@ -280,18 +293,23 @@ class QwenVLStyle(Family):
         for name, value in qwen_token_ids(tokenizer).items():
             setattr(config, name, value)
 
+    def mlp_width(self, mlp) -> int:
+        """The SwiGLU width m a token runs through in a decoder layer's MLP (cost: 3 d x m matrices)."""
+        return mlp.gate_proj.weight.shape[0]
+
     def shapes(self) -> Shapes:
         import torch as torch_
 
         lm, tower = self.language_model, self.tower
-        attn, lm_mlp = lm.layers[0].self_attn, lm.layers[0].mlp
+        layer = next(layer for layer in lm.layers if hasattr(layer, "self_attn"))  # Qwen3.5: layer 0 is linear attention
+        attn, lm_mlp = layer.self_attn, layer.mlp
         block = tower.blocks[0]
         linears = lambda module: [m.weight.shape for m in module.modules() if isinstance(m, torch_.nn.Linear)]  # noqa: E731
         mlp = linears(block.mlp)
         mlp_out = mlp[0][0]
         conv = tower.patch_embed.proj.weight  # (vd, 3, t, p, p)
         merger = [x for shape in linears(tower.merger) for x in (shape[1], shape[0])]
-        return Shapes(d=attn.q_proj.weight.shape[1], m=lm_mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
+        return Shapes(d=attn.q_proj.weight.shape[1], m=self.mlp_width(lm_mlp), depth=len(lm.layers),
                       q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
                       vocab=self.model.lm_head.weight.shape[0], vd=block.attn.qkv.weight.shape[1], vm=mlp_out,
                       vision_depth=len(tower.blocks), patch_inputs=conv[0].numel(), projector=tuple(merger),

@@ -14,6 +14,7 @@ class Qwen3VLAdapter(QwenVLStyle):
     name = "qwen3-vl"
     model_type = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration",)
+    decoder = "tokendrop.engine.decoders:DeepStackDecoder"  # visual features added after the first layers
     config_class = "Qwen3VLConfig"
     processor_class = "Qwen3VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"

@@ -1,5 +1,5 @@
-"""Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL models built from configs (tests), and a tokenizer
-with Qwen-VL's special tokens."""
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (dense and MoE) models built from configs
+(tests), and a tokenizer with Qwen-VL's special tokens."""
 
 from __future__ import annotations
 
@@ -88,3 +88,32 @@ def tiny_qwen3_vl(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_to
                            num_position_embeddings=64),
         text_config=text, **qwen_token_ids(tok))
     return _qwen_model("Qwen3VLForConditionalGeneration", config, seed), _qwen_processor("Qwen3VLProcessor", tok, 16, max_tokens)
+
+
+def tiny_qwen3_5(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_tokens: int = 96, moe: bool = False):
+    """(model, processor): a random `Qwen3_5ForConditionalGeneration`: Qwen3-VL's 16-px tower without
+    DeepStack, and a hybrid decoder of Gated-DeltaNet (linear-attention) layers with a full-attention
+    layer every second layer (the real models: every fourth), gated queries and partial M-RoPE.
+    `moe`: `Qwen3_5MoeForConditionalGeneration` instead (4 experts, 2 per token, a shared expert)."""
+    import transformers
+
+    tok = tiny_qwen_tokenizer()
+    text = _qwen_text(tok, text_layers, kv_heads, [4, 2, 2], head_dim=32, linear_conv_kernel_dim=4,
+                      linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention" if i % 2 == 0 else "full_attention" for i in range(text_layers)])
+    text["rope_parameters"].update(mrope_interleaved=True, partial_rotary_factor=0.5)
+    if moe:
+        del text["intermediate_size"]
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+    name = "Qwen3_5Moe" if moe else "Qwen3_5"
+    config = getattr(transformers, f"{name}Config")(
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64),
+        text_config=text, **qwen_token_ids(tok))
+    return (_qwen_model(f"{name}ForConditionalGeneration", config, seed),
+            _qwen_processor("Qwen3VLProcessor", tok, 16, max_tokens))
+
+
+def tiny_qwen3_5_moe(text_layers: int = 4, kv_heads: int = 2, seed: int = 0, max_tokens: int = 96):
+    """(model, processor): a random `Qwen3_5MoeForConditionalGeneration` (`tiny_qwen3_5` with moe=True)."""
+    return tiny_qwen3_5(text_layers, kv_heads, seed, max_tokens, moe=True)
