@@ -248,9 +248,13 @@ class Placeholders:
         self.processor, self.count, self.live = processor, count, live
 
     def __call__(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        stock = type(self.processor).replace_image_token(self.processor, image_inputs, image_idx, **kwargs)
         if not self.live.active:  # a copy made while patched, after remove(): stock again
-            return type(self.processor).replace_image_token(self.processor, image_inputs, image_idx, **kwargs)
-        return self.processor.image_token * self.count.of_inputs(image_inputs, image_idx)
+            return stock
+        # the stock text around the placeholders stays (Gemma 4: <|image> ... <image|>)
+        token = self.processor.image_token
+        head, tail = stock[:stock.find(token)], stock[stock.rfind(token) + len(token):]
+        return head + token * self.count.of_inputs(image_inputs, image_idx) + tail
 
 
 class TokenQuery:

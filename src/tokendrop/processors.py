@@ -23,6 +23,11 @@ class ImageOnly:
     video_processor = None
 
     @classmethod
+    def from_dict(cls, processor_dict: dict, **kwargs):
+        """from_pretrained's last step: a stock __init__ that requires its video processor (Gemma 4's) gets None."""
+        return super().from_dict({**processor_dict, "video_processor": None}, **kwargs)
+
+    @classmethod
     def get_attributes(cls) -> list[str]:
         """The stock sub-processors except the video processor (what __init__ takes, save and load write)."""
         return [name for name in super().get_attributes() if "video" not in name]
@@ -49,9 +54,27 @@ def _twin(name: str) -> type:
 
         stock = getattr(transformers, name)
         # the stock name: save_pretrained writes it into processor_config.json for AutoProcessor to read
-        _TWINS[name] = type(name, (ImageOnly, stock), {"__module__": __name__, "__qualname__": name,
-                                                       "__doc__": f"{name} without its video processor."})
+        _TWINS[name] = type(name, (ImageOnly, stock, _without_video_keyword()),
+                            {"__module__": __name__, "__qualname__": name,
+                             "__doc__": f"{name} without its video processor."})
     return _TWINS[name]
+
+
+def _without_video_keyword() -> type:
+    """A `ProcessorMixin` that drops a `video_processor=None` keyword: placed after the stock class in a
+    twin's bases, it catches the stock __init__'s own `super().__init__(..., video_processor=...)`
+    (Gemma 4's passes it by keyword; positional ones beyond the attributes are dropped by the mixin)."""
+    if "_NoVideoKeyword" not in _TWINS:
+        from transformers.processing_utils import ProcessorMixin
+
+        class _NoVideoKeyword(ProcessorMixin):
+            def __init__(self, *args, **kwargs):
+                if kwargs.pop("video_processor", None) is not None:
+                    raise TypeError("an image-only processor takes no video processor")
+                super().__init__(*args, **kwargs)
+
+        _TWINS["_NoVideoKeyword"] = _NoVideoKeyword
+    return _TWINS["_NoVideoKeyword"]
 
 
 def __getattr__(name: str):

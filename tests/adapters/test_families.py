@@ -23,14 +23,18 @@ SIZES = [(150, 300), (224, 224)]
 @pytest.fixture(scope="module", params=families(), ids=lambda f: f.name)
 def tiny(request):
     family = request.param
-    model, processor = resolve(family.tiny)()
+    try:
+        model, processor = resolve(family.tiny)()
+    except ImportError as err:  # a family this transformers cannot import (Gemma 4 below 5.21 without torchvision)
+        pytest.skip(f"{family.name}: {err}")
     processor.tokenizer.padding_side = "left"
     return family, model, processor
 
 
 def inputs(processor, images):
     prompts = [format_prompt(processor, "what is it?") for _ in images]
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    # one image per prompt, nested: Gemma 4's processor reads a flat list as ONE prompt's images
+    return processor(images=[[image] for image in images], text=prompts, return_tensors="pt", padding=True)
 
 
 def test_declaration_is_complete(tiny):

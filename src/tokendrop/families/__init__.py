@@ -29,6 +29,7 @@ FAMILIES = {
     "qwen3.5": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5Adapter",
     "qwen3.5-moe": "tokendrop.families.qwen_vl.qwen3_5:Qwen3_5MoeAdapter",
     "internvl": "tokendrop.families.internvl.internvl:InternVLAdapter",
+    "gemma4": "tokendrop.families.gemma4.gemma4:Gemma4Adapter",
 }
 ENTRY_POINTS = "tokendrop.families"
 

@@ -8,7 +8,8 @@ on towers without [CLS] (SigLIP, the Qwen-VL towers) as well as on CLIP.
   1. score every token by the attention it receives in vision layer `layer`: softmax rows of all
      queries of its image (tile, frame), averaged over heads and queries, recomputed from the
      layer's own projections (`tokendrop.scoring.received_attention`); on Qwen-VL the four patches
-     of a 2x2 merge group add up to the score of their LLM token;
+     of a 2x2 merge group add up to the score of their LLM token, on Gemma 4 the k x k patches its
+     pooler averages into one token;
   2. the budget B = floor(budget * P * N) is split over the partitions in proportion to their valid
      tokens (the same split as RandomDrop and SpatialDrop, so the three compare at equal density);
   3. every partition keeps its top tokens by score (ties: lower index), in raster order.
@@ -35,7 +36,8 @@ class DominantDrop(PreLLMMethod):
         budget: fraction in (0, 1] of the P*N patch tokens to keep.
         layer: vision encoder block whose attention scores the tokens; None: the block that
             produces the LLM's features (LLaVA: `vision_feature_layer`; Qwen-VL: the last block,
-            Qwen2.5-VL: the last full-attention block, as window blocks normalise per window).
+            Qwen2.5-VL: the last full-attention block, as window blocks normalise per window; Gemma 4:
+            the last encoder layer, which its pooler reads).
     """
 
     layer: int | None = None
