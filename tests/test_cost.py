@@ -8,6 +8,7 @@ import pytest
 
 import tokendrop as td
 from tokendrop import cost
+from tokendrop.families.base import AttentionShapes
 from tokendrop.cli import main
 from tokendrop.registry import build_methods, family_for
 from tokendrop.tiny import tiny_tokenizer
@@ -256,3 +257,25 @@ def test_qwen3_5_9b_kv_bytes_count_its_full_attention_layers_only(shapes):
     assert record["kv_cache_bytes_per_layer"] == [2 * 1024 * tokens * 2 if i in full else 0 for i in range(32)]
     assert record["kv_cache_bytes"] == 8 * 2 * 1024 * tokens * 2
     assert record["recurrent_state_bytes"] == 24 * (32 * 128 * 128 + (2 * 16 * 128 + 32 * 128) * 4) * 2
+
+
+def test_gemma_4_31b_counts_each_layer_with_its_own_widths_and_window(shapes):
+    if "gemma-4-31b" not in shapes:
+        pytest.skip("Gemma 4 needs transformers >= 5.21 or torchvision (its processor imports torchvision)")
+    gemma = shapes["gemma-4-31b"]
+    # the public config: 60 layers, every 6th full attention; sliding layers 16 KV heads x 256 with a
+    # 1024-token window, full layers 4 KV heads x 512 whose keys are also the values (no v_proj)
+    full = [i for i in range(60) if gemma.attn(i).window is None]
+    assert full == list(range(5, 60, 6))
+    assert gemma.attn(0) == AttentionShapes(32 * 256, 16 * 256, values=True, window=1024)
+    assert gemma.attn(5) == AttentionShapes(32 * 512, 4 * 512, values=False, window=None)
+    d = 5376
+    assert gemma.attention_params(0) == 2 * d * 32 * 256 + 2 * d * 16 * 256
+    assert gemma.attention_params(5) == 2 * d * 32 * 512 + d * 4 * 512
+    assert gemma.tied_embeddings  # the head is the embedding matrix: counted once
+    for L in (300, 2000):  # under and over the window
+        kv = cost.kv_bytes_per_layer(gemma, [L] * 60, 2)
+        assert kv[0] == 2 * 16 * 256 * min(L, 1024) * 2 and kv[5] == 2 * 4 * 512 * L * 2
+    # prefill attention: a sliding layer attends to at most 1024 keys per query
+    assert AttentionShapes(8, 8, window=4).attended_pairs(6) == 1 + 2 + 3 + 4 + 4 + 4
+    assert AttentionShapes(8, 8).attended_pairs(6) == 21

@@ -182,8 +182,9 @@ def prefill_flops(shapes: Shapes, lengths: list[int]) -> float:
     for layer, L in enumerate(lengths):
         if shapes.is_linear(layer):
             mixer = L * linear_token_macs(shapes)
-        else:  # projections (q with its gate, k, v, o), then q.K^T and A.V over the causal half
-            mixer = L * shapes.attention_params() + L * (L + 1) // 2 * 2 * shapes.q_width
+        else:  # projections (q with its gate, k, v, o), then q.K^T and A.V over the causal half (or window)
+            a = shapes.attn(layer)
+            mixer = L * shapes.attention_params(layer) + a.attended_pairs(L) * 2 * a.q_width
         total += mixer + 3 * L * shapes.d * shapes.m
     return 2.0 * (total + shapes.d * shapes.vocab)
 
@@ -193,14 +194,18 @@ def decode_flops(shapes: Shapes, lengths: list[int]) -> float:
     (a linear-attention layer: one recurrence step), plus its logits."""
     total = shapes.depth * 3 * shapes.d * shapes.m + shapes.d * shapes.vocab
     for layer, L in enumerate(lengths):
-        total += linear_token_macs(shapes) if shapes.is_linear(layer) else shapes.attention_params() + 2 * (L + 1) * shapes.q_width
+        a = shapes.attn(layer)
+        total += linear_token_macs(shapes) if shapes.is_linear(layer) else (shapes.attention_params(layer)
+                                                                            + 2 * a.keys(L + 1) * a.q_width)
     return 2.0 * total
 
 
 def kv_bytes_per_layer(shapes: Shapes, lengths: list[int], bytes_per_element: int) -> list[int]:
     """Keys and values cached by every layer: 2 * kv_heads * head_dim * tokens * bytes (0 for a
-    linear-attention layer: it keeps no per-token keys and values)."""
-    return [0 if shapes.is_linear(layer) else 2 * shapes.kv_width * L * bytes_per_element for layer, L in enumerate(lengths)]
+    linear-attention layer: it keeps no per-token keys and values; a sliding-window layer keeps at most
+    its window; keys that are also the values are cached twice, as transformers' cache stores both)."""
+    return [0 if shapes.is_linear(layer) else 2 * shapes.attn(layer).kv_width * shapes.attn(layer).keys(L) * bytes_per_element
+            for layer, L in enumerate(lengths)]
 
 
 def recurrent_state_bytes(shapes: Shapes, bytes_per_element: int) -> int:

@@ -135,19 +135,47 @@ class Shapes:
     gated_attention: bool = False  # q_proj also gives an output gate: d x (2 * q_width) (Qwen3-Next, Qwen3.5)
     layer_types: tuple[str, ...] = ()  # per LLM layer: "full_attention" / "linear_attention" (); all full
     linear: LinearAttentionShapes | None = None  # the widths of the linear-attention layers
+    attention: tuple[AttentionShapes, ...] = ()  # per LLM layer, when layers differ (Gemma 4); (): q_width, kv_width
+    tied_embeddings: bool = False  # the LM head is the embedding matrix (counted once in lm_params)
 
     def is_linear(self, layer: int) -> bool:
         """Whether LLM layer `layer` is a linear-attention layer (no per-token keys and values)."""
         return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
 
-    def attention_params(self) -> int:
-        """Parameters of a full-attention layer's projections (q with its gate, k, v, o)."""
-        return (3 if self.gated_attention else 2) * self.d * self.q_width + 2 * self.d * self.kv_width
+    def attn(self, layer: int) -> AttentionShapes:
+        """The attention widths of LLM layer `layer`."""
+        return self.attention[layer] if self.attention else AttentionShapes(self.q_width, self.kv_width)
+
+    def attention_params(self, layer: int = 0) -> int:
+        """Parameters of an attention layer's projections (q with its gate, k, v unless keys are the values, o)."""
+        a = self.attn(layer)
+        return (3 if self.gated_attention else 2) * self.d * a.q_width + (2 if a.values else 1) * self.d * a.kv_width
 
     def lm_params(self) -> int:
         """LLM parameters (embeddings and head included, norms, conv and gate biases ignored)."""
-        mixers = sum(self.linear.params(self.d) if self.is_linear(i) else self.attention_params() for i in range(self.depth))
-        return mixers + self.depth * 3 * self.d * self.m + 2 * self.vocab * self.d
+        mixers = sum(self.linear.params(self.d) if self.is_linear(i) else self.attention_params(i) for i in range(self.depth))
+        return mixers + self.depth * 3 * self.d * self.m + (1 if self.tied_embeddings else 2) * self.vocab * self.d
+
+
+@dataclass(frozen=True)
+class AttentionShapes:
+    """One attention layer's widths where a decoder's layers differ (Gemma 4: sliding-window layers with
+    many narrow heads, full-attention layers with few wide ones whose keys are also the values)."""
+
+    q_width: int  # heads * head_dim
+    kv_width: int  # kv_heads * head_dim
+    values: bool = True  # a v_proj of its own (False: the keys are the values)
+    window: int | None = None  # sliding window: a query attends to at most this many keys, the cache keeps as many
+
+    def keys(self, L: int) -> int:
+        """Keys a token at position L (1-based) attends to, and the cache keeps after L tokens."""
+        return L if self.window is None else min(L, self.window)
+
+    def attended_pairs(self, L: int) -> int:
+        """(query, key) pairs of a causal prefill of L tokens: sum over i of keys(i)."""
+        if self.window is None or L <= self.window:
+            return L * (L + 1) // 2
+        return self.window * (self.window + 1) // 2 + (L - self.window) * self.window
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from tokendrop.families.base import Family, Shapes
+from tokendrop.families.base import AttentionShapes, Family, Shapes
 from tokendrop.lazy import torch
 from tokendrop.methods.base import PreLLMMethod
 from tokendrop.methods.layout import Layout
@@ -250,14 +250,19 @@ class Gemma4Adapter(Family):
         return self.geometry.patch * self.geometry.pool
 
     def shapes(self) -> Shapes:
-        """Widths of the first decoder layer (a sliding-window one; full-attention layers have wider heads
-        and fewer key/value heads: `tokendrop.cost` counts every layer with the first one's widths)."""
+        """The decoder's widths layer by layer: sliding-window layers (many narrow heads, a window) and
+        full-attention layers (fewer, wider heads whose keys may also be the values: no v_proj)."""
         lm, tower, vision = self.language_model, self.tower, self.config.vision_config
         attn, mlp = lm.layers[0].self_attn, lm.layers[0].mlp
         projection = self.base.embed_vision.embedding_projection.weight  # (d, vd)
+        layers = tuple(AttentionShapes(a.q_proj.weight.shape[0], a.k_proj.weight.shape[0],
+                                       values=getattr(a, "v_proj", None) is not None,
+                                       window=a.sliding_window if a.is_sliding else None)
+                       for a in (layer.self_attn for layer in lm.layers))
         return Shapes(d=attn.q_proj.weight.shape[1], m=mlp.gate_proj.weight.shape[0], depth=len(lm.layers),
                       q_width=attn.q_proj.weight.shape[0], kv_width=attn.k_proj.weight.shape[0],
                       vocab=self.model.lm_head.weight.shape[0], vd=vision.hidden_size, vm=vision.intermediate_size,
                       vision_depth=len(tower.encoder.layers), patch_inputs=tower.patch_embedder.input_proj.weight.shape[1],
                       projector=(projection.shape[1], projection.shape[0]), vision_tokens_extra=0,
-                      vision_mlp_matrices=3)
+                      vision_mlp_matrices=3, attention=layers,
+                      tied_embeddings=bool(self.config.get_text_config().tie_word_embeddings))
