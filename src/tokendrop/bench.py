@@ -200,7 +200,9 @@ def measure(model, processor, methods, images, prompts, new_tokens: int) -> dict
     try:
         with timing_vision(model, vision_times, device.type == "cuda"):
             start = time.perf_counter()
-            inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
+            # one list of images per prompt (a flat list is one prompt's images to Gemma 4's processor)
+            inputs = processor(images=[[image] for image in images], text=prompts, return_tensors="pt",
+                               padding=True).to(device)
             preprocess = time.perf_counter() - start
             logits = LogitTimes(device)
             with PeakMemory(device) as memory, torch.inference_mode():

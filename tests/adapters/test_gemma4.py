@@ -261,3 +261,20 @@ def test_a_saved_folder_loads_back_to_the_same_inputs_logits_and_chat_template(g
     with torch.no_grad():
         assert torch.equal(loaded_model(**ours).logits, model(**theirs).logits)
     assert type(pickle.loads(pickle.dumps(loaded))) is type(loaded)
+
+
+def test_eval_and_bench_batches_give_each_prompt_its_image(gemma, dataset):
+    # Gemma 4's processor reads a flat list of images as ONE prompt's: eval and bench pass one list per prompt
+    from tokendrop import bench
+    from tokendrop.data import load_dataset
+    from tokendrop.evaluation.harness import Config, evaluate
+
+    model, processor = gemma
+    samples = load_dataset(dataset)[:2]
+    records = evaluate(model, processor, samples, [Config("none"), Config("dominant", 0.5)], batch_size=2,
+                       max_new_tokens=2, progress=False)
+    assert [r["method"] for r in records] == ["none", "dominant"]
+    images = [random_image(150, 200, seed=0), random_image(200, 120, seed=1)]
+    prompts = [format_prompt(processor, "what is it?")] * 2
+    result = bench.measure(model, processor, (td.DominantDrop(0.5),), images, prompts, 2)
+    assert result["new_tokens"] == 2

@@ -97,7 +97,8 @@ def run_config(model, processor, samples, config: Config, batch_size, max_new_to
     with td.apply(model, processor, *methods) as handle:
         for i in range(0, len(samples), batch_size):
             batch = samples[i : i + batch_size]
-            inputs = processor(images=[s.load_image() for s in batch], text=[format_prompt(processor, s.question) for s in batch],
+            # one list of images per prompt: a flat list is one prompt's images to some processors (Gemma 4)
+            inputs = processor(images=[[s.load_image()] for s in batch], text=[format_prompt(processor, s.question) for s in batch],
                                return_tensors="pt", padding=True).to(model.device)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
