@@ -25,7 +25,7 @@ def test_cls_row_equals_eager_output_attentions():
 def test_last_token_row_equals_eager_attention_with_gqa_and_padding():
     from transformers import LlamaConfig, LlamaModel
 
-    from tokendrop.engine.decoder import causal_mask
+    from tokendrop.engine.decoders import causal_mask
 
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")

@@ -57,7 +57,7 @@ def test_the_tiny_model_is_hybrid_and_the_hybrid_hook_runs_it(both):
     assert {"linear_attention", "full_attention"} == set(kinds)
     assert all(hasattr(layer, "linear_attn") == (kind == "linear_attention")
                for layer, kind in zip(adapter.language_model.layers, kinds))
-    assert adapter.capabilities() == {"pre_llm", "in_llm"}  # no [CLS], no base image, M-RoPE
+    assert adapter.capabilities() == {"pre_llm", "in_llm", "features"}  # no [CLS], no base image, M-RoPE
     assert type(adapter.decoder_hook()).__name__ == "HybridDecoder"
 
 
