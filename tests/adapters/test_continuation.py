@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 import test_in_llm as llava_reference
 import test_qwen as qwen_reference
@@ -83,6 +84,20 @@ def runs_on(name, model, method):
         pytest.skip(f"{name}: {error}")
 
 
+def skip_where_generate_miscounts(name, model, inputs, method):
+    """Skip where generate() reads the conversation's length from a layer that kept fewer tokens (Qwen3.5 with
+    a drop before its first full-attention layer, on releases whose hybrid cache reports that layer's length:
+    5.19; the engine then refuses the resent image tokens by name, as for FastV k=0)."""
+    if name != "qwen3.5":
+        return
+    with td.apply(model, None, method), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    held = output_cache(out).get_seq_length()
+    if held < inputs["input_ids"].shape[1]:
+        pytest.skip(f"transformers {transformers.__version__}: generate() counts {held} of the {inputs['input_ids'].shape[1]} "
+                    "prompt tokens in this hybrid cache (its first full-attention layer's, after the drop)")
+
+
 KEEP_ALL = [td.FastV(k=1, drop=0.0), td.PyramidDrop(ratio=1.0), td.FastV(k=2, drop=0.0),
             td.PyramidDrop(layers=(1, 3), ratio=1.0)]
 DROPS = [td.FastV(k=1, drop=0.5), td.PyramidDrop(layers=(1, 3), ratio=0.5), td.FastV(k=2, drop=0.5)]
@@ -149,6 +164,7 @@ def test_continuation_equals_the_no_cache_reference(family, images, method):
     name, model, processor, eager = family
     runs_on(name, model, method)
     inputs = processor(images=images[:1], text=[prompt(processor, name)], return_tensors="pt")
+    skip_where_generate_miscounts(name, model, inputs, method)
     turns = [new_turn(processor, text) for text in TURNS]
     with td.apply(model, processor, method) as handle:
         outs = converse(model, inputs, turns)
@@ -165,7 +181,10 @@ def test_continuation_equals_the_no_cache_reference(family, images, method):
     length = inputs["input_ids"].shape[1]
     after = outs[-1].sequences.shape[1] - 1 - length  # the last generated token is not in the cache yet
     text = length - int(reference.image[:length].sum())
-    assert [layer.get_seq_length() for layer in output_cache(outs[-1]).layers] == [text + int(n) + after for n in kept]
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"] * len(kept)
+    attention = [i for i, kind in enumerate(kinds) if kind != "linear_attention"]  # linear-attention caches hold no tokens
+    layers = output_cache(outs[-1]).layers
+    assert [layers[i].get_seq_length() for i in attention] == [text + int(kept[i]) + after for i in attention]
 
 
 # ---- batch == rows alone -----------------------------------------------------------------------------
@@ -180,6 +199,7 @@ def test_left_padded_batch_of_2_equals_rows_alone(family, method):
     turns = processor.tokenizer(TURNS, return_tensors="pt", padding=True, add_special_tokens=False)
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
     assert not batch["attention_mask"].all() and not turns.attention_mask.all()
+    skip_where_generate_miscounts(name, model, batch, method)
     with td.apply(model, processor, method):
         outs = converse_padded(model, batch, turns)
         for row in range(2):

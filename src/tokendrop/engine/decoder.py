@@ -363,10 +363,13 @@ class LLMDropper:
                    "methods (FastV, PyramidDrop) choose image tokens at the prefill only and cannot drop those of a "
                    "later turn. Generate again from the whole conversation without the cache (one prefill that "
                    "selects over every image), or remove the handle")
-        if self.stages and self.stages[0].layer == 0:  # likely the prompt's own image tokens, sent again
-            message += (". With FastV k=0 (a drop before layer 0) generate() itself sends them again when it continues "
-                        "a cache: it counts layer 0's entries (the kept tokens) as the conversation's length; continue "
-                        "with model(input_ids=<the new tokens>, past_key_values=cache) calls, or use k >= 1")
+        first = self.decoder.length_layers[0]
+        if self.stages and self.stages[0].layer <= first:  # likely the prompt's own image tokens, sent again
+            message += (f". With a drop before layer {first}, the first whose cache counts tokens (FastV k=0; on a hybrid "
+                        "decoder, a drop before its first full-attention layer with releases whose generate() reads "
+                        "that layer's length), generate() itself sends them again when it continues a cache: it counts "
+                        f"layer {first}'s entries (the kept tokens) as the conversation's length; continue with "
+                        f"model(input_ids=<the new tokens>, past_key_values=cache) calls, or drop after layer {first}")
         raise ValueError(message)
 
     def _check_cache(self, cache, cached: int) -> None:
