@@ -303,3 +303,13 @@ def test_geometry_is_qwen3_vls_at_the_processors_limits(qwen35):
     for size in [(150, 200), (1000, 90), (33, 33)]:
         ids = encode(processor, [random_image(*size)])
         assert image_slots(model, ids) == adapter.stock_tokens(size, processor)
+
+
+def test_the_moe_decoder_returns_its_output_class_and_refuses_router_logits():
+    model, processor = build(moe=True)
+    inputs = encode(processor, [random_image(*SIZES[0])])
+    with td.apply(model, processor, td.FastV(k=2, drop=0.5)), torch.no_grad():
+        out = model.model.language_model(input_ids=inputs["input_ids"][:, -3:])
+        assert type(out).__name__ == "MoeModelOutputWithPast" and out.router_logits is None  # what the outer model reads
+        with pytest.raises(ValueError, match="output_router_logits=True is not available under in-LLM methods"):
+            model(**inputs, output_router_logits=True)

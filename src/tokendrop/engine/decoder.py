@@ -32,8 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
-
 from tokendrop import compat
 from tokendrop.scoring import query_attention_row
 
@@ -228,6 +226,9 @@ class LLMDropper:
         if kwargs.pop("output_attentions", None) or lm.config.output_attentions:
             raise ValueError("output_attentions=True is not available under in-LLM methods (the layers run SDPA / flash "
                              "attention on shortened sequences); remove the handle to read attention maps")
+        if kwargs.pop("output_router_logits", None):
+            raise ValueError("output_router_logits=True is not available under in-LLM methods (the experts' router logits "
+                             "are not collected on shortened sequences); remove the handle to train with the router loss")
         keep_states = kwargs.pop("output_hidden_states", None)
         states = [] if (lm.config.output_hidden_states if keep_states is None else keep_states) else None
         self.decoder.check_cache(cache)
@@ -251,7 +252,7 @@ class LLMDropper:
         else:
             hidden = self.decode(inputs_embeds, attention_mask, positions, rope, cache, use_cache, states, **kwargs)
         hidden = lm.norm(hidden)
-        return compat.model_output(BaseModelOutputWithPast, cache, last_hidden_state=hidden,
+        return compat.model_output(self.decoder.output_class, cache, last_hidden_state=hidden,
                                    hidden_states=None if states is None else (*states, hidden))
 
     def _cached_tokens(self, cache) -> int:

@@ -109,6 +109,14 @@ class LlamaDecoder:
     def layer_rotary(self, i: int, tables):
         return tables
 
+    @property
+    def output_class(self):
+        """What the stock forward returns: a mixture-of-experts decoder's output has `router_logits`
+        (None here: they are not collected), which its outer model reads."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
+
+        return MoeModelOutputWithPast if getattr(self.config, "num_experts", None) else BaseModelOutputWithPast
+
     def take(self, kwargs: dict) -> dict:
         """The hook's own forward keywords, popped from `kwargs` (what `start` and `after` read)."""
         return {name: kwargs.pop(name, None) for name in self.keywords}
