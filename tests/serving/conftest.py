@@ -101,8 +101,11 @@ class NoVideoKwargs:
 
 class StubVideoProcessor(dict):
     valid_kwargs = NoVideoKwargs
+    tokendrop_stub = True
     merge_size = 2
     temporal_patch_size = 2
+    patch_size = 16
+    size = {"shortest_edge": 4 * 32 * 32, "longest_edge": 2 * 96 * 32 * 32}  # vLLM's Qwen3-VL sizes videos with it
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -114,30 +117,38 @@ class StubVideoProcessor(dict):
 
 
 if importlib.util.find_spec("torchvision") is None:
-    transformers.VideoProcessorMixin = StubVideoProcessor  # the class the processor checks its video processor against
+    if getattr(vars(transformers).get("VideoProcessorMixin"), "tokendrop_stub", False):  # (lazy: needs torchvision)
+        StubVideoProcessor = transformers.VideoProcessorMixin  # one stand-in per process (each folder has its copy)
+    else:
+        transformers.VideoProcessorMixin = StubVideoProcessor  # the class the processor checks its video processor against
 '''
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="session")
-def qwen_checkpoint(tmp_path_factory):
-    """(folder, model, processor): a tiny random Qwen2.5-VL (4 vision blocks, 2 of them window attention,
-    4 LLM layers) saved for vLLM (load with trust_remote_code=True: the video-processor stand-in). The LLM's
-    heads are 32 wide: vLLM's CPU attention has no kernel for the tiny builder's 16."""
+#: Qwen family name -> the text config's M-RoPE sections for 32-wide heads (vLLM's CPU attention has no kernel for
+#: the tiny builders' 16): 2 heads of 32, sections summing to 16
+QWEN_MROPE = {"qwen2-vl": [4, 6, 6], "qwen2.5-vl": [4, 6, 6], "qwen3-vl": [8, 4, 4]}
+
+
+def save_qwen(name: str, folder: Path):
+    """(folder, model, processor): the family's tiny random model (`Family.tiny`, 4 LLM layers) with
+    32-wide LLM heads, saved for vLLM (load with trust_remote_code=True: the video-processor stand-in)."""
     import json
 
     import torch
-    import transformers
 
-    from tokendrop.tiny import tiny_qwen2_5_vl
+    from tokendrop.families import families
+    from tokendrop.families.base import resolve
 
-    model, processor = tiny_qwen2_5_vl(text_layers=4)
+    family = next(f for f in families() if f.name == name)
+    model, processor = resolve(family.tiny)(text_layers=4)
     text = model.config.text_config
     text.num_attention_heads, text.num_key_value_heads = 2, 1
-    text.rope_parameters["mrope_section"] = [4, 6, 6]  # sums to head_dim / 2 = 16
+    if getattr(text, "head_dim", None) is not None:
+        text.head_dim = 32
+    text.rope_parameters["mrope_section"] = QWEN_MROPE[name]
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(model.config).eval()
-    folder = tmp_path_factory.mktemp("qwen2.5-vl")
+    model = type(model)(model.config).eval()
     model.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
@@ -145,3 +156,22 @@ def qwen_checkpoint(tmp_path_factory):
     (folder / "video_preprocessor_config.json").write_text(
         json.dumps({"auto_map": {"AutoVideoProcessor": "video_stub.StubVideoProcessor"}}))
     return folder, model, processor
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoints(tmp_path_factory):
+    """Qwen family name -> (folder, model, processor) (`save_qwen`), each built once, when first asked for."""
+    built = {}
+
+    def checkpoint(name: str):
+        if name not in built:
+            built[name] = save_qwen(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(qwen_checkpoints):
+    """(folder, model, processor): the tiny Qwen2.5-VL (4 vision blocks, 2 of them window attention)."""
+    return qwen_checkpoints("qwen2.5-vl")

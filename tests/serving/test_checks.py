@@ -33,11 +33,10 @@ def test_one_method_instance():
 
 
 def test_unsupported_family_is_named():
-    from tokendrop.tiny import tiny_qwen2_vl
+    from transformers import LlamaConfig
 
-    config = tiny_qwen2_vl(text_layers=1)[0].config
-    with pytest.raises(ValueError, match="tokendrop.vllm serves .*the model is 'qwen2_vl'"):
-        tokendrop.vllm.overrides(td.SpatialDrop(0.2)).for_config(config)
+    with pytest.raises(ValueError, match="tokendrop.vllm serves .*the model is 'llama'"):
+        tokendrop.vllm.overrides(td.SpatialDrop(0.2)).for_config(LlamaConfig())
 
 
 def test_hired_needs_a_cls_token(next_config):
@@ -102,3 +101,18 @@ def test_qwen2_5_vl_refuses_what_it_cannot_serve(qwen_config):
         tokendrop.vllm.overrides(td.BaseOnly()).for_config(qwen_config)
     with pytest.raises(ValueError, match="HiRED needs .*capability 'cls_token'"):
         tokendrop.vllm.overrides(td.HiRED(0.2)).for_config(qwen_config)
+
+
+@pytest.mark.parametrize("builder, architecture", [("tiny_qwen2_vl", "TokendropQwen2VLForConditionalGeneration"),
+                                                   ("tiny_qwen3_vl", "TokendropQwen3VLForConditionalGeneration")])
+def test_qwen2_and_qwen3_vl_serve_the_methods_that_need_no_cls(builder, architecture):
+    import tokendrop.tiny
+
+    config = getattr(tokendrop.tiny, builder)(text_layers=1)[0].config
+    for method in (td.RandomDrop(0.3), td.SpatialDrop(0.4), td.DominantDrop(0.3, layer=1), td.HiPrune(0.3)):
+        served = tokendrop.vllm.overrides(method)(config.__class__.from_dict(config.to_dict()))
+        assert served.architectures == [architecture]
+        assert tokendrop.vllm.method_of(served) == method
+    for method in (td.HiRED(0.2), td.FasterVLM(0.2)):
+        with pytest.raises(ValueError, match=f"{type(method).__name__} needs .*capability 'cls_token'"):
+            tokendrop.vllm.overrides(method).for_config(config)

