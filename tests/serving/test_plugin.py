@@ -28,9 +28,11 @@ METHODS = {
     "spatial": td.SpatialDrop(0.3),
     "base-only": td.BaseOnly(),
     "hired-newlines": td.HiRED(0.25, keep_newlines=True),
+    "hiprune": td.HiPrune(0.3),
 }
-CONFIGURATIONS = ([("next", name) for name in METHODS] + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial")]
-                  + [("onevision", "dominant"), ("onevision", "spatial")])  # SigLIP: no [CLS], so no HiRED
+CONFIGURATIONS = ([("next", name) for name in METHODS if name != "hiprune"]
+                  + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial")]
+                  + [("onevision", "dominant"), ("onevision", "hiprune"), ("onevision", "spatial")])  # SigLIP: no HiRED
 #: per family, a plugin method that keeps every token in the stock order (newlines too)
 KEEP_ALL = {"next": td.HiRED(1.0, keep_newlines=True), "onevision": td.DominantDrop(1.0, keep_newlines=True)}
 #: per family, engine options: OneVision's processor loads a video processor (torchvision, absent here), stubbed
