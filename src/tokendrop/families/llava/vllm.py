@@ -120,8 +120,9 @@ class TokendropLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
         return token_count(config, method_of(config))((image_height, image_width))
 
     def get_image_size_with_most_features(self) -> ImageSize:
-        """The pinpoint with the most kept tokens among those the stock model does not pool (vLLM's
-        profiling image; the stock class names a fixed size whose canvas it pools, which tokendrop refuses)."""
+        """vLLM's profiling image: the pinpoint with the most kept tokens among those whose canvas the stock
+        model does not pool (the stock class names a fixed 1153 x 944 found for the stock counts; the most
+        tokens any image keeps is at a pinpoint, and an image whose canvas is pooled is refused)."""
         config = self.get_hf_config()
         count = token_count(config, method_of(config))
         unpooled = [(h, w) for h, w in config.image_grid_pinpoints if count.geometry.pooled_canvas((h, w)) is None]
