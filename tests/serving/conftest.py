@@ -58,6 +58,31 @@ def llava_checkpoint(tmp_path_factory):
     return save_hub_layout(model, processor, tmp_path_factory.mktemp("llava")), model, processor
 
 
+@pytest.fixture(scope="session")
+def onevision_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random LLaVA-OneVision (56-px tiles, 4x4 patches, 2 SigLIP layers,
+    4 Qwen2 layers whose heads are 32 wide: vLLM's CPU attention has no kernel for the builder's 16; no SigLIP
+    pooling head), saved
+    with the video-processor stand-in (`VIDEO_STUB`: load with trust_remote_code=True)."""
+    import json
+
+    import torch
+    import transformers
+
+    from tokendrop.tiny import tiny_llava_onevision
+
+    model, processor = tiny_llava_onevision(text_layers=4)
+    model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads = 2, 1
+    model.config.vision_config.vision_use_head = False  # as the hub's OneVision checkpoints (vLLM builds no head)
+    torch.manual_seed(0)
+    model = transformers.LlavaOnevisionForConditionalGeneration(model.config).eval()
+    folder = save_hub_layout(model, processor, tmp_path_factory.mktemp("llava-onevision"))
+    (folder / "video_stub.py").write_text(VIDEO_STUB)
+    (folder / "video_preprocessor_config.json").write_text(
+        json.dumps({"auto_map": {"AutoVideoProcessor": "video_stub.StubVideoProcessor"}}))
+    return folder, model, processor
+
+
 @contextlib.contextmanager
 def engine(folder, hf_overrides=None, **options):
     """A vLLM `LLM` on `folder`, shut down (its engine process ended) on exit."""

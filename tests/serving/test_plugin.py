@@ -30,9 +30,18 @@ METHODS = {
     "hired-newlines": td.HiRED(0.25, keep_newlines=True),
     "divprune": td.DivPrune(0.3),
     "vispruner": td.VisPruner(0.3, important_ratio=0.4),
+    "fastervlm": td.FasterVLM(0.3),
+    "hiprune": td.HiPrune(0.3),
 }
-CONFIGURATIONS = [("next", name) for name in METHODS] + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial"),
-                                                         ("llava", "divprune"), ("llava", "vispruner")]
+CONFIGURATIONS = ([("next", name) for name in METHODS if name != "hiprune"]  # the tiny towers vLLM builds stop at the feature layer
+                  + [("llava", "hired"), ("llava", "dominant"), ("llava", "spatial"), ("llava", "divprune"),
+                     ("llava", "vispruner")]
+                  + [("onevision", "dominant"), ("onevision", "hiprune"), ("onevision", "spatial")])  # SigLIP: no HiRED
+#: per family, a plugin method that keeps every token in the stock order (newlines too)
+KEEP_ALL = {"next": td.HiRED(1.0, keep_newlines=True), "onevision": td.DominantDrop(1.0, keep_newlines=True)}
+#: per family, engine options: OneVision's processor loads a video processor (torchvision, absent here), stubbed
+#: by remote code, and no videos (vLLM would profile one)
+ENGINE_OPTIONS = {"onevision": {"trust_remote_code": True, "limit_mm_per_prompt": {"image": 1, "video": 0}}}
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(IMAGE_SIZES)]
 
 
@@ -53,7 +62,7 @@ def served(request):
     family, name = request.param
     folder, model, processor = request.getfixturevalue(f"{family}_checkpoint")
     method = METHODS[name]
-    with engine(folder, tokendrop.vllm.overrides(method)) as llm:
+    with engine(folder, tokendrop.vllm.overrides(method), **ENGINE_OPTIONS.get(family, {})) as llm:
         ours = first_logprobs(llm, IMAGES)
     stock = [length for length, _ in transformers_path(model, processor, None, IMAGES)]
     return ours, transformers_path(model, processor, method, IMAGES), stock
@@ -73,14 +82,15 @@ def test_logprobs_equal_transformers_path(served):
         assert diff < TOL, f"max |vLLM - transformers| first-token logprob difference {diff:.2e}"
 
 
-@pytest.fixture(scope="module")
-def stock_and_keep_all(next_checkpoint):
-    """First-token logprobs of stock vLLM and of the plugin keeping everything (HiRED(1.0) with newlines:
-    the stock token sequence exactly)."""
-    folder, _, _ = next_checkpoint
-    with engine(folder) as llm:
+@pytest.fixture(scope="module", params=list(KEEP_ALL))
+def stock_and_keep_all(request):
+    """First-token logprobs of stock vLLM and of the plugin keeping everything (`KEEP_ALL`: the stock
+    token sequence exactly)."""
+    folder, _, _ = request.getfixturevalue(f"{request.param}_checkpoint")
+    options = ENGINE_OPTIONS.get(request.param, {})
+    with engine(folder, **options) as llm:
         stock = first_logprobs(llm, IMAGES)
-    with engine(folder, tokendrop.vllm.overrides(td.HiRED(1.0, keep_newlines=True))) as llm:
+    with engine(folder, tokendrop.vllm.overrides(KEEP_ALL[request.param]), **options) as llm:
         keep_all = first_logprobs(llm, IMAGES)
     return stock, keep_all
 

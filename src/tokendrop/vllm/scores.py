@@ -5,7 +5,8 @@ the output of `layers[b].self_attn.qkv_proj` while the tower runs its normal for
 are recomputed from those queries and keys exactly as `tokendrop.scoring` does from transformers'
 `q_proj` / `k_proj`: the same tower pass, never a second one, never an N x N map for all heads.
 
-T tiles (every partition of every image), L = N + 1 tokens ([CLS] first), H heads, hd head width.
+T tiles (every partition of every image), L = N + 1 tokens ([CLS] first; L = N in a SigLIP tower),
+H heads, hd head width.
 """
 
 from __future__ import annotations
@@ -42,21 +43,23 @@ def split_heads(qkv: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tenso
     return q.reshape(T, L, heads, head_dim), k.reshape(T, L, heads, head_dim)
 
 
-def cls_scores(qkv: torch.Tensor, attention) -> torch.Tensor:
-    """(T, N) fp32: the [CLS] query's softmax row over all keys, summed over heads, [CLS] column dropped."""
+def cls_scores(qkv: torch.Tensor, attention, first: int = 1) -> torch.Tensor:
+    """(T, N) fp32: the [CLS] query's softmax row over all keys, summed over heads, [CLS] column dropped
+    (`first` is 1 for every tower that has a [CLS]: the capability check refuses the others)."""
     q, k = split_heads(qkv, attention)
     q0 = q[:, :1].transpose(1, 2).float()  # (T, H, 1, hd)
     logits = (q0 @ k.transpose(1, 2).float().transpose(-1, -2)).squeeze(2) * attention.scale  # (T, H, L)
-    return logits.softmax(dim=-1)[:, :, 1:].sum(dim=1)
+    return logits.softmax(dim=-1)[:, :, first:].sum(dim=1)
 
 
-def received_scores(qkv: torch.Tensor, attention) -> torch.Tensor:
-    """(T, N) fp32: the attention each patch receives from its tile's queries, averaged (DominantDrop)."""
+def received_scores(qkv: torch.Tensor, attention, first: int = 1) -> torch.Tensor:
+    """(T, N) fp32: the attention each patch receives from its tile's queries, averaged (DominantDrop);
+    `first` is the first patch column (1 after a [CLS], 0 for SigLIP, which has none)."""
     q, k = split_heads(qkv, attention)
     T, L, H, hd = q.shape
     segments = [(t * L, (t + 1) * L) for t in range(T)]
     received = received_attention(q.reshape(T * L, H, hd), k.reshape(T * L, H, hd), attention.scale, segments)
-    return received.view(T, L)[:, 1:]
+    return received.view(T, L)[:, first:]
 
 
 #: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here (the feature kinds: `feature_inputs`)

@@ -57,7 +57,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     image_processor_class = (
         "transformers.models.llava_onevision.image_processing_pil_llava_onevision:LlavaOnevisionImageProcessorPil")
     tiny = "tokendrop.families.llava.tiny:tiny_llava_onevision"
-    vllm = ""  # its vLLM class is not subclassed by tokendrop (yet)
+    vllm = "tokendrop.families.llava.vllm:TokendropLlavaOnevisionForConditionalGeneration"
     cls_token = False
 
     @classmethod

