@@ -43,7 +43,8 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       O pre_llm_patches(method, record, geometry)  more seams (M-RoPE positions); default: encoder_patch
       O processor_patches(processor, count, live)  more processor seams (placeholder text, image sizes)
       O processor_geometry(processor)           geometry with the processor's resize settings
-      M stock_tokens(image_size, processor)     the stock processor's placeholder count
+      O stock_tokens(image_size, processor)     the stock processor's placeholder count (default: the layout's tokens)
+      O processor_expects()                     processor settings the model fixes ("image_processor.patch_size" -> value)
       O check_processor(processor), hint(missing), visual_token_ids, language_model, check(method)
     costs and benchmark models
       M shapes(), O vision_work(layout), token_pixels()
@@ -358,8 +359,14 @@ class Family:
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         """Visual tokens the stock processor writes for an image of (height, width) pixels (some
-        families' counts depend on the processor's resize settings: pass it when there is one)."""
-        raise NotImplementedError
+        families' counts depend on the processor's resize settings: pass it when there is one).
+        Default: every token of the image's layout (the processor's geometry when given)."""
+        geometry = self.geometry if processor is None else self.processor_geometry(processor)
+        return geometry.layout(image_size).patches
+
+    def processor_expects(self) -> dict:
+        """Processor settings the model fixes: "attribute" or "image_processor.attribute" -> the value."""
+        return {}
 
     def check_processor(self, processor) -> None:
         """ValueError if `processor` was not built for this model (placeholder counts would not line up)."""
@@ -369,6 +376,12 @@ class Family:
                              f"the model expects {self.image_token_id!r}")
         if "replace_image_token" in vars(processor):
             raise ValueError("processor is already patched (replace_image_token is overridden); call handle.remove() first")
+        for path, want in self.processor_expects().items():
+            got = processor
+            for part in path.split("."):
+                got = getattr(got, part, None)
+            if got != want:
+                raise ValueError(f"processor does not belong to the model: {path} is {got!r}, the model expects {want!r}")
 
     def encoder_patch(self, method: PreLLMMethod, record):
         """A replacement `get_image_features` keeping `method`'s tokens; `record(selections)` gets the picks."""

@@ -186,19 +186,9 @@ class Gemma4Adapter(Family):
         images = processor.image_processor
         return Gemma4Geometry(images.patch_size, images.pooling_kernel_size, images.max_soft_tokens)
 
-    def stock_tokens(self, image_size=None, processor=None) -> int:
-        geometry = self.geometry if processor is None else self.processor_geometry(processor)
-        return geometry.layout(image_size).patches
-
-    def check_processor(self, processor) -> None:
-        super().check_processor(processor)
-        images = getattr(processor, "image_processor", None)
+    def processor_expects(self) -> dict:
         vision = self.config.vision_config
-        for name, want in (("patch_size", vision.patch_size), ("pooling_kernel_size", vision.pooling_kernel_size)):
-            got = getattr(images, name, None)
-            if got != want:
-                raise ValueError(f"processor does not belong to the model: image_processor.{name} is {got!r}, "
-                                 f"the model expects {want!r}")
+        return {"image_processor.patch_size": vision.patch_size, "image_processor.pooling_kernel_size": vision.pooling_kernel_size}
 
     @classmethod
     def build_processor(cls, image_processor, tokenizer, chat_template=None, **settings):

@@ -135,12 +135,8 @@ class InternVLAdapter(Family):
         layout = self.processor_geometry(processor).layout(image_size) if processor is not None else self.layout(image_size)
         return layout.num_partitions * layout.patches
 
-    def check_processor(self, processor) -> None:
-        super().check_processor(processor)
-        want = self.geometry.grid**2
-        got = getattr(processor, "image_seq_length", None)
-        if got != want:
-            raise ValueError(f"processor does not belong to the model: image_seq_length is {got!r}, the model expects {want}")
+    def processor_expects(self) -> dict:
+        return {"image_seq_length": self.geometry.grid**2}
 
     def processor_patches(self, processor, count: TokenCount, live):
         from tokendrop.families.internvl.seams import ImageSizes, WrappedPlaceholders

@@ -44,14 +44,9 @@ class LlavaStyle(Family):
         if method.stage == "pre" and method.scores() and not hasattr(self.tower.encoder.layers[0], "layer_norm1"):
             raise TypeError(f"vision tower must be a CLIP-style encoder, got {type(self.tower).__name__}")
 
-    def check_processor(self, processor) -> None:
-        super().check_processor(processor)
-        expected = {"patch_size": self.config.vision_config.patch_size,
-                    "vision_feature_select_strategy": self.config.vision_feature_select_strategy}
-        for name, want in expected.items():
-            got = getattr(processor, name, None)
-            if got != want:
-                raise ValueError(f"processor does not belong to the model: {name} is {got!r}, the model expects {want!r}")
+    def processor_expects(self) -> dict:
+        return {"patch_size": self.config.vision_config.patch_size,
+                "vision_feature_select_strategy": self.config.vision_feature_select_strategy}
 
     def shapes(self) -> Shapes:
         import torch

@@ -135,19 +135,9 @@ class QwenVLStyle(Family):
         return QwenGeometry(images.patch_size, images.merge_size, get("shortest_edge") or self.default_pixels[0],
                             get("longest_edge") or self.default_pixels[1])
 
-    def stock_tokens(self, image_size=None, processor=None) -> int:
-        geometry = self.geometry if processor is None else self.processor_geometry(processor)
-        return geometry.layout(image_size).patches
-
-    def check_processor(self, processor) -> None:
-        super().check_processor(processor)
-        images = getattr(processor, "image_processor", None)
+    def processor_expects(self) -> dict:
         vision = self.config.vision_config
-        for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size)):
-            got = getattr(images, name, None)
-            if got != want:
-                raise ValueError(f"processor does not belong to the model: image_processor.{name} is {got!r}, "
-                                 f"the model expects {want!r}")
+        return {"image_processor.patch_size": vision.patch_size, "image_processor.merge_size": vision.spatial_merge_size}
 
     def hint(self, missing: list[str]) -> str:
         if "renumber" in missing:
