@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tokendrop.families.base import Family
 from tokendrop.families.llava.llava_next import LlavaNextAdapter, NextGeometry
 from tokendrop.methods.layout import Layout
 
@@ -76,6 +75,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def hint(self, missing: list[str]) -> str:
         return ": SigLIP has no [CLS]; DominantDrop ranks by the attention each token receives" if "cls_token" in missing else ""
 
-    def check_processor(self, processor) -> None:
-        Family.check_processor(self, processor)  # its processor counts by num_image_tokens, not patch_size
-        self.check_pinpoints(processor)
+    def processor_expects(self) -> dict:
+        return {}  # its processor counts by num_image_tokens, not patch_size (the pinpoints are checked)
