@@ -112,11 +112,9 @@ class InternVLAdapter(Family):
     @classmethod
     def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
         """name -> (score kind, 0-based InternViT block) of every score `method` reads."""
-        from tokendrop.families.llava.vision import score_blocks  # the rule every [CLS] tower shares
+        from tokendrop.families.llava.vision import config_score_blocks  # the rule every [CLS] tower shares
 
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
-        return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+        return config_score_blocks(config, method)
 
     # ---- processor ---------------------------------------------------------------------------------
     def processor_geometry(self, processor):

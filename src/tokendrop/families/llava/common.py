@@ -31,11 +31,9 @@ class LlavaStyle(Family):
     @classmethod
     def config_score_blocks(cls, config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
         """name -> (score kind, 0-based encoder block) of every score `method` reads."""
-        from tokendrop.families.llava.vision import score_blocks
+        from tokendrop.families.llava.vision import config_score_blocks
 
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
-        return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+        return config_score_blocks(config, method)
 
     def check(self, method) -> None:
         """`Family.check` (which runs `config_check`: capabilities, score blocks), plus what only the

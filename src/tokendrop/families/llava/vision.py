@@ -47,6 +47,14 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
     return blocks
 
 
+def config_score_blocks(config, method: PreLLMMethod) -> dict[str, tuple[str, int]]:
+    """`score_blocks` for a model config whose features are one layer of its tower (`vision_feature_layer`,
+    an int): the config-level answer of the [CLS]-tower families (LLaVA, InternVL)."""
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
+    return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+
+
 def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True,
                projector=None):
     """Run the vision tower once (its own attention backend) and read what selection needs.
