@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokendrop.loading import save_hub_layout  # the layout of hub checkpoints: the only one stock vLLM loads
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(test function): read the served model
 
@@ -30,13 +32,6 @@ ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
-def save_hub_layout(model, processor, folder: Path) -> Path:
-    """Save in the hub layout stock vLLM 0.32 loads (workaround 4 of shared/reference/vllm.md)."""
-    from tokendrop.vllm.serve_bench import save_for_vllm
-
-    return save_for_vllm(model, processor, folder)
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +169,7 @@ def save_qwen(name: str, folder: Path):
     text.rope_parameters["mrope_section"] = QWEN_MROPE[name]
     torch.manual_seed(0)
     model = type(model)(model.config).eval()
-    model.save_pretrained(folder)
+    save_hub_layout(model, None, folder)
     processor.image_processor.save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
     (folder / "video_stub.py").write_text(VIDEO_STUB)

@@ -1,5 +1,5 @@
-"""`tokendrop serve`: vLLM's OpenAI server on the bundled model (transformers 5.x weight layout, served
-as it is) answers a chat request with a base64 image and counts the reduced prompt."""
+"""`tokendrop serve`: vLLM's OpenAI server on the bundled model (shipped in the hub layout, served as it
+is) answers a chat request with a base64 image and counts the reduced prompt."""
 
 from __future__ import annotations
 

@@ -222,6 +222,9 @@ class Family:
     tokenizer: ClassVar[str] = "tokendrop.tiny:tiny_tokenizer"  # a tiny tokenizer with the family's special tokens
     decoder: ClassVar[str] = ""  # "module:Class" of the decoder hook the in-LLM loop runs (grants in_llm); "": none
     projects_all: ClassVar[bool] = False  # the projector runs on every token (pre-LLM selection after it)
+    #: (regex, replacement) weight-name rules from what transformers 5 saves to the layout of the family's hub
+    #: checkpoints, which transformers 5 and stock vLLM both load (`tokendrop.loading.save_hub_layout`); (): the same
+    hub_layout: ClassVar[tuple[tuple[str, str], ...]] = ()
     # capabilities of the family (an instance may lack some: see `capabilities`)
     pre_llm: ClassVar[bool] = False
     cls_token: ClassVar[bool] = False

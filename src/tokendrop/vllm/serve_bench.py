@@ -37,31 +37,14 @@ CHAT_TEMPLATE = ("{%- for message in messages -%}{%- for part in message['conten
 KV_METRIC = re.compile(r"^vllm:kv_cache_usage_perc\{[^}]*\}\s+([0-9.eE+-]+)", re.M)
 
 
-def save_for_vllm(model, processor, folder: Path) -> Path:
-    """Save a transformers model in the hub layout (`vision_tower.vision_model.*`) that stock vLLM 0.32
-    loads; transformers 5.x writes `vision_tower.embeddings.*` (tokendrop's classes load both)."""
-    from safetensors.torch import load_file, save_file
-
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    path = folder / "model.safetensors"
-    weights = {}
-    for name, tensor in load_file(path).items():
-        for part in ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."):
-            name = name.replace(f"vision_tower.{part}", f"vision_tower.vision_model.{part}")
-        weights[name] = tensor
-    save_file(weights, path, metadata={"format": "pt"})
-    return folder
-
-
 def prepare_arch_model(arch: str, folder: Path, vision_layers: int | None = None, seed: int = 0) -> str:
     """Random weights with `arch`'s widths (as `tokendrop bench --arch`), saved for vLLM; returns a description."""
     from tokendrop.bench import load_bench_model
+    from tokendrop.loading import save_hub_layout
 
     model, processor, what = load_bench_model(arch=arch, vision_layers=vision_layers, seed=seed)
     processor.chat_template = CHAT_TEMPLATE
-    save_for_vllm(model, processor, folder)
+    save_hub_layout(model, processor, folder)  # the layout stock vLLM loads (the stock rows of the bench)
     return what
 
 

@@ -19,10 +19,13 @@ def server_command(model: str, method=None, vllm_args: list[str] | tuple = ()) -
 
     Raises:
         ValueError / TypeError: the method cannot be served (in-LLM), or not on this model (its family,
-            a capability, a layer); OSError / ValueError from transformers when the config cannot be read.
+            a capability, a layer), or a local folder's weights are not in the hub layout vLLM loads
+            (`check_hub_layout`); OSError / ValueError from transformers when the config cannot be read.
     """
+    from tokendrop.loading import check_hub_layout
     from tokendrop.vllm import overrides
 
+    check_hub_layout(str(model))  # stock vLLM and tokendrop's classes load the hub layout only
     command = [sys.executable, "-m", SERVER_MODULE, "--model", str(model)]
     if method is not None:
         command += ["--hf-overrides", json.dumps(overrides(method).as_dict(str(model)))]

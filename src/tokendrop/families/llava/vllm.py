@@ -12,14 +12,14 @@ LLaVA-OneVision packs its images as LLaVA-NeXT does (same `pack_kept`) with a Si
 every tower token is a patch); its videos stay stock (the method drops image tokens only), and an image
 whose canvas the stock model pools (more than `anyres_max_N` tiles) is refused by the placeholder count,
 as on the transformers path.
-The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
-transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
-(`vision_tower.vision_model.*`) through one more weight-name rule.
+The method comes from the config (`tokendrop.vllm.overrides` put it there). Weights load as in stock vLLM:
+hub checkpoints (`vision_tower.vision_model.*`, the bundled model too); a folder written by transformers 5
+`save_pretrained` (`vision_tower.embeddings.*`) is re-saved with `tokendrop.loading.save_hub_layout`, and
+`tokendrop serve` says so before starting (`tokendrop.loading.check_hub_layout`).
 """
 
 from __future__ import annotations
 
-import re
 import torch
 
 from tokendrop.vllm import compat
@@ -36,7 +36,6 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
                                                         LlavaOnevisionForConditionalGeneration,
                                                         LlavaOnevisionImageEmbeddingInputs,
                                                         LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
-from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.parse import ImageSize  # noqa: E402
 
@@ -45,12 +44,6 @@ from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
 from tokendrop.vllm.scores import SCORERS, feature_inputs, record_qkv  # noqa: E402
-
-#: transformers 5.x writes the CLIP tower without its `vision_model.` level; vLLM loads the hub layout
-HF5_VISION_LAYOUT = WeightsMapper(orig_to_new_regex={
-    re.compile(r"^(model\.)?vision_tower\.(?=(embeddings|encoder|pre_layrnorm|post_layernorm)\.)"): "vision_tower.vision_model.",
-})
-
 
 class Dropping:
     """What both model classes share: the method, the blocks it scores, and one tower pass that scores."""
@@ -103,8 +96,6 @@ class TokendropLlavaNextProcessingInfo(LlavaNextProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=TokendropLlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
@@ -134,8 +125,6 @@ class TokendropLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=TokendropLlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class TokendropLlavaOnevisionForConditionalGeneration(Dropping, LlavaOnevisionForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
@@ -155,8 +144,6 @@ class TokendropLlavaProcessingInfo(LlavaProcessingInfo):
 @MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=TokendropLlavaProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class TokendropLlavaForConditionalGeneration(Dropping, LlavaForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
