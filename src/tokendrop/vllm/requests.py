@@ -13,8 +13,8 @@ What vLLM 0.32 does with a request's `mm_processor_kwargs`, and what tokendrop d
      hashes apart from one that spells the default: two entries, both correct).
   3. The processor's `apply` validates the dict (`RequestMethodProcessor`): an exception there becomes
      a 400 and the engine keeps serving (one raised inside the model would end the engine). The
-     count comes from where the dict is (`_call_hf_processor`, `_get_prompt_updates`), never from
-     `get_num_image_tokens`, which vLLM calls without it.
+     count comes from where the dict is (`_apply_hf_processor_main`, around `_call_hf_processor`, and
+     `_get_prompt_updates`), never from `get_num_image_tokens`, which vLLM calls without it.
   4. The model never sees the request: each image's method travels as a field of the processor
      output (`FIELD`, the method's settings as JSON bytes, batched per image), which vLLM caches and
      hashes with the image; the model class reads it (`RequestMethodModel`).
@@ -125,7 +125,7 @@ class RequestMethodProcessor:
         return {k: v for k, v in kwargs.items() if k not in ours}
 
     def apply(self, inputs, timing_ctx):
-        # 1. refuse a bad request here, in the front end: vLLM answers 400 and keeps serving
+        # refuse a bad request here, in the front end: vLLM answers 400 and keeps serving
         request_method(self.served(), inputs.hf_processor_mm_kwargs, self.info.get_hf_config())
         return super().apply(inputs, timing_ctx)
 
@@ -134,13 +134,17 @@ class RequestMethodProcessor:
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
         return dataclasses.replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, **LARGEST})
 
-    def _call_hf_processor(self, hf_data, hf_kwargs):
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        # every family's processing runs through here (LLaVA-OneVision calls the HF processor itself, not
+        # `_call_hf_processor`): the method's options kept from vLLM's and Hugging Face's calls, the field added
+        from vllm.multimodal.parse import ImageProcessorItems
+
         options = {k: v for k, v in hf_kwargs.items() if k in type(self.served()).options()}
         method = request_method(self.served(), options)
-        out = super()._call_hf_processor(hf_data, self.without_ours(hf_kwargs))
-        images = len(hf_data.get("images") or [])
-        if images:
-            out[FIELD] = encode(method, images)  # (images, bytes): the model reads each image's method here
+        out = super()._apply_hf_processor_main(mm_items, self.without_ours(hf_kwargs))
+        images = mm_items.get("image")
+        if isinstance(images, ImageProcessorItems) and len(images):
+            out[FIELD] = encode(method, len(images))  # (images, bytes): the model reads each image's method here
         return out
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -150,12 +154,17 @@ class RequestMethodProcessor:
         return {**fields, FIELD: MultiModalFieldConfig.batched("image")}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.parse import ImageEmbeddingItems
+
         updates = super()._get_prompt_updates(mm_items, self.without_ours(hf_processor_mm_kwargs), out_mm_kwargs)
 
         def kept_placeholders(item_idx: int, update):
             item = out_mm_kwargs["image"][item_idx]
-            if FIELD not in item:  # precomputed embeddings: the caller's tokens, counted by their size
+            if isinstance(mm_items.get("image"), ImageEmbeddingItems):  # the caller's tokens, counted by their size
                 return update.replacement(item_idx) if callable(update.replacement) else update.replacement
+            if FIELD not in item:
+                raise RuntimeError(f"an image's processor output has no {FIELD!r} field: the family's processor "
+                                   "does not run through RequestMethodProcessor._apply_hf_processor_main")
             method = decode([item[FIELD].data])[0]
             return list(update.target) * self.info.kept_count(method, item_idx, mm_items, item)
 

@@ -13,7 +13,8 @@ LLaVA-OneVision packs its images as LLaVA-NeXT does (same `pack_kept`) with a Si
 every tower token is a patch); its videos stay stock (the method drops image tokens only), and an image
 whose canvas the stock model pools (more than `anyres_max_N` tiles) is refused by the placeholder count,
 as on the transformers path.
-The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
+The served method comes from the config (`tokendrop.vllm.overrides` put it there), each image's from its
+request (`tokendrop.vllm.requests`: the served one with the request's options). Checkpoints saved by
 transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
 (`vision_tower.vision_model.*`) through one more weight-name rule.
 """
