@@ -2,11 +2,13 @@
 
 One engine per family (LLaVA-NeXT served with HiRED; LLaVA-OneVision, whose processor calls the Hugging
 Face processor its own way, and Qwen2.5-VL, whose model class keeps a scored choice by image digest, with
-DominantDrop), prefix caching, the encoder cache and the processor cache on. The same image goes in at the served budget, at another budget, with another option and at keep-all,
-interleaved, in one concurrent batch and then again (the second round hits every cache): each request's count
-and first-token logprobs equal the transformers path's for that request's method (a fresh model, no cache),
+DominantDrop), prefix caching, the encoder cache and the processor cache on. The same image goes in at the
+served budget, at another budget, with another option and at keep-all, interleaved with a second image, in
+one concurrent batch and then again (the second round hits every cache): each request's count and
+first-token logprobs equal the transformers path's for that request's method (a fresh model, no cache),
 within `TOL` (as in test_plugin.py). A cache keyed by the image alone would hand the second budget the
-first one's rows (or choice): other counts or logprobs.
+first one's rows (or choice): other counts or logprobs (checked: without the method in the Qwen digest
+the engine fails on the second budget).
 """
 
 from __future__ import annotations
