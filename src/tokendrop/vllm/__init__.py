@@ -82,8 +82,10 @@ class Overrides:
     """A callable `hf_overrides`: config -> the same config, served with `method` (picklable)."""
 
     def __init__(self, method: PreLLMMethod):
+        from tokendrop.vllm.requests import settings_json
+
         self.method = method
-        self.settings = json.dumps({"name": method.name, **{f: getattr(method, f) for f in method.options()}})
+        self.settings = settings_json(method)
 
     def __call__(self, config):
         if str(getattr(config, "model_type", "")).startswith("dummy_"):
@@ -111,12 +113,10 @@ class Overrides:
 
 def method_of(config) -> PreLLMMethod:
     """The method whose settings `overrides` stored in `config`."""
-    from tokendrop.registry import method_class
+    from tokendrop.vllm.requests import method_from_json
 
     settings = getattr(config, SETTINGS, None)
     if settings is None:
         raise ValueError(f"the model config has no {SETTINGS!r}: load tokendrop architectures with "
                          "hf_overrides=tokendrop.vllm.overrides(method)")
-    fields = json.loads(settings) if isinstance(settings, str) else dict(settings)
-    cls = method_class(fields.pop("name"))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return method_from_json(settings if isinstance(settings, str) else json.dumps(dict(settings)))
