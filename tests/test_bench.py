@@ -53,7 +53,7 @@ def test_registry_errors_name_the_problem(name, kwargs, message):
         assert "Available: none, hired" in str(err.value)
 
 
-def test_a_control_is_a_name_of_its_own_run_alone_at_each_budget():
+def test_a_control_is_a_name_of_its_own_run_alone_at_each_budget(capsys):
     from tokendrop.families.gemma4.control import SoftTokenBudget
     from tokendrop.registry import build_run, configurations, control_names
 
@@ -70,6 +70,8 @@ def test_a_control_is_a_name_of_its_own_run_alone_at_each_budget():
         assert message in str(err.value)
     with pytest.raises(ValueError, match="Did you mean 'gemma4-budget'"):
         build_run("gemma4-budgt", budget=0.25)
+    assert main(["methods"]) == 0
+    assert "  gemma4-budget: gemma4 only. The stock Gemma 4 at its own `max_soft_tokens`" in capsys.readouterr().out
 
 
 def test_a_control_on_a_family_without_it_is_refused_in_one_line(tiny_folder, next_model, capsys):

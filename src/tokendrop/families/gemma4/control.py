@@ -78,8 +78,10 @@ def fewer_tokens(processor, max_soft_tokens: int):
 
 @dataclass(frozen=True)
 class SoftTokenBudget(Control):
-    """The stock Gemma 4 asked for `budget` of its visual tokens by its own setting: `max_soft_tokens`
-    = budget x the processor's (`control_setting`); run as "gemma4-budget" by bench and eval."""
+    """The stock Gemma 4 at its own `max_soft_tokens` = budget x the processor's, nothing dropped.
+
+    The "ask the model for fewer tokens" control beside a method at `budget` (`control_setting`
+    names the budgets that have a setting); run as "gemma4-budget" by bench and eval."""
 
     name: ClassVar[str] = "gemma4-budget"
     budget: float
