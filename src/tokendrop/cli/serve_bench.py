@@ -24,8 +24,9 @@ from tokendrop.cli.options import (add_json, comma_list, flag, one_int, output_p
 from tokendrop.cli.serve import keep_unknown_for_vllm, vllm_installed
 
 DEFAULT_CONFIGS = "none,hired@0.1,hired@0.2,hired@0.4,spatial@0.2"
-#: vLLM options every server gets first (the user's own come after and win): fp32 as `tokendrop bench` on CPU
-DEFAULT_VLLM_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
+#: vLLM options every server gets first (the user's own come after and win): fp32 as `tokendrop bench` on CPU;
+#: then the model's own (`vllm_args_for`: its context length, remote code)
+DEFAULT_VLLM_ARGS = ["--dtype", "float32", "--enforce-eager"]
 
 
 def add_parser(subparsers) -> None:

@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 QUESTION = "Describe the image in detail."
+MAX_MODEL_LEN = 4096  #: tokens of context a server gets (the model's own limit if shorter)
 #: the bundled model's chat template: images first, then "Q: ... A:"
 CHAT_TEMPLATE = ("{%- for message in messages -%}{%- for part in message['content'] if part['type'] == 'image' -%}"
                  "{{ '<image>\\n' }}{%- endfor -%}Q: {% for part in message['content'] if part['type'] == 'text' %}"
@@ -80,17 +81,35 @@ def save_for_vllm(model, processor, folder: Path) -> Path:
 def prepare_arch_model(arch: str, folder: Path, vision_layers: int | None = None, seed: int = 0) -> str:
     """Random weights with `arch`'s widths (as `tokendrop bench --arch`), saved for vLLM; returns a description."""
     from tokendrop.bench import load_bench_model
-    from tokendrop.processors import owns_video_processor
-    from tokendrop.registry import family_of
 
     model, processor, what = load_bench_model(arch=arch, vision_layers=vision_layers, seed=seed)
     if not getattr(processor, "chat_template", None):  # the LLaVA arch processors carry none (Qwen-VL's do)
         processor.chat_template = CHAT_TEMPLATE
     save_for_vllm(model, processor, folder)
-    if importlib.util.find_spec("torchvision") is None and owns_video_processor(
-            family_of(model.config.model_type).processor_class):
-        write_video_stub(folder)
+    add_video_processor(folder, model.config.model_type)
     return what
+
+
+def add_video_processor(folder: Path, model_type: str) -> bool:
+    """Give a saved model whose processor owns a video processor (Qwen-VL) one vLLM can build: the
+    stock one where torchvision is installed (tokendrop's processors are image-only, so none was
+    saved), else `VIDEO_STUB`. False: the processor has none, nothing to do."""
+    import transformers
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    from tokendrop.processors import owns_video_processor
+    from tokendrop.registry import family_of
+
+    if not owns_video_processor(family_of(model_type).processor_class):
+        return False
+    if (Path(folder) / "video_preprocessor_config.json").exists():
+        return True
+    if importlib.util.find_spec("torchvision") is None:
+        write_video_stub(folder)
+        return True
+    names = VIDEO_PROCESSOR_MAPPING_NAMES[model_type]  # {"torchvision": class name} (or the name itself)
+    getattr(transformers, names["torchvision"] if isinstance(names, dict) else names)().save_pretrained(folder)
+    return True
 
 
 #: Remote code standing in for the video processor of a saved model (Qwen-VL): vLLM builds the model's whole
@@ -140,8 +159,14 @@ def write_video_stub(folder: Path) -> None:
 
 
 def vllm_args_for(folder: Path) -> list[str]:
-    """vLLM options the saved model needs: --trust-remote-code when it carries the video stub."""
-    return ["--trust-remote-code"] if (Path(folder) / "video_stub.py").exists() else []
+    """vLLM options the saved model needs: a context of MAX_MODEL_LEN tokens or the model's own limit if
+    shorter (vLLM refuses a longer one), and --trust-remote-code when it carries the video stub."""
+    from tokendrop.loading import load_config
+
+    text = load_config(str(folder)).get_text_config()
+    length = min(MAX_MODEL_LEN, getattr(text, "max_position_embeddings", None) or MAX_MODEL_LEN)
+    stub = ["--trust-remote-code"] if (Path(folder) / "video_stub.py").exists() else []
+    return ["--max-model-len", str(length), *stub]
 
 
 def prepare_bundled_model(folder: Path) -> str:
