@@ -240,7 +240,7 @@ def engine_main(spec_path: str, out_path: str) -> None:
         try:
             llm = LLM(model=job["folder"], hf_overrides=hf_overrides or {}, **job["engine"])
         except Exception as err:  # noqa: BLE001 (reported in the row; the next configuration still runs)
-            results[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            results[label] = f"{type(err).__name__}: {first_line(err)}"
             continue
         try:
             runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
@@ -252,6 +252,11 @@ def engine_main(spec_path: str, out_path: str) -> None:
             del llm
             gc.collect()
     Path(out_path).write_text(json.dumps({"runner": runner, "results": results}))
+
+
+def first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 # ---- the check -------------------------------------------------------------------------------------
@@ -321,19 +326,22 @@ def format_table(rows: list[dict]) -> str:
 
 def serve_bench(device: str, work: Path) -> int:
     """The short serve-bench on the bundled model (its own process: `tokendrop serve-bench`)."""
-    extra = ["--gpu-memory-utilization", "0.3"]
-    env = {**os.environ, **({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if device == "cpu" else {})}
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU engine's default is sized for big servers
     command = [sys.executable, "-m", "tokendrop", "serve-bench", "--model", "bundled", *BENCH,
-               "--log-dir", str(work / "serve-bench"), *extra]
+               "--log-dir", str(work / "serve-bench"), "--gpu-memory-utilization", "0.3"]
     return subprocess.run(command, env=env).returncode
 
 
 def main(argv=None) -> int:
     """`scripts/gpu-check`: see the module docstring."""
+    from tokendrop.cli.serve import vllm_installed
+
     start = time.monotonic()
     try:
         args = parse_args(argv)
-        if importlib_find("vllm.entrypoints") is None:
+        if not vllm_installed():
             raise UsageError("vLLM is not installed: pip install 'tokendrop[vllm]'")
     except UsageError as err:
         print(f"gpu-check: error: {err}", file=sys.stderr)
@@ -349,15 +357,6 @@ def main(argv=None) -> int:
     bench = 0 if args.no_bench else serve_bench(args.device, work)
     print(f"gpu-check took {time.monotonic() - start:.0f} s")
     return 0 if all(r["pass"] for r in rows) and bench == 0 else 1
-
-
-def importlib_find(name: str):
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name)
-    except ModuleNotFoundError:
-        return None
 
 
 if __name__ == "__main__":  # `python -m tokendrop.vllm.gpu_check`: the same as scripts/gpu-check, from a wheel
