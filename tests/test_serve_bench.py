@@ -247,3 +247,24 @@ def test_prefill_costs_predict_the_prompt_lengths_of_the_transformers_path(saved
         assert predicted[label]["prompt_tokens"] == prompt_length(model, processor, image, method), label
     flops = [predicted[label]["prefill_flops"] for label, _ in configs]
     assert flops[0] > flops[2] > flops[1]  # fewer tokens, less prefill
+
+
+def test_a_saved_model_is_served_with_its_own_context_length(saved_next):
+    folder, model, _ = saved_next
+    expected = min(bench.MAX_MODEL_LEN, model.config.text_config.max_position_embeddings)
+    assert bench.vllm_args_for(folder) == ["--max-model-len", str(expected)]
+    assert not bench.add_video_processor(folder, "llava_next")  # LLaVA-NeXT's processor has no video processor
+    assert not (folder / "video_stub.py").exists()
+
+
+def test_a_qwen_model_gets_the_video_stand_in_without_torchvision(tmp_path):
+    import importlib.util
+
+    from tokendrop.tiny import tiny_qwen2_5_vl
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the stock video processor is saved instead")
+    tiny_qwen2_5_vl(text_layers=1)[0].config.save_pretrained(tmp_path)
+    assert bench.add_video_processor(tmp_path, "qwen2_5_vl")
+    assert (tmp_path / "video_stub.py").read_text() == bench.VIDEO_STUB
+    assert bench.vllm_args_for(tmp_path)[-1] == "--trust-remote-code"
