@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tokendrop.loading import save_hub_layout  # the layout of hub checkpoints: the only one stock vLLM loads
+from tokendrop.vllm.serve_bench import VIDEO_STUB  # the video-processor stand-in (no torchvision here)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(test function): read the served model
@@ -107,41 +108,6 @@ def logprobs(llm, images, prompt=PROMPT, steps=2) -> list[tuple[int, list[dict[i
              list(out.outputs[0].token_ids)) for out in outputs]
 
 
-#: Test-only remote code for the Qwen checkpoint: transformers' Qwen2-VL video processor needs torchvision, which
-#: these CPU machines lack, and the Qwen2.5-VL processor (stock vLLM's too) loads one. A stand-in with no videos.
-VIDEO_STUB = '''
-import importlib.util
-
-import transformers
-
-
-class NoVideoKwargs:
-    __annotations__ = {}
-
-
-class StubVideoProcessor(dict):
-    valid_kwargs = NoVideoKwargs
-    tokendrop_stub = True
-    merge_size = 2
-    temporal_patch_size = 2
-    patch_size = 16
-    size = {"shortest_edge": 4 * 32 * 32, "longest_edge": 2 * 96 * 32 * 32}  # vLLM's Qwen3-VL sizes videos with it
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        return cls()
-
-    @classmethod
-    def register_for_auto_class(cls, *args, **kwargs):
-        pass
-
-
-if importlib.util.find_spec("torchvision") is None:
-    if getattr(vars(transformers).get("VideoProcessorMixin"), "tokendrop_stub", False):  # (lazy: needs torchvision)
-        StubVideoProcessor = transformers.VideoProcessorMixin  # one stand-in per process (each folder has its copy)
-    else:
-        transformers.VideoProcessorMixin = StubVideoProcessor  # the class the processor checks its video processor against
-'''
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n"
 
 
