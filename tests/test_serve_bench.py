@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-
 from tests.test_cli_errors import one_line_error
 from tokendrop.cli import main
 from tokendrop.loading import save_hub_layout

@@ -173,6 +173,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.multimodal.parse", "ImageProcessorItems", "a request's images: len and get_image_size(i) (requests.py)"),
     Internal("vllm.multimodal.parse", "ImageEmbeddingItems", "precomputed image embeddings pass through unchanged"),
     Internal("vllm.multimodal.inputs", "MultiModalFieldConfig", "batched('image'): the per-image method field"),
+    Internal("vllm", "LLM", "the offline engine gpu_check compares with the transformers path"),
+    Internal("vllm", "SamplingParams", "greedy, one token, logprobs: gpu_check's first-token comparison"),
     *_tower("clip", "CLIP"),
     *_tower("siglip", "Siglip"),
     Internal("vllm.model_executor.layers.linear", "QKVParallelLinear", "qkv_proj: q, k, v concatenated in that order"),
