@@ -71,11 +71,14 @@ class LlavaAdapter(LlavaStyle):
                     keep, anchors = merged.keep.to(features.device), merged.anchors.to(features.device)
                     head, tail = merged_parts(merged, states[i], projector)
                     packed.append(torch.cat([head, projector(features[i, keep]), tail]))
-                    keep = torch.cat([keep, anchors])  # drawn where they stand
+                    keep = torch.cat([keep, anchors])  # merged rows drawn at their targets
                 else:
                     keep = method.select(layout, inputs)[0].to(features.device)
                     packed.append(projector(features[i, keep]))  # (K, D)
-                selections.append(torch.stack([torch.zeros_like(keep), keep // self.grid, keep % self.grid], dim=1))
+                where = torch.stack([torch.zeros_like(keep), keep // self.grid, keep % self.grid], dim=1)
+                if method.merges and merged.cls:  # the [CLS] state: no place on the grid
+                    where = torch.cat([where.new_tensor([[0, -1, -1]]), where])
+                selections.append(where)
             record(selections)
             outputs.pooler_output = packed
             return outputs

@@ -161,7 +161,8 @@ def pack_merged(states: torch.Tensor, merged: list, layout: Layout, projector, n
                         *(cls for cls, _ in parts[1:]), *(rows for _, rows in parts[1:])])
     anchors = [torch.stack([torch.full_like(m.anchors, p), m.anchors // g, m.anchors % g], dim=1).to(where.device)
                for p, m in enumerate(merged)]
-    where = torch.cat([where[:n], anchors[0], where[n:], *anchors[1:]])
+    cls = [where.new_tensor([[p, -1, -1]] * int(m.cls)).view(-1, 3) for p, m in enumerate(merged)]  # no grid place
+    where = torch.cat([cls[0], where[:n], anchors[0], where[n:], *cls[1:], *anchors[1:]])
     return tokens, where
 
 
