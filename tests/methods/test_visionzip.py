@@ -111,9 +111,10 @@ def test_exact_counts_and_the_reference_on_random_inputs(layout, budget, cls):
 
 
 # ---- tiny LLaVA-1.5 / LLaVA-NeXT ------------------------------------------------------------------------
-def eager_inputs(model, pixels):
+def eager_inputs(model, pixels, cls=True):
     """Official inputs of the feature block from an eager copy of the tower: ([CLS] row summed over heads (T, N),
-    keys averaged over heads (T, N, hd) as its k_proj returns them, the feature layer (T, N + 1, Dv))."""
+    or without [CLS] the attention received, mean over heads and queries; keys averaged over heads (T, N, hd) as
+    its k_proj returns them; the feature layer (T, N + cls, Dv))."""
     eager = copy.deepcopy(model.model.vision_tower)
     eager.set_attn_implementation("eager")
     layer = model.config.vision_feature_layer
@@ -125,22 +126,24 @@ def eager_inputs(model, pixels):
         out = eager(pixels, output_attentions=True, output_hidden_states=True)
     hook.remove()
     T, L, _ = seen["keys"].shape
-    keys = seen["keys"].view(T, L, attn.num_heads, attn.head_dim).mean(dim=2)[:, 1:]
-    return out.attentions[block][:, :, 0, 1:].sum(dim=1), keys, out.hidden_states[layer]
+    keys = seen["keys"].view(T, L, attn.num_heads, attn.head_dim).mean(dim=2)[:, int(cls):]
+    maps = out.attentions[block]  # (T, H, L, L)
+    score = maps[:, :, 0, 1:].sum(dim=1) if cls else maps.mean(dim=(1, 2))
+    return score, keys, out.hidden_states[layer]
 
 
 def image_pixels(pixel_values, i, layout):
     return pixel_values[i][: layout.num_partitions] if pixel_values.dim() == 5 else pixel_values[i : i + 1]
 
 
-def reference_rows(model, layout, pixels, budget):
+def reference_rows(model, layout, pixels, budget, has_cls=True):
     """(fed rows before the projector in the adapter's order, selection rows) from the official algorithm."""
-    cls, keys, hidden = eager_inputs(model, pixels)
-    valid, g = layout.valid(), layout.grid
+    score, keys, hidden = eager_inputs(model, pixels, has_cls)
+    valid, g, first = layout.valid(), layout.grid, int(has_cls)
     counts = td.VisionZip(budget).counts(layout)
     assert sum(counts) == budget_tokens(budget, layout)
-    feeds_cls = [n > int(n * 0.15625) for n in counts]  # a partition with no token feeds no [CLS]
-    parts = [reference_partition(cls[p], keys[p], hidden[p] if feed else hidden[p, 1:], valid[p], n, 0.15625, feed)
+    feeds_cls = [has_cls and n > int(n * 0.15625) for n in counts]  # a partition with no token feeds no [CLS]
+    parts = [reference_partition(score[p], keys[p], hidden[p] if feed else hidden[p, first:], valid[p], n, 0.15625, feed)
              for p, (n, feed) in enumerate(zip(counts, feeds_cls))]
     if not layout.num_tiles:
         rows, dominant, targets = parts[0]
@@ -152,7 +155,7 @@ def reference_rows(model, layout, pixels, budget):
     cols = layout.tiles[1]
     canvas = sorted(((p - 1) // cols * g + int(i) // g, (p - 1) % cols * g + int(i) % g, p, int(i))
                     for p in range(1, layout.num_partitions) for i in parts[p][1])
-    out.append(torch.stack([hidden[p, 1 + i] for _, _, p, i in canvas]) if canvas else hidden[0, :0])
+    out.append(torch.stack([hidden[p, first + i] for _, _, p, i in canvas]) if canvas else hidden[0, :0])
     where += [(p, i // g, i % g) for _, _, p, i in canvas]
     out += [hidden[p, :1] for p in range(1, layout.num_partitions) if feeds_cls[p]]
     where += [(p, -1, -1) for p in range(1, layout.num_partitions) if feeds_cls[p]]
@@ -184,6 +187,28 @@ def test_llava_feeds_the_official_tokens_and_logits(fixture, budget, request):
         with torch.no_grad():
             embeds[i, slots] = model.model.multi_modal_projector(rows)
     with torch.no_grad():
+        expected = model(inputs_embeds=embeds, attention_mask=short["attention_mask"]).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_onevision_without_cls_feeds_the_official_tokens_by_received_attention():
+    from tokendrop.families.llava.tiny import tiny_llava_onevision
+
+    model, processor = tiny_llava_onevision()
+    adapter = family_for(model)
+    image = random_image(150, 300, seed=1)
+    text = [format_prompt(processor, "what is it?")]
+    with td.apply(model, processor, td.VisionZip(0.3)) as handle, torch.no_grad():
+        short = processor(images=[image], text=text, return_tensors="pt")
+        logits = model(**short).logits[:, -1]
+        selection = handle.selections[0]
+    layout = adapter.layout((image.height, image.width))
+    rows, where = reference_rows(model, layout, image_pixels(short["pixel_values"], 0, layout), 0.3, has_cls=False)
+    assert selection.tolist() == [list(w) for w in where]
+    embeds = model.get_input_embeddings()(short["input_ids"])
+    slots = short["input_ids"][0] == model.config.image_token_id
+    with torch.no_grad():
+        embeds[0, slots] = model.model.multi_modal_projector(rows)
         expected = model(inputs_embeds=embeds, attention_mask=short["attention_mask"]).logits[:, -1]
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
