@@ -198,12 +198,10 @@ class QwenVLStyle(Family):
                     merged = method.merge(layout, inputs, cls=False)[0]
                     keep = torch.cat([merged.keep, merged.anchors]).to(rows.device)
                     packed.append(torch.cat([rows[merged.keep.to(rows.device)], self.project_merged(merged.rows, rows.dtype)]))
-                    kept.append(keep)
-                    selections.append(torch.stack([torch.zeros_like(keep), keep // layout.cols, keep % layout.cols], dim=1))
-                    continue
-                keep = method.select(layout, inputs)[0].to(rows.device)  # (K,)
+                else:
+                    keep = method.select(layout, inputs)[0].to(rows.device)  # (K,)
+                    packed.append(rows[keep])
                 kept.append(keep)
-                packed.append(rows[keep])
                 selections.append(torch.stack([torch.zeros_like(keep), keep // layout.cols, keep % layout.cols], dim=1))
             if getattr(outputs, "deepstack_features", None) is not None:  # Qwen3-VL: the same rows at every level
                 outputs.deepstack_features = [tuple(f[k] for f, k in zip(level, kept)) for level in outputs.deepstack_features]
@@ -217,8 +215,7 @@ class QwenVLStyle(Family):
     def project_merged(self, rows: torch.Tensor, dtype) -> torch.Tensor:
         """(M, D): merged rows of the merger's input, (M, merge**2 * Dv) as "features" gives them, through
         the stock merger (its per-patch norm, then its MLP on each group)."""
-        with torch.no_grad():
-            return self.tower.merger(rows.to(dtype).reshape(-1, rows.shape[-1] // self.merge**2))
+        return self.tower.merger(rows.to(dtype).reshape(-1, rows.shape[-1] // self.merge**2))
 
     def scorer(self, method: PreLLMMethod):
         """A context manager factory: given image_grid_thw, yields a dict name -> per-image (N_i,)
