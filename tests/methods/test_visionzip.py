@@ -96,7 +96,8 @@ def test_options_are_validated_naming_the_field():
 def test_exact_counts_and_the_reference_on_random_inputs(layout, budget, cls):
     gen = torch.Generator().manual_seed(int(budget * 100))
     P, N = layout.num_partitions, layout.patches
-    score, keys, hidden = torch.rand(P, N, generator=gen), torch.randn(P, N, 4, generator=gen), torch.randn(P, N + 1, 6, generator=gen)
+    score, keys = torch.rand(P, N, generator=gen), torch.randn(P, N, 4, generator=gen)
+    hidden = torch.randn(P, N + 1, 6, generator=gen)
     method = td.VisionZip(budget)
     merged = method.merge(layout, {"dominant": score, "keys": keys, "features": hidden[:, 1:]}, cls=cls)
     assert sum(m.num_tokens for m in merged) == method.num_tokens(layout) == budget_tokens(budget, layout)
@@ -151,7 +152,8 @@ def reference_rows(model, layout, pixels, budget, has_cls=True):
         return rows, where
     # LLaVA-NeXT: base [CLS] + dominant + contextual; tiles' dominant in canvas raster order; tiles' [CLS]; tiles' contextual
     rows, dominant, targets = parts[0]
-    out, where = [rows], [(0, -1, -1)] * feeds_cls[0] + [(0, int(i) // g, int(i) % g) for i in torch.cat([dominant, targets])]
+    out = [rows]
+    where = [(0, -1, -1)] * feeds_cls[0] + [(0, int(i) // g, int(i) % g) for i in torch.cat([dominant, targets])]
     cols = layout.tiles[1]
     canvas = sorted(((p - 1) // cols * g + int(i) // g, (p - 1) % cols * g + int(i) % g, p, int(i))
                     for p in range(1, layout.num_partitions) for i in parts[p][1])

@@ -197,7 +197,8 @@ class QwenVLStyle(Family):
                 if method.merges:  # kept rows, then the merged rows through the stock merger, at their anchors' positions
                     merged = method.merge(layout, inputs, cls=False)[0]
                     keep = torch.cat([merged.keep, merged.anchors]).to(rows.device)
-                    packed.append(torch.cat([rows[merged.keep.to(rows.device)], self.project_merged(merged.rows, rows.dtype)]))
+                    contextual = self.project_merged(merged.rows, rows.dtype)
+                    packed.append(torch.cat([rows[merged.keep.to(rows.device)], contextual]))
                 else:
                     keep = method.select(layout, inputs)[0].to(rows.device)  # (K,)
                     packed.append(rows[keep])
