@@ -10,12 +10,12 @@ so `tokendrop.methods` works without transformers installed.
 """
 
 from tokendrop.methods import (DART, BaseOnly, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, PyramidDrop,
-                               RandomDrop, SpatialDrop, VisPruner)
+                               RandomDrop, SpatialDrop, VisionZip, VisPruner)
 
 __version__ = "0.1.0"
 
 __all__ = ["BaseOnly", "DART", "DivPrune", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED",
-           "PyramidDrop", "RandomDrop", "SpatialDrop", "VisPruner", "apply", "check", "register_family", "register_method"]
+           "PyramidDrop", "RandomDrop", "SpatialDrop", "VisionZip", "VisPruner", "apply", "check", "register_family", "register_method"]
 
 
 def __getattr__(name):

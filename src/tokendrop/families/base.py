@@ -15,6 +15,8 @@ on it; `apply()` checks every method's `requires()` against them and names what 
     base_image   a downscaled whole image among the partitions    BaseOnly
     features     per-token vision features before and after the   DivPrune, VisPruner
                  projector (`methods.base.Score`'s feature kinds)
+    merge        feeds a merging method's merged rows through the   VisionZip
+                 stock projector (`PreLLMMethod.merge`)
 
 A family is a `Family` subclass in its lineage's folder (`tokendrop.families.<lineage>/`), listed
 once in the table (`tokendrop.families.FAMILIES`) or registered (`register_family`, or the
@@ -84,6 +86,7 @@ CAPABILITIES = {
     "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
     "base_image": "a downscaled whole image among the partitions",
     "features": "per-token vision features before and after the projector (Score kinds 'features', 'projected')",
+    "merge": "merged tokens fed through the stock projector (PreLLMMethod.merge)",
 }
 
 
@@ -261,6 +264,7 @@ class Family:
     positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
     base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
     features: ClassVar[bool] = False  # per-token features before / after the projector (DivPrune, VisPruner)
+    merges: ClassVar[bool] = False  # feeds merged rows (VisionZip: `PreLLMMethod.merge`)
 
     geometry = None  # image size -> Layout (pre_llm families)
 
@@ -274,7 +278,8 @@ class Family:
     def family_capabilities(cls) -> set[str]:
         """What every model of the family can do."""
         flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": bool(cls.decoder),
-                 "renumber": cls.positions == "rope", "base_image": cls.base_image, "features": cls.features}
+                 "renumber": cls.positions == "rope", "base_image": cls.base_image, "features": cls.features,
+                 "merge": cls.merges}
         return {name for name, on in flags.items() if on}
 
     @classmethod
