@@ -83,6 +83,30 @@ def onevision_checkpoint(tmp_path_factory):
     return folder, model, processor
 
 
+@pytest.fixture(scope="session")
+def internvl_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random InternVL (`tiny_internvl`: 56-px tiles, 4x4 patches, 2x2 LLM
+    tokens per tile after the pixel shuffle, up to 6 tiles and the thumbnail, 3 InternViT layers) with 4 Qwen2
+    layers whose heads are 32 wide (vLLM's CPU attention has no kernel for 16). Saved as transformers writes it:
+    vLLM loads InternVL in transformers' format as is."""
+    import torch
+    import transformers
+
+    from tokendrop.families.internvl.tiny import tiny_internvl
+
+    model, processor = tiny_internvl(text_layers=4)
+    model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads = 2, 1
+    torch.manual_seed(0)
+    model = transformers.InternVLForConditionalGeneration(model.config).eval()
+    with torch.no_grad():  # as tiny_internvl: the stock init zeroes [CLS] and the position table
+        model.model.vision_tower.embeddings.cls_token.normal_()
+        model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("internvl")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
 @contextlib.contextmanager
 def engine(folder, hf_overrides=None, **options):
     """A vLLM `LLM` on `folder`, shut down (its engine process ended) on exit."""
