@@ -23,10 +23,8 @@ import torch  # noqa: E402
 
 import tokendrop as td  # noqa: E402
 import tokendrop.vllm  # noqa: E402
-from tests.serving.conftest import engine, logprobs, random_image  # noqa: E402
-from tokendrop import registry  # noqa: E402
+from tests.serving.conftest import engine, family_methods, logprobs, random_image  # noqa: E402
 from tokendrop.families.internvl.internvl import InternVLAdapter  # noqa: E402
-from tokendrop.methods.base import PreLLMMethod  # noqa: E402
 
 TOL = 1e-4
 PROMPT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\n"
@@ -34,17 +32,6 @@ PROMPT = "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown?<|im_end|>\n<|im_start|
 SIZES = [(100, 150), (170, 56), (56, 56)]
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
 ENGINE = dict(limit_mm_per_prompt={"image": 1, "video": 0})
-
-
-def family_methods(family: str, budget: float = 0.3) -> dict[str, PreLLMMethod]:
-    """name -> an instance of every registered pre-LLM method that runs on `family` (budget `budget`)."""
-    methods = {}
-    for name in registry.method_names():
-        cls = registry.method_class(name)
-        if name in registry.PRESETS or not issubclass(cls, PreLLMMethod) or family not in registry.runs_on(cls):
-            continue
-        methods[name] = cls(budget) if registry.needs_budget(name) else cls()
-    return methods
 
 
 METHODS = family_methods("internvl")
