@@ -30,6 +30,20 @@ ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_
                    limit_mm_per_prompt={"image": 1}, seed=0)
 
 
+def family_methods(family: str, budget: float = 0.3) -> dict:
+    """name -> an instance of every registered pre-LLM method that runs on `family` (budget `budget`)."""
+    from tokendrop import registry
+    from tokendrop.methods.base import PreLLMMethod
+
+    methods = {}
+    for name in registry.method_names():
+        cls = registry.method_class(name)
+        if name in registry.PRESETS or not issubclass(cls, PreLLMMethod) or family not in registry.runs_on(cls):
+            continue
+        methods[name] = cls(budget) if registry.needs_budget(name) else cls()
+    return methods
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -76,6 +90,54 @@ def onevision_checkpoint(tmp_path_factory):
     (folder / "video_stub.py").write_text(VIDEO_STUB)
     (folder / "video_preprocessor_config.json").write_text(
         json.dumps({"auto_map": {"AutoVideoProcessor": "video_stub.StubVideoProcessor"}}))
+    return folder, model, processor
+
+
+@pytest.fixture(scope="session")
+def internvl_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random InternVL (`tiny_internvl`: 56-px tiles, 4x4 patches, 2x2 LLM
+    tokens per tile after the pixel shuffle, up to 6 tiles and the thumbnail, 3 InternViT layers) with 4 Qwen2
+    layers whose heads are 32 wide (vLLM's CPU attention has no kernel for 16). Saved as transformers writes it:
+    vLLM loads InternVL in transformers' format as is."""
+    import torch
+    import transformers
+
+    from tokendrop.families.internvl.tiny import tiny_internvl
+
+    model, processor = tiny_internvl(text_layers=4)
+    model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads = 2, 1
+    torch.manual_seed(0)
+    model = transformers.InternVLForConditionalGeneration(model.config).eval()
+    with torch.no_grad():  # as tiny_internvl: the stock init zeroes [CLS] and the position table
+        model.model.vision_tower.embeddings.cls_token.normal_()
+        model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("internvl")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="session")
+def gemma4_checkpoint(tmp_path_factory):
+    """(folder, model, processor): the tiny random Gemma 4 (`tiny_gemma4`: 8-px patches pooled 2 x 2, at most 70
+    tokens an image, 3 vision layers) with 4 decoder layers whose heads are 32 (sliding) and 64 (full) wide (vLLM's
+    CPU attention has no kernel for 16) and vLLM's soft-token default (`default_output_length`) the processor's."""
+    import torch
+    import transformers
+
+    from tokendrop.families.gemma4.tiny import tiny_gemma4
+    from tokendrop.vllm import compat
+
+    compat.alias_pil_image_processors()  # transformers 5.19's Gemma 4 processor imports the torchvision one
+    model, processor = tiny_gemma4(text_layers=4)
+    text = model.config.text_config
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.global_head_dim = 2, 1, 32, 64
+    model.config.vision_config.default_output_length = processor.image_processor.max_soft_tokens
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration(model.config).eval()
+    folder = tmp_path_factory.mktemp("gemma4")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder, model, processor
 
 
