@@ -114,9 +114,9 @@ def test_hired_picks_top_feature_layer_cls_attention_llava15(llava_model):
         assert not torch.equal(handle.selections[0], handle.selections[1]), "each image its own selection"
 
 
-    # [CLS] rows and features ([CLS] first, as tower_pass returns them) from the path HiRED uses, against the eager tower.
+@pytest.mark.parametrize("fixture", ["next_model", "llava_model"])
 def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, request):
-    # [CLS] rows and features from the path HiRED uses, against the eager tower's own outputs.
+    # [CLS] rows and features ([CLS] first, as tower_pass returns them) from the path HiRED uses, against the eager tower.
     from tokendrop.families.llava.vision import score_blocks, tower_pass
 
     model, _ = request.getfixturevalue(fixture)
