@@ -24,9 +24,9 @@ PIL_TWINS = {
     "transformers.models.got_ocr2.image_processing_got_ocr2": "transformers.models.got_ocr2.image_processing_pil_got_ocr2",
     "transformers.models.gemma4.image_processing_gemma4": "transformers.models.gemma4.image_processing_pil_gemma4",
 }
-#: names vLLM imports that a PIL twin spells with its `Pil` suffix: module -> {name: the twin's name}
-TWIN_NAMES = {"transformers.models.got_ocr2.image_processing_got_ocr2": {"GotOcr2ImageProcessor": "GotOcr2ImageProcessorPil"},
-              "transformers.models.gemma4.image_processing_gemma4": {"Gemma4ImageProcessor": "Gemma4ImageProcessorPil"}}
+#: names vLLM imports from a torchvision module whose PIL twin spells them with a `Pil` suffix
+TWIN_NAMES = {"transformers.models.got_ocr2.image_processing_got_ocr2": ("GotOcr2ImageProcessor",),
+              "transformers.models.gemma4.image_processing_gemma4": ("Gemma4ImageProcessor",)}
 #: torchvision-only video-processor module vLLM imports for a class it uses only on videos -> that class's name
 #: (vLLM's InternVL module, `interns1.py`); without torchvision the name is a stand-in that refuses videos
 VIDEO_ONLY = {"transformers.models.internvl.video_processing_internvl": "InternVLVideoProcessor"}
@@ -52,8 +52,8 @@ def twin_module(name: str, twin: types.ModuleType) -> types.ModuleType:
         return twin
     module = types.ModuleType(name, twin.__doc__)
     module.__dict__.update({k: v for k, v in vars(twin).items() if k not in ("__name__", "__doc__", "__spec__")})
-    for alias, original in TWIN_NAMES[name].items():
-        setattr(module, alias, getattr(twin, original))
+    for alias in TWIN_NAMES[name]:
+        setattr(module, alias, getattr(twin, f"{alias}Pil"))
     return module
 
 

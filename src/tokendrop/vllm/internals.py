@@ -52,6 +52,10 @@ M = "vllm.model_executor.models."
 INIT = ("*", "vllm_config", "prefix")  # every model class's keyword-only constructor
 
 
+#: vLLM's Gemma 4 class shares its name with transformers' (named once, by prefix, as `_llava` does)
+GEMMA4 = "Gemma4"
+
+
 def _model_class(module: str, cls: str, use: str) -> list[Internal]:
     """A vLLM model class tokendrop subclasses: the class, its constructor, `_process_image_input`, `config`."""
     return [Internal(M + module, cls, use),
@@ -179,7 +183,7 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.model_executor.models.interns1", "InternS1MultiModalProcessor", "subclassed: image_tiles field, the method's placeholder count"),
     Internal("vllm.model_executor.models.interns1", "InternS1ProcessingInfo", "subclassed: get_num_image_tokens gives the method's count"),
     Internal("vllm.model_executor.models.interns1", "InternS1DummyInputsBuilder", "registered with tokendrop's InternVL processor"),
-    Internal("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration", "subclassed: _process_image_input, vision_tower.encoder.layers hooked"),
+    Internal("vllm.model_executor.models.gemma4_mm", f"{GEMMA4}ForConditionalGeneration", "subclassed: _process_image_input, vision_tower.encoder.layers hooked"),
     Internal("vllm.model_executor.models.gemma4_mm", "Gemma4MultiModalProcessor", "subclassed: the method's placeholder count"),
     Internal("vllm.model_executor.models.gemma4_mm", "Gemma4ProcessingInfo", "subclassed: get_image_repl gives the method's count"),
     Internal("vllm.model_executor.models.gemma4_mm", "Gemma4DummyInputsBuilder", "registered with tokendrop's Gemma 4 processor"),
