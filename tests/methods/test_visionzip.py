@@ -335,12 +335,13 @@ def test_qwen_batch_equals_one_by_one_and_generates(qwen25):
             assert torch.equal(handle.selections[0], chosen[i])
 
 
-@pytest.mark.parametrize("builder, served", [("tiny_llava", True), ("tiny_llava_next", True), ("tiny_llava_onevision", True),
-                                             ("tiny_qwen2_vl", True), ("tiny_qwen2_5_vl", True), ("tiny_qwen3_vl", False),
-                                             ("tiny_internvl", False)])
+@pytest.mark.parametrize("builder, served", [
+    ("tiny_llava", True), ("tiny_llava_next", True), ("tiny_llava_onevision", True), ("tiny_qwen2_vl", True),
+    ("tiny_qwen2_5_vl", True), ("tiny_qwen3_vl", False), ("tiny_internvl", False)])
 def test_vllm_serves_it_where_the_family_merges(builder, served):
-    """Served in vLLM since the plugin packs merged rows (tests/serving/test_visionzip_serving.py); a family without
-    capability "merge" (Qwen3-VL: DeepStack levels; InternVL) is refused by that capability, before any engine starts."""
+    """Served in vLLM since the plugin packs merged rows (tests/serving/test_visionzip_serving.py); a family
+    without capability "merge" (Qwen3-VL: DeepStack levels; InternVL) is refused by that capability, before any
+    engine starts."""
     import tokendrop.tiny
     import tokendrop.vllm
 

@@ -44,8 +44,8 @@ def vllm_results(llm, prompt: str, steps: int):
     """(prompt length, per step token id -> logprob of the 5 likeliest, greedy tokens) for each of `REQUESTS`."""
     from vllm import SamplingParams
 
-    prompts = [{"prompt": prompt, "multi_modal_data": {"image": IMAGES[i]}, **({"mm_processor_kwargs": ask} if ask else {})}
-               for i, ask in REQUESTS]
+    prompts = [{"prompt": prompt, "multi_modal_data": {"image": IMAGES[i]},
+                **({"mm_processor_kwargs": ask} if ask else {})} for i, ask in REQUESTS]
     outputs = llm.generate(prompts, SamplingParams(max_tokens=steps, logprobs=5, temperature=0), use_tqdm=False)
     return [(len(out.prompt_token_ids), [{t: lp.logprob for t, lp in step.items()} for step in out.outputs[0].logprobs],
              list(out.outputs[0].token_ids)) for out in outputs]

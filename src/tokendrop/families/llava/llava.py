@@ -69,7 +69,8 @@ class LlavaAdapter(LlavaStyle):
                 if method.merges:  # [CLS], kept patches, merged rows: their slots in this order
                     merged = method.merge(layout, inputs, cls)[0]
                     packed.append(pack_merged_single(states[i], merged, layout, projector))
-                    keep = torch.cat([merged.keep, merged.anchors]).to(features.device)  # merged rows drawn at their targets
+                    # merged rows drawn at their targets
+                    keep = torch.cat([merged.keep, merged.anchors]).to(features.device)
                 else:
                     keep = method.select(layout, inputs)[0].to(features.device)
                     packed.append(projector(features[i, keep]))  # (K, D)

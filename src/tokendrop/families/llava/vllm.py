@@ -77,7 +77,8 @@ class Dropping(RequestMethodModel):
               record_output(layers[-1], self.method.merges) as output):
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
         scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn, first) for name, (kind, block) in scored.items()}
-        return features, output.get("states"), {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
+        inputs = {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
+        return features, output.get("states"), inputs
 
     def cls_first(self) -> int:
         """1 when a [CLS] token precedes the patches ("default" feature selection drops it), else 0."""

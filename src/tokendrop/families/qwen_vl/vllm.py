@@ -151,8 +151,8 @@ class PreLLMQwen(RequestMethodModel):
         scores.update(qwen_feature_inputs(self.blocks, merger_input, embeddings, merge**2, reverse, sizes))
         kept = []
         for i, (rows, grid, digest, method) in enumerate(zip(embeddings, grids, digests, methods)):
-            slots, tokens = self.image_tokens(rows, self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()},
-                                              method)
+            inputs = {name: s[i][None] for name, s in scores.items()}
+            slots, tokens = self.image_tokens(rows, self.count.layout(*grid), inputs, method)
             self.selected[digest] = slots
             kept.append(tokens)  # (K, D)
         return tuple(kept)
