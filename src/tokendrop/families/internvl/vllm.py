@@ -125,7 +125,8 @@ class TokendropInternVLForConditionalGeneration(RequestMethodModel, InternS1ForC
         kept = self.kept(image_input["pixel_values"], layouts, methods)
         return tuple(self.multi_modal_projector(tokens) for tokens, _ in kept)
 
-    def kept(self, pixel_values: torch.Tensor, layouts: list, methods: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def kept(self, pixel_values: torch.Tensor, layouts: list,
+             methods: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, (K, k*k*Dv) kept features in the stock order and (K, 3) their (partition, row, col),
         partition in `Layout` terms (the transformers path's `selections`), by each image's method
         (default: the served one)."""
