@@ -203,10 +203,24 @@ def test_a_level_slower_than_stock_is_marked_and_warned_about():
     assert bench.format_row(rows[3]).endswith("SLOWER than stock")
     assert "SLOWER" not in bench.format_row(rows[2])
     assert bench.warnings(rows, COSTS) == ["warning: hired@0.2 serves 0.100 req/s at concurrency 8, fewer than "
-                                           "stock (0.150)"]
+                                           "stock (0.150); slower in 3 of 3 rounds (x0.71, x0.67, x0.62)"]
     full = bench.format_row({**rows[3], "kv_full": True})
     assert full.endswith("SLOWER than stock, KV full")
     assert full.split()[8:11] == ["0.67", "4.00", "17%"]  # speedup 0.1 / 0.15, ideal, fraction
+
+
+def test_the_warning_pairs_each_round_with_the_stock_round():
+    # stock at c=8 serves 0.14, 0.15, 0.16 req/s in rounds 0, 1, 2; hired's median (0.13) is below
+    # stock's (0.15), yet round 1 was faster than stock's round 1 (a load change hits one configuration)
+    rps = {0: 0.10, 1: 0.20, 2: 0.13}
+    records = [{**r, "requests_per_s": rps[r["round"]]} if r["config"] == "hired@0.2" and r["concurrency"] == 8
+               else r for r in RECORDS]
+    rows = bench.compare_with_stock(bench.summary(records), COSTS)
+    assert rows[3]["round_speedups"] == pytest.approx([0.10 / 0.14, 0.20 / 0.15, 0.13 / 0.16])
+    assert bench.warnings(rows, COSTS) == ["warning: hired@0.2 serves 0.130 req/s at concurrency 8, fewer than "
+                                           "stock (0.150); slower in 2 of 3 rounds (x0.71, x1.33, x0.81)"]
+    one_round = bench.compare_with_stock(bench.summary([r for r in records if r["round"] == 0]), COSTS)
+    assert bench.warnings(one_round, COSTS)[0].endswith("fewer than stock (0.140)")  # nothing to pair across rounds
 
 
 def test_a_prompt_length_the_cost_model_does_not_predict_is_warned_about():

@@ -30,7 +30,8 @@ configuration at the same level:
   fraction = speedup / ideal.
 A fraction below 1 is serving work the token counts do not shrink: decoding max_tokens tokens per
 request, image preprocessing, HTTP and scheduling. A configuration that serves fewer requests/s than
-stock at some level is flagged (`slower_than_stock`).
+stock at some level is flagged (`slower_than_stock`, on the medians), and its warning says in how many
+rounds it was slower than stock in the same round (`paired_speedups`).
 Configurations run in rounds, the order rotated every round, so slow drifts of a shared machine hit
 all of them; the JSON keeps every round. Only loopback addresses are used.
 """
@@ -367,13 +368,15 @@ FIELDS = ("requests_per_s", "output_tokens_per_s", "ttft_ms", "ttft_p95_ms", "kv
 
 def summary(records: list[dict]) -> list[dict]:
     """Per (config, concurrency), in first-seen order: the median over rounds of every field, and its
-    spread as `<field>_min` / `<field>_max`; `kv_full` if any round filled the cache there."""
+    spread as `<field>_min` / `<field>_max`; `kv_full` if any round filled the cache there; each
+    round's requests/s as `round_requests_per_s` (round -> value), for the comparison with stock."""
     keys = list(dict.fromkeys((r["config"], r["concurrency"]) for r in records))
     rows = []
     for config, concurrency in keys:
         group = [r for r in records if r["config"] == config and r["concurrency"] == concurrency]
         row = {"config": config, "concurrency": concurrency, "prompt_tokens": group[0]["prompt_tokens"],
-               "rounds": len(group), "kv_full": any(r.get("kv_full", False) for r in group)}
+               "rounds": len(group), "kv_full": any(r.get("kv_full", False) for r in group),
+               "round_requests_per_s": {r["round"]: r["requests_per_s"] for r in group}}
         for field in FIELDS:
             values = [r[field] for r in group if field in r]  # ttft_p95_ms: not in older records
             if values:
@@ -417,7 +420,8 @@ class PrefillCosts:
 
 def compare_with_stock(rows: list[dict], costs: dict[str, dict]) -> list[dict]:
     """The rows with `speedup`, `ideal_speedup`, `fraction_of_ideal` (module docstring; None where
-    stock did not run that level or a cost is missing) and `slower_than_stock`."""
+    stock did not run that level or a cost is missing), `slower_than_stock` (the median speedup is
+    below 1) and `round_speedups` (`paired_speedups`)."""
     stock = {r["concurrency"]: r for r in rows if r["config"] == STOCK}
     compared = []
     for row in rows:
@@ -426,8 +430,17 @@ def compare_with_stock(rows: list[dict], costs: dict[str, dict]) -> list[dict]:
         ideal = costs[STOCK]["prefill_flops"] / mine["prefill_flops"] if mine and STOCK in costs else None
         compared.append({**row, "speedup": speedup, "ideal_speedup": ideal,
                          "fraction_of_ideal": speedup / ideal if speedup is not None and ideal else None,
-                         "slower_than_stock": speedup is not None and speedup < 1.0})
+                         "slower_than_stock": speedup is not None and speedup < 1.0,
+                         "round_speedups": paired_speedups(row, base) if base else []})
     return compared
+
+
+def paired_speedups(row: dict, stock: dict) -> list[float]:
+    """requests/s / stock requests/s of the same round, for every round both ran. The rounds rotate the
+    order, so a round's configurations ran minutes apart: on a shared machine a load change moves the
+    median of one configuration alone, and a method that is really slower is slower in most rounds."""
+    mine, base = row.get("round_requests_per_s", {}), stock.get("round_requests_per_s", {})
+    return [mine[r] / base[r] for r in sorted(mine) if r in base]
 
 
 def compare(rows: list[dict], costs: PrefillCosts, configs: list[tuple[str, object]]) -> tuple[list[dict], dict]:
@@ -442,13 +455,23 @@ def warnings(rows: list[dict], costs: dict[str, dict]) -> list[str]:
     """One line per level a configuration serves fewer requests/s than stock, and per configuration
     whose served prompt length differs from the cost model's (its ideal would be wrong)."""
     lines = [f"warning: {r['config']} serves {r['requests_per_s']:.3f} req/s at concurrency {r['concurrency']}, "
-             f"fewer than stock ({r['requests_per_s'] / r['speedup']:.3f})" for r in rows if r.get("slower_than_stock")]
+             f"fewer than stock ({r['requests_per_s'] / r['speedup']:.3f}){_rounds_note(r)}"
+             for r in rows if r.get("slower_than_stock")]
     served = {r["config"]: r["prompt_tokens"] for r in rows}
     for label, cost in costs.items():
         if label in served and served[label] != cost["prompt_tokens"]:
             lines.append(f"warning: {label}: the server counts {served[label]} prompt tokens, the cost model "
                          f"{cost['prompt_tokens']}")
     return lines
+
+
+def _rounds_note(row: dict) -> str:
+    """'; slower in 2 of 3 rounds (x0.75, x1.10, x0.90)' when more than one round was paired with stock."""
+    rounds = row.get("round_speedups") or []
+    if len(rounds) < 2:
+        return ""
+    each = ", ".join(f"x{s:.2f}" for s in rounds)
+    return f"; slower in {sum(s < 1.0 for s in rounds)} of {len(rounds)} rounds ({each})"
 
 
 HEADER = (f"{'config':<14}{'c':>4}{'prompt':>8}{'req/s':>8}{'out tok/s':>11}{'TTFT p50':>10}{'p95 ms':>9}"
