@@ -27,12 +27,12 @@ import warnings
 from importlib import metadata
 
 from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
-from tokendrop.methods import (DART, BaseOnly, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, InLLMMethod,
-                               PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisPruner)
+from tokendrop.methods import (DART, BaseOnly, CDPruner, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED,
+                               InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisPruner)
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
 METHODS = (HiRED, FasterVLM, HiPrune, DominantDrop, DivPrune, VisPruner, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop,
-           FastV, DART)
+           FastV, DART, CDPruner)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 VANILLA = "none"

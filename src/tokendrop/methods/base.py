@@ -14,8 +14,9 @@ Pre-LLM methods (`PreLLMMethod`) choose among an image's vision tokens before th
                the vision tower: scores, (P, N) fp32, from the tower's own projections ("cls": the
                [CLS] row summed over heads; "received": the attention each token receives), or
                features, (P, N, width) fp32 ("features": the feature block's output before the
-               projector; "projected": the LLM-space rows after it). `Score` lists what a family
-               computes for each kind; `select` gets them by name.
+               projector; "projected": the LLM-space rows after it), or "relevance" (P, N) to the
+               sample's instruction, from the method's `relevance()` of the sample's prompt text.
+               `Score` lists what a family computes for each kind; `select` gets them by name.
 In-LLM methods (`InLLMMethod`) drop image tokens between the language model's layers:
     where      `boundaries(depth)`: layers before which image tokens are dropped.
     how many   `keep_counts(n, depth)`: (boundary, image tokens kept from it on), from the
@@ -105,6 +106,12 @@ class Method:
         """Capabilities a model family must have (`tokendrop.families.base.Family`)."""
         raise NotImplementedError
 
+    @classmethod
+    def tiny_options(cls) -> dict:
+        """Options that let the method run on the tiny random models without any download (the contract
+        tests build every method with them): {} for most; CDPruner's is a tiny random CLIP."""
+        return {}
+
 
 #: input kinds that are per-token feature vectors, (P, N, width), rather than (P, N) scores
 FEATURE_KINDS = ("features", "projected")
@@ -128,6 +135,10 @@ class Score:
                      hands the LLM. LLaVA-NeXT / OneVision: the projector (a per-token MLP) run on
                      every tile, padding tokens included (they are never candidates: `Layout.valid`).
                      Qwen-VL: the merger's output, raster order.
+        "relevance"  (P, N) each token's relevance to its sample's instruction: the method's own
+                     `relevance(features, instructions)` of the feature block's states ("features")
+                     and the sample's prompt text, which the engine captures per sample when the
+                     image is encoded (capability "instruction"; instruction-conditioned methods).
     The feature kinds need the family capability "features". A family provides them by computing
     them in its `get_image_features` seam (transformers) and its vLLM model class, from the same
     tower pass that the stock model runs, and by answering them in `config_score_blocks`
@@ -147,7 +158,7 @@ class Score:
     clamp: bool = False
 
     def __post_init__(self):
-        if self.kind in FEATURE_KINDS and self.layer is not None:
+        if self.kind in (*FEATURE_KINDS, "relevance") and self.layer is not None:
             raise ValueError(f"a {self.kind!r} input comes from the feature block only: its layer must be None, "
                              f"got {self.layer!r}")
 
@@ -175,7 +186,8 @@ class PreLLMMethod(Method):
     def requires(self) -> set[str]:
         kinds = {score.kind for score in self.scores().values()}
         return {"pre_llm"} | ({"cls_token"} if "cls" in kinds else set()) | (
-            {"features"} if kinds & set(FEATURE_KINDS) else set())
+            {"features"} if kinds & {*FEATURE_KINDS, "relevance"} else set()) | (
+            {"instruction"} if "relevance" in kinds else set())
 
     def scores(self) -> dict[str, Score]:
         """The scores `select` reads, by name (none for score-free methods)."""
@@ -184,6 +196,11 @@ class PreLLMMethod(Method):
     def counts(self, layout: Layout, scores: dict | None = None) -> list[int]:
         """Kept tokens per partition; they sum to `budget_tokens(self.budget, layout)`."""
         raise NotImplementedError
+
+    def relevance(self, features: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """(T, N) fp32 "relevance" scores of T partitions' feature-block states (T, N, Dv), each
+        partition's sample prompt text in `instructions` (methods with a "relevance" score)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no 'relevance' score")
 
     def select(self, layout: Layout, scores: dict) -> list[torch.Tensor]:
         """Sorted kept indices (into N) for every partition, `counts` of them.

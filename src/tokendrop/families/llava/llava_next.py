@@ -65,7 +65,7 @@ class LlavaNextAdapter(LlavaStyle):
     image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
     tiny = "tokendrop.families.llava.tiny:tiny_llava_next"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaNextForConditionalGeneration"
-    pre_llm = cls_token = base_image = True
+    pre_llm = cls_token = base_image = instruction = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -97,7 +97,7 @@ class LlavaNextAdapter(LlavaStyle):
     # ---- encoding -------------------------------------------------------------------------
     def encoder_patch(self, method: PreLLMMethod, record):
         """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
-        from tokendrop.families.llava.vision import score_blocks, tower_pass
+        from tokendrop.families.llava.vision import instruction_relevance, score_blocks, tower_pass
 
         def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
@@ -105,9 +105,10 @@ class LlavaNextAdapter(LlavaStyle):
             if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
             blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
+            relevance = instruction_relevance(method, self.prompts, blocks, layouts)
             outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
                                                  cls=self.config.vision_feature_select_strategy == "default",
-                                                 projector=self.base.multi_modal_projector)
+                                                 projector=self.base.multi_modal_projector, relevance=relevance)
             packed, selections, start = [], [], 0
             for lay in layouts:
                 part = slice(start, start + lay.num_partitions)

@@ -52,11 +52,23 @@ def config_score_blocks(config, method: PreLLMMethod) -> dict[str, tuple[str, in
     an int): the config-level answer of the [CLS]-tower families (LLaVA, InternVL)."""
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
-    return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+    blocks = score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+    if any(kind == "relevance" for kind, _ in blocks.values()):
+        check_clip_width(method, config.vision_config.hidden_size)
+    return blocks
+
+
+def check_clip_width(method: PreLLMMethod, width: int) -> None:
+    """ValueError unless the method's CLIP head takes the tower's features: its vision width is the tower's."""
+    clip = method.clip_config().vision_config.hidden_size
+    if clip != width:
+        raise ValueError(f"clip: the CLIP's vision width is {clip}, the model's vision tower's is {width}: its "
+                         "post_layernorm and visual_projection do not apply to this tower's features (pass the "
+                         "CLIP checkpoint the tower comes from)")
 
 
 def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True,
-               projector=None):
+               projector=None, relevance=None):
     """Run the vision tower once (its own attention backend) and read what selection needs.
 
     Args:
@@ -64,22 +76,40 @@ def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: di
         blocks: name -> (score kind, encoder block) of every score to compute.
         cls: the tower puts a [CLS] token in front of the patches (CLIP; SigLIP has none).
         projector: the multi-modal projector, for "projected" inputs.
+        relevance: features (T, N, Dv) -> (T, N), for "relevance" inputs (the method's, with each
+            tile's instruction).
     Returns:
         outputs: the tower's output object.
         features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
         scores: name -> fp32 per patch: "cls", (T, N) the [CLS] row summed over heads; "received",
             (T, N) the attention each patch receives averaged over heads and queries; "features",
-            (T, N, Dv) `features`; "projected", (T, N, D) the projector run on every tile's tokens.
+            (T, N, Dv) `features`; "projected", (T, N, D) the projector run on every tile's tokens;
+            "relevance", (T, N) `relevance(features)`.
     """
     layers = tower.encoder.layers
     feature_index = feature_layer % (len(layers) + 1)
-    scored = [block for kind, block in blocks.values() if kind not in FEATURE_KINDS]
+    scored = [block for kind, block in blocks.values() if kind not in FEATURE_KINDS and kind != "relevance"]
     with record_hidden_states(layers, [feature_index, *scored]) as hidden:
         outputs = tower(pixel_values, return_dict=True)
     first = int(cls)  # the first patch column
     features = hidden[feature_index][:, first:]
-    return outputs, features, {name: block_input(kind, layers[block], hidden.get(block), features, first, projector)
+    return outputs, features, {name: relevance(features) if kind == "relevance" else
+                               block_input(kind, layers[block], hidden.get(block), features, first, projector)
                                for name, (kind, block) in blocks.items()}
+
+
+def instruction_relevance(method: PreLLMMethod, prompts, blocks: dict[str, tuple[str, int]], layouts: list):
+    """features (T, N, Dv) -> (T, N): the method's relevance of every tile to its image's instruction
+    (`tokendrop.instructions`), for `tower_pass`; None when the method reads no relevance.
+
+    Args:
+        prompts: the `PromptCapture` apply() set on the family; layouts: every image's `Layout`, in order.
+    """
+    if not any(kind == "relevance" for kind, _ in blocks.values()):
+        return None
+    texts = prompts.per_image([method.num_tokens(layout) for layout in layouts])
+    tiles = [text for text, layout in zip(texts, layouts) for _ in range(layout.num_partitions)]
+    return lambda features: method.relevance(features, tiles)
 
 
 def block_input(kind: str, layer, hidden, features: torch.Tensor, first: int, projector) -> torch.Tensor:
@@ -95,4 +125,4 @@ def block_input(kind: str, layer, hidden, features: torch.Tensor, first: int, pr
     return received_attention_clip(layer, hidden)[:, first:]  # (T, N)
 
 
-SCORE_KINDS = ("cls", "received", *FEATURE_KINDS)
+SCORE_KINDS = ("cls", "received", *FEATURE_KINDS, "relevance")
