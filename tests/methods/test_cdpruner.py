@@ -312,3 +312,18 @@ def test_a_checkpoint_path_from_the_command_line_and_lmms_eval(clip, tmp_path, l
     import pickle
 
     assert pickle.loads(pickle.dumps(method)) == method and "_loaded" not in vars(pickle.loads(pickle.dumps(method)))
+
+
+def test_labels_name_a_model_option_by_its_class(clip):
+    from tokendrop.viz import method_label
+
+    label = method_label(cdpruner(0.2, clip))
+    assert label.startswith("CDPruner(budget=0.2, clip=<CLIPModel>, clip_tokenizer=<") and "\n" not in label
+    assert method_label(td.CDPruner(0.2, clip="/a/clip")) == "CDPruner(budget=0.2, clip='/a/clip')"
+
+
+def test_a_missing_checkpoint_is_one_line_before_any_work(llava_model, tmp_path):
+    model, processor = llava_model
+    with pytest.raises(ValueError, match=r"^clip: cannot read a CLIP checkpoint at '.*nowhere': [^\n]*$"):
+        td.apply(model, processor, td.CDPruner(0.2, clip=str(tmp_path / "nowhere")))
+    assert "generate" not in vars(model) and "get_image_features" not in vars(model.model)

@@ -175,7 +175,11 @@ class CDPruner(PreLLMMethod):
             return self._loaded[0].config
         from transformers import CLIPConfig
 
-        return CLIPConfig.from_pretrained(self.clip)
+        try:
+            return CLIPConfig.from_pretrained(self.clip)
+        except OSError as err:  # no such folder or hub id (or no network): the user's value, named in one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"clip: cannot read a CLIP checkpoint at {self.clip!r}: {first}") from err
 
     def loaded(self):
         """(CLIPModel, tokenizer): `clip` itself, or the checkpoint loaded once."""
