@@ -32,7 +32,8 @@ def test_registry_builds_every_name():
     assert needs_budget("spatial+fastv") and not needs_budget("pdrop") and not needs_budget("base-only")
     assert build_methods("base-only+pdrop") == (td.BaseOnly(), td.PyramidDrop())
     assert {VANILLA, *method_names()} == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv", "dominant",
-                                          "fastervlm", "hiprune", "dart", "divprune", "vispruner", "cdpruner"}
+                                          "fastervlm", "hiprune", "dart", "divprune", "vispruner", "visionzip",
+                                          "cdpruner"}
 
 
 @pytest.mark.parametrize("name, kwargs, message", [
@@ -51,6 +52,42 @@ def test_registry_errors_name_the_problem(name, kwargs, message):
     assert message in str(err.value)
     if "Did you mean" in message:
         assert "Available: none, hired" in str(err.value)
+
+
+def test_a_control_is_a_name_of_its_own_run_alone_at_each_budget(capsys):
+    from tokendrop.families.gemma4.control import SoftTokenBudget
+    from tokendrop.registry import build_run, configurations, control_names
+
+    assert control_names() == {"gemma4-budget": "gemma4"}
+    assert build_run("gemma4-budget", budget=0.25, alpha=0.6) == SoftTokenBudget(budget=0.25)  # grid options skip it
+    assert build_run("hired", budget=0.2) == build_methods("hired", budget=0.2)
+    assert configurations(["none", "gemma4-budget"], [0.25, 0.5]) == [("none", None), ("gemma4-budget", 0.25),
+                                                                     ("gemma4-budget", 0.5)]
+    for name, message in (("gemma4-budget+pdrop", "'gemma4-budget' is a control (the stock model at its own setting), "
+                                                  "run alone: it cannot be composed"),
+                          ("gemma4-budget", "'gemma4-budget' is a control")):
+        with pytest.raises(ValueError, match=None) as err:
+            build_methods(name, budget=0.25)
+        assert message in str(err.value)
+    with pytest.raises(ValueError, match="Did you mean 'gemma4-budget'"):
+        build_run("gemma4-budgt", budget=0.25)
+    assert main(["methods"]) == 0
+    assert "  gemma4-budget: gemma4 only. The stock Gemma 4 at its own `max_soft_tokens`" in capsys.readouterr().out
+
+
+def test_a_control_on_a_family_without_it_is_refused_in_one_line(tiny_folder, next_model, capsys):
+    from tokendrop import controls
+    from tokendrop.registry import build_run
+
+    folder, _ = tiny_folder
+    assert main(["bench", "--model", str(folder), "--method", "none,gemma4-budget", "--budget", "0.25"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tokendrop bench: error: --method gemma4-budget: control 'gemma4-budget' is gemma4's own setting and runs on gemma4 "
+        "models only; this model is llava-next: it declares no control")
+    model, processor = next_model
+    with pytest.raises(ValueError, match="runs on gemma4 models only; this model is llava-next"):
+        with controls.applied(model, processor, build_run("gemma4-budget", budget=0.25)):
+            pass
 
 
 # ---- measuring ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What a run writes: the trained model (``save_pretrained`` + training_args.json) and the stage-1
+"""What a run writes: the trained model (hub-layout checkpoint + training_args.json) and the stage-1
 checkpoint (vision tower + its training heads) that later runs can start from."""
 
 from __future__ import annotations
@@ -10,19 +10,21 @@ from pathlib import Path
 
 import torch
 
+from tokendrop.loading import save_hub_layout
+
 from recipes.default_model.config import TrainConfig
 from recipes.default_model.vision_heads import VisionHeads
 
 
 def save_model(model, processor, out_dir: str | Path, cfg: TrainConfig, extra: dict) -> None:
-    """``save_pretrained`` for model and processor (safetensors), plus training_args.json."""
+    """Model and processor in the layout of hub checkpoints (``save_hub_layout``: stock vLLM loads it too),
+    plus training_args.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     to_save = model
     if cfg.save_fp16:
         to_save = copy.deepcopy(model).half()
-    to_save.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_hub_layout(to_save, processor, out)
     args = asdict(cfg)
     args.update(extra)
     (out / "training_args.json").write_text(json.dumps(args, indent=2) + "\n")

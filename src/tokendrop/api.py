@@ -37,6 +37,8 @@ class Handle:
         selections: for every image of the last encoder call, a (K, 3) long tensor of the kept patch
             tokens as (partition, row, col) in the order they reach the LLM; partition 0 is the base
             image, 1..k the tiles in raster order (Qwen-VL: partition 0, the merged token grid).
+            A merging method (VisionZip) adds a row per merged token, at the patch it stands for
+            (its target), and a row (partition, -1, -1) per [CLS] state it feeds.
         layer_tokens: (B, depth) long, image tokens each LLM layer saw in the last prefill (in-LLM
             methods), or None.
         kept_positions: (B, L') long, for in-LLM methods: the input position of every position of

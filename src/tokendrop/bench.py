@@ -10,6 +10,8 @@ the method applied by `tokendrop.apply`, and records:
                `RSS_INTERVAL` s in a thread (/proc/self/statm) minus RSS before the call,
   kv_cache_bytes   bytes of the cache generate() returns (keys + values, every layer),
 plus the analytic figures of `tokendrop.cost.method_cost` for the same token counts.
+A control (a family's own setting for fewer visual tokens, `tokendrop.controls`) runs the stock model
+with that setting; its record says so under "control" (e.g. "max_soft_tokens=70"; None otherwise).
 Warm-up rounds are excluded; configurations are interleaved round-robin (order rotated every
 repeat) so slow drifts of a shared machine hit all of them; medians and min / max are reported.
 """
@@ -27,10 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import tokendrop as td
-from tokendrop import compat, cost
-from tokendrop.families.base import resolve
-from tokendrop.registry import build_methods, check_options, configurations, family_for, family_of
+from tokendrop import compat, controls, cost
+from tokendrop.families.base import Control, resolve
+from tokendrop.registry import build_run, check_options, configurations, family_for, family_of
 
 RSS_INTERVAL = 0.002
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -191,13 +192,13 @@ def timing_vision(model, sink: list, cuda: bool):
 
 
 def measure(model, processor, methods, images, prompts, new_tokens: int) -> dict:
-    """One generate() call under `methods`: timings, memory, token counts (see module docstring)."""
+    """One generate() call under `methods` (a tuple of methods, or a control: `registry.build_run`):
+    timings, memory, token counts (see module docstring)."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    handle = td.apply(model, processor, *methods) if methods else None
     vision_times: list[float] = []
-    try:
+    with controls.applied(model, processor, methods) as handle:
         with timing_vision(model, vision_times, device.type == "cuda"):
             start = time.perf_counter()
             # one list of images per prompt (a flat list is one prompt's images to Gemma 4's processor)
@@ -211,10 +212,7 @@ def measure(model, processor, methods, images, prompts, new_tokens: int) -> dict
                                      logits_processor=LogitsProcessorList([logits]), return_dict_in_generate=True,
                                      pad_token_id=processor.tokenizer.pad_token_id)
                 end = time.perf_counter()
-        layer_tokens = None if handle is None or handle.layer_tokens is None else handle.layer_tokens[0].tolist()
-    finally:
-        if handle is not None:
-            handle.remove()
+        layer_tokens = None if handle.layer_tokens is None else handle.layer_tokens[0].tolist()
     image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     batch, steps = inputs["input_ids"].shape[0], len(logits.times)
     return {
@@ -257,11 +255,11 @@ class Grid:
             raise ValueError(f"batches must be positive ints, got {self.batches!r}")
 
     def configs(self) -> list[tuple[str, float | None]]:
-        """(method name, budget or None) pairs: a budget only for methods with a pre-LLM part."""
+        """(method name, budget or None) pairs: a budget only for methods with a pre-LLM part (and controls)."""
         out = configurations(self.methods, self.budgets)
         check_options(self.methods, self.options)
         for name, budget in out:
-            build_methods(name, budget=budget, **self.options)  # validate everything before running
+            build_run(name, budget=budget, **self.options)  # validate everything before running
         return out
 
 
@@ -285,24 +283,25 @@ def run_grid(model, processor, grid: Grid, progress: bool = True) -> list[dict]:
                 shift = rep % len(configs)
                 for name, budget in configs[shift:] + configs[:shift]:  # rotated round-robin
                     bar.set_postfix_str(f"{name} b={budget} B={batch} {size[0]}x{size[1]}")
-                    methods = build_methods(name, budget=budget, **grid.options)
+                    methods = build_run(name, budget=budget, **grid.options)
                     result = measure(model, processor, methods, [image] * batch, [prompt] * batch, grid.new_tokens)
                     if rep >= grid.warmup:
                         samples[(name, budget)].append(result)
                     bar.update()
-            records += [_record(model, name, budget, batch, size, runs, grid) for (name, budget), runs in samples.items()]
+            records += [_record(model, processor, name, budget, batch, size, runs, grid)
+                        for (name, budget), runs in samples.items()]
     bar.close()
     return records
 
 
-def _record(model, name, budget, batch, size, runs: list[dict], grid: Grid) -> dict:
+def _record(model, processor, name, budget, batch, size, runs: list[dict], grid: Grid) -> dict:
     """Medians and spread of the runs of one configuration, plus its analytic costs."""
     first = runs[0]
-    methods = build_methods(name, budget=budget, **grid.options)
+    run = build_run(name, budget=budget, **grid.options)
     dtype = next(model.parameters()).dtype
-    analytic = cost.method_cost(model, methods, size, text_tokens=first["text_tokens"], batch=batch,
-                                bytes_per_element=torch.empty((), dtype=dtype).element_size())
-    record = {"method": name, "budget": budget, "batch": batch, "image_size": list(size), "repeats": len(runs),
+    analytic = _analytic(model, processor, run, size, first["text_tokens"], batch, dtype)
+    record = {"method": name, "budget": budget, "control": controls.describe(processor, run), "batch": batch,
+              "image_size": list(size), "repeats": len(runs),
               "new_tokens": first["new_tokens"], "visual_tokens": first["visual_tokens"],
               "analytic_visual_tokens": analytic["visual_tokens"], "text_tokens": first["text_tokens"],
               "layer_image_tokens": first["layer_image_tokens"] or analytic["layer_image_tokens"],
@@ -319,6 +318,16 @@ def _record(model, name, budget, batch, size, runs: list[dict], grid: Grid) -> d
     record.update(device=str(next(model.parameters()).device), dtype=str(dtype).replace("torch.", ""),
                   attn_implementation=model.config._attn_implementation, threads=torch.get_num_threads())
     return record
+
+
+def _analytic(model, processor, run, size, text_tokens, batch, dtype) -> dict:
+    """`cost.method_cost` of a configuration; a control's is the stock model's at the control's setting."""
+    bytes_per_element = torch.empty((), dtype=dtype).element_size()
+    if not isinstance(run, Control):
+        return cost.method_cost(model, run, size, text_tokens=text_tokens, batch=batch, bytes_per_element=bytes_per_element)
+    with run.applied(processor):  # the processor's geometry at the control's setting
+        return cost.method_cost(model, (), size, text_tokens=text_tokens, batch=batch, bytes_per_element=bytes_per_element,
+                                processor=processor)
 
 
 # ---- comparisons -----------------------------------------------------------------------------------
@@ -383,7 +392,15 @@ def cached_tokens(r) -> int:
 
 
 def _label(r) -> str:
-    return r["method"] if r["budget"] is None else f"{r['method']}@{r['budget']:g}"
+    label = r["method"] if r["budget"] is None else f"{r['method']}@{r['budget']:g}"
+    return f"{label} (control)" if r.get("control") else label
+
+
+def format_controls(records: list[dict]) -> str:
+    """One line per control configuration: what the stock model ran with ("" when there is none)."""
+    seen = dict.fromkeys(f"{_label(r)}: the stock model with {r['control']} (its own setting for fewer visual "
+                         "tokens), nothing dropped" for r in records if r.get("control"))
+    return "\n".join(seen)
 
 
 # ---- output ---------------------------------------------------------------------------------------

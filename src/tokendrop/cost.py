@@ -154,6 +154,11 @@ def received_scoring_flops(shapes: Shapes, tiles: int, patches: int) -> float:
     return 2.0 * tiles * (2 * t * shapes.vd**2 + t * t * shapes.vd)
 
 
+def keys_scoring_flops(shapes: Shapes, tiles: int, patches: int) -> float:
+    """VisionZip-style keys: per tile, one k_proj over all tokens (the head mean and the merge are negligible)."""
+    return 2.0 * tiles * (patches + shapes.vision_tokens_extra) * shapes.vd**2
+
+
 def arch_geometry_processor(spec: dict):
     """An object holding the arch's image processor: what families with processor-dependent counts read."""
     from types import SimpleNamespace
@@ -287,9 +292,11 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
     scoring = last_token_scoring_flops(shapes, [lengths[b - 1] for b in boundaries if b > 0])
     tiles, patches = family.vision_work(layout)  # what the tower runs on
     if pre is not None:
-        kinds = [score.kind for score in pre.scores().values()]
+        cls_token = "cls_token" in family.capabilities()
+        kinds = [score.resolve(cls_token) for score in pre.scores().values()]  # VisionZip: "received" without [CLS]
         scoring += cls_scoring_flops(shapes, tiles, patches, kinds.count("cls"))
         scoring += kinds.count("received") * received_scoring_flops(shapes, tiles, patches)
+        scoring += kinds.count("keys") * keys_scoring_flops(shapes, tiles, patches)
     projected = layout.num_partitions * layout.patches if pre is None or family.projects_all else n
     vision = vision_flops(shapes, tiles, projected, patches)
     kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)

@@ -65,6 +65,79 @@ def load_model(name_or_path: str, device=None):
     return model, processor
 
 
+def save_hub_layout(model, processor, folder, **save_options) -> Path:
+    """Save `model` (and `processor`, unless None) to `folder` as its family's hub checkpoints are laid out.
+
+    transformers 5 `save_pretrained` writes some weight names its own way (the LLaVA towers without
+    their `vision_model.` level); the family's `hub_layout` rules rename them back, so that the folder
+    loads like a hub checkpoint in transformers 5 (the same tensors) and in stock vLLM, which reads the
+    hub layout only. Every safetensors shard (and the shard index) is rewritten; `save_options` go to
+    the model's `save_pretrained` (e.g. `max_shard_size`).
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tokendrop.families import family_of
+
+    folder = Path(folder)
+    model.save_pretrained(folder, **save_options)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    hub_name = _hub_name(family_of(architecture=type(model).__name__))
+    if hub_name is None:
+        return folder
+    for shard in sorted(folder.glob("*.safetensors")):
+        save_file({hub_name(k): v for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        content = json.loads(index.read_text())
+        content["weight_map"] = {hub_name(k): v for k, v in content["weight_map"].items()}
+        index.write_text(json.dumps(content, indent=2) + "\n")
+    return folder
+
+
+def check_hub_layout(name_or_path: str) -> None:
+    """Raise ModelLoadError when a local folder's weights are not in its family's hub layout, the only one
+    vLLM loads (a folder written by transformers 5 `save_pretrained`); reads weight names only. Hub ids,
+    folders without safetensors and architectures tokendrop does not know pass."""
+    from safetensors import safe_open
+
+    from tokendrop.families import family_of
+
+    folder = Path(name_or_path)
+    shards = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not shards:
+        return
+    try:
+        hub_name = _hub_name(family_of(architecture=(load_config(name_or_path).architectures or [None])[0]))
+    except ValueError:
+        return
+    for shard in shards if hub_name else []:
+        with safe_open(shard, "pt") as weights:
+            name = next((name for name in weights.keys() if hub_name(name) != name), None)
+        if name is not None:
+            raise ModelLoadError(f"{name_or_path!r} has its weights in the layout transformers 5 save_pretrained "
+                                 f"writes ({name!r}, the hub's checkpoints have {hub_name(name)!r}), which vLLM cannot "
+                                 "load: re-save it with tokendrop.loading.save_hub_layout(model, processor, folder)")
+
+
+def _hub_name(family):
+    """weight name -> its name in the family's hub layout (`Family.hub_layout`); None: the same names."""
+    import re
+
+    rules = [(re.compile(pattern), to) for pattern, to in family.hub_layout]
+    if not rules:
+        return None
+
+    def hub_name(name: str) -> str:
+        for pattern, to in rules:
+            name = pattern.sub(to, name)
+        return name
+
+    return hub_name
+
+
 def load_config(name_or_path: str):
     """The config of a hub id or a local folder (`AutoConfig`), without loading any weight.
 

@@ -28,6 +28,11 @@ class ImageOnly:
         return super().from_dict({**processor_dict, "video_processor": None}, **kwargs)
 
     @classmethod
+    def from_args_and_dict(cls, args, processor_dict: dict, **kwargs):
+        """from_pretrained's last step before transformers 5.21 (which has no `from_dict` step there): the same."""
+        return super().from_args_and_dict(args, {**processor_dict, "video_processor": None}, **kwargs)
+
+    @classmethod
     def get_attributes(cls) -> list[str]:
         """The stock sub-processors except the video processor (what __init__ takes, save and load write)."""
         return [name for name in super().get_attributes() if "video" not in name]

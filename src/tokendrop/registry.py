@@ -3,12 +3,17 @@
     method_class("hired")                                   -> HiRED
     build_methods("hired+pdrop", budget=0.4, ratio=0.6)     -> (HiRED(budget=0.4), PyramidDrop(ratio=0.6))
     build_methods("none")                                   -> ()   (the stock model)
+    build_run("gemma4-budget", budget=0.25)                 -> SoftTokenBudget(budget=0.25)  (a control)
     family_for(model)                                       -> the model's family adapter
 
 A method name is a registered name, a preset ("hired-official"), or a composition joined by "+"
 (at most one pre-LLM and one in-LLM part, as `tokendrop.apply` allows). Options are the methods'
 dataclass fields: a key applies to every part that has that field ("fastv.seed=1" to one part).
 Unknown names raise ValueError with a "did you mean" hint and the list of known names.
+
+A control is a family's own setting for fewer visual tokens (`Family.controls`, e.g. Gemma 4's
+"gemma4-budget"): a name `--method` accepts in bench and eval beside the methods, at each budget, never
+composed. It is no method (nothing is dropped): `build_methods` refuses it, `build_run` builds either.
 
 Third-party methods register through the `tokendrop.methods` entry-point group (a class per entry
 point, loaded on first use) or `register_method(cls)` in a script. A registered method builds from its
@@ -28,11 +33,11 @@ from importlib import metadata
 
 from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
 from tokendrop.methods import (DART, BaseOnly, CDPruner, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED,
-                               InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisPruner)
+                               InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisionZip, VisPruner)
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
 METHODS = (HiRED, FasterVLM, HiPrune, DominantDrop, DivPrune, VisPruner, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop,
-           FastV, DART, CDPruner)
+           FastV, DART, VisionZip, CDPruner)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 VANILLA = "none"
@@ -116,9 +121,11 @@ def method_names() -> list[str]:
 
 def _unknown(part: str) -> ValueError:
     known = [VANILLA, *method_names()]
-    close = difflib.get_close_matches(part, known, n=1)
+    close = difflib.get_close_matches(part, [*known, *control_names()], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown method {part!r}.{hint} Available: {', '.join(known)} (compose with '+', e.g. hired+pdrop)")
+    controls = f"; controls (bench, eval): {', '.join(control_names())}" if control_names() else ""
+    return ValueError(f"unknown method {part!r}.{hint} Available: {', '.join(known)} (compose with '+', e.g. "
+                      f"hired+pdrop){controls}")
 
 
 def method_class(name: str) -> type:
@@ -135,6 +142,12 @@ def split_name(name: str) -> list[str]:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"method name must be a non-empty string, got {name!r}")
     parts = [p.strip().lower() for p in name.split("+")]
+    control = next((p for p in parts if p in control_names()), None)
+    if control is not None and len(parts) > 1:
+        raise ValueError(f"method {name!r}: {control!r} is a control (the stock model at its own setting), run "
+                         "alone: it cannot be composed")
+    if control is not None:
+        return parts
     if VANILLA in parts:
         if len(parts) > 1:
             raise ValueError(f"method {name!r}: 'none' (the stock model) cannot be composed")
@@ -149,8 +162,9 @@ def split_name(name: str) -> list[str]:
 
 
 def needs_budget(name: str) -> bool:
-    """Whether `name` has a pre-LLM part whose budget the user chooses (BaseOnly's is fixed)."""
-    return any(_needs_budget(method_class(p)) for p in split_name(name) if p != VANILLA)
+    """Whether `name` has a pre-LLM part whose budget the user chooses (BaseOnly's is fixed), or is a
+    control (run at each budget)."""
+    return any(p in control_names() or _needs_budget(method_class(p)) for p in split_name(name) if p != VANILLA)
 
 
 def _needs_budget(cls) -> bool:
@@ -179,7 +193,7 @@ def check_options(names: list[str], options: dict) -> None:
 def option_owners(name: str, key: str) -> list[str]:
     """The parts of `name` an option key applies to ("fastv.seed" names its part)."""
     part, _, field = key.rpartition(".")
-    parts = [p for p in split_name(name) if p != VANILLA]
+    parts = [p for p in split_name(name) if p != VANILLA and p not in control_names()]  # controls have no options
     if part:
         return [p for p in parts if part in (p, PRESETS.get(p, (p,))[0]) and field in method_class(p).options()]
     return [p for p in parts if key in method_class(p).options()]
@@ -198,6 +212,9 @@ def build_methods(name: str, budget=None, strict: bool = False, **options) -> tu
         a tuple of method objects; () for "none".
     """
     parts = split_name(name)
+    if parts[0] in control_names():
+        raise ValueError(f"{parts[0]!r} is a control (the stock model at its own setting for fewer visual tokens), "
+                         "not a method: `tokendrop bench` and `tokendrop eval` run it beside the methods")
     if "budget" in options:
         raise ValueError("pass the budget as budget=..., not as an option")
     if strict:
@@ -219,8 +236,43 @@ def build_methods(name: str, budget=None, strict: bool = False, **options) -> tu
 
 def describe_options(name: str) -> str:
     """'hired: alpha, variant, ...; pdrop: layers, ...' for error messages."""
-    parts = [p for p in split_name(name) if p != VANILLA]
+    parts = [p for p in split_name(name) if p != VANILLA and p not in control_names()]
     return "options: " + ("; ".join(f"{p}: {', '.join(method_class(p).options())}" for p in parts) or "none")
+
+
+def build_run(name: str, budget=None, **options):
+    """What a configuration of bench / eval runs: `build_methods(name, budget, **options)`, or the
+    `Control` that `name` names at `budget` (options do not apply to it: a grid shares them)."""
+    if isinstance(name, str) and name.strip().lower() in control_names():
+        if budget is None:
+            raise ValueError(f"control {name!r} needs a budget in (0, 1], e.g. budget=0.25")
+        return control_class(name.strip().lower())(budget=budget)
+    return build_methods(name, budget=budget, **options)
+
+
+# ---- controls (`Family.controls`: a family's own setting for fewer visual tokens) ---------------------
+def control_names() -> dict[str, str]:
+    """Control name -> the name of the family that declares it, in the families' order."""
+    return {control: family.name for family in families() for control in family.controls}
+
+
+def control_class(name: str) -> type:
+    """The `Control` class registered under `name`; ValueError with a hint otherwise."""
+    from tokendrop.families.base import resolve
+
+    for family in families():
+        if name in family.controls:
+            return resolve(family.controls[name])
+    raise _unknown(name)
+
+
+def check_control(family, name: str) -> None:
+    """ValueError unless `family` (a class or adapter) declares the control `name`."""
+    if name not in family.controls:
+        owner = control_names().get(name)
+        has = f"its controls are {', '.join(family.controls)}" if family.controls else "it declares no control"
+        raise ValueError(f"control {name!r} is {owner}'s own setting and runs on {owner} models only; this model is "
+                         f"{family.name}: {has}")
 
 
 # ---- option strings ("key=value,key=value", the lmms-eval convention) ---------------------------------

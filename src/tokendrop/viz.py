@@ -110,6 +110,7 @@ def kept_masks(layout: Layout, selection: torch.Tensor) -> tuple[torch.Tensor, t
     """
     g, (rows, cols) = layout.grid, layout.tiles
     sel = selection.long().cpu()
+    sel = sel[sel[:, 1] >= 0]  # a fed [CLS] state (row -1) has no place on the grid
     base = torch.zeros(g, layout.cols, dtype=torch.bool)
     part0 = sel[sel[:, 0] == 0]
     base[part0[:, 1], part0[:, 2]] = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 
 import pytest
 import torch
@@ -242,6 +243,66 @@ def test_a_budget_without_a_control_is_refused_naming_the_ones_that_have_one(gem
         control_setting(budget, processor)
     with pytest.raises(ValueError, match="max_soft_tokens must be one of 70, 140, 280, 560, 1120, got 100"):
         fewer_tokens(processor, 100).__enter__()
+
+
+@pytest.fixture(scope="module")
+def gemma_280(tmp_path_factory):
+    """A tiny Gemma 4 whose processor asks for 280 tokens (budgets 0.25 / 0.5 / 1 have a control), saved."""
+    model, processor = tiny_gemma4(soft_tokens=280)
+    folder = tmp_path_factory.mktemp("gemma4-280")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor, folder
+
+
+def test_bench_runs_the_control_beside_the_methods_at_its_own_count(gemma_280, tmp_path, capsys):
+    from tokendrop.cli import main
+
+    _, processor, folder = gemma_280
+    size = (150, 300)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(folder), "--method", "none,random,gemma4-budget", "--budget", "0.25",
+                 "--image-size", "150x300", "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2",
+                 "--json", str(out), "--no-progress"]) == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    stock = records["none"]["visual_tokens"]
+    control = control_tokens(processor, size, 70)  # the pooled grid of the 70-token resize, known before encoding
+    assert records["gemma4-budget"]["visual_tokens"] == records["gemma4-budget"]["analytic_visual_tokens"] == control
+    assert records["random"]["visual_tokens"] == stock // 4 != control  # floor(0.25 * N): close, not the same
+    assert records["gemma4-budget"]["control"] == "max_soft_tokens=70"
+    assert records["none"]["control"] is None and records["random"]["control"] is None
+    shown = capsys.readouterr().out
+    assert "gemma4-budget@0.25 (control)" in shown and "the stock model with max_soft_tokens=70" in shown
+
+
+def test_eval_runs_the_control_beside_the_methods_at_its_own_count(gemma_280, dataset, tmp_path, capsys):
+    from tokendrop.cli import main
+    from tokendrop.data import load_dataset
+
+    _, processor, folder = gemma_280
+    out = tmp_path / "eval.jsonl"
+    assert main(["eval", "--data", str(dataset), "--model", str(folder), "--method", "none,gemma4-budget",
+                 "--budget", "0.25,0.5", "--max-new-tokens", "2", "--json", str(out), "--no-progress"]) == 0
+    records = {r["label"]: r for r in map(json.loads, out.read_text().splitlines())}
+    sizes = [s.load_image().size[::-1] for s in load_dataset(dataset)]  # (height, width)
+    for label, setting in (("gemma4-budget@0.25", 70), ("gemma4-budget@0.5", 140)):
+        expected = sum(control_tokens(processor, size, setting) for size in sizes) / len(sizes)
+        assert records[label]["visual_tokens"] == expected and records[label]["control"] == f"max_soft_tokens={setting}"
+    assert records["none"]["control"] is None
+    assert records["gemma4-budget@0.25"]["visual_tokens"] < records["gemma4-budget@0.5"]["visual_tokens"] < records["none"]["visual_tokens"]
+    assert "| gemma4-budget (control: max_soft_tokens=70) | 0.25 |" in capsys.readouterr().out
+    assert processor.image_processor.max_soft_tokens == 280
+
+
+def test_a_budget_the_control_has_no_setting_for_is_refused_before_any_configuration_runs(gemma_280, dataset, capsys):
+    from tokendrop.cli import main
+
+    _, _, folder = gemma_280
+    assert main(["eval", "--data", str(dataset), "--model", str(folder), "--method", "gemma4-budget",
+                 "--budget", "0.25,0.3", "--no-progress"]) == 2
+    err = capsys.readouterr().err  # after the weights load (the processor holds the setting), before any run
+    assert err.strip().splitlines()[-1] == ("tokendrop eval: error: --method gemma4-budget: budget 0.3 has no Gemma 4 control at max_soft_tokens=280: "
+                           "the budgets that have one are 0.25 (70), 0.5 (140), 1 (280)")
 
 
 # ---- loading a checkpoint folder ------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_hired_picks_top_feature_layer_cls_attention_llava15(llava_model):
 
 @pytest.mark.parametrize("fixture", ["next_model", "llava_model"])
 def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, request):
-    # [CLS] rows and features from the path HiRED uses, against the eager tower's own outputs.
+    # [CLS] rows and features ([CLS] first, as tower_pass returns them) from the path HiRED uses, against the eager tower.
     from tokendrop.families.llava.vision import score_blocks, tower_pass
 
     model, _ = request.getfixturevalue(fixture)
@@ -132,7 +132,7 @@ def test_tower_pass_reads_the_stock_towers_attention_and_features(fixture, reque
     assert blocks == {"init": ("cls", 0), "final": ("cls", len(tower.encoder.layers) - 2)}
     for name, (_, block) in blocks.items():
         torch.testing.assert_close(rows[name], out.attentions[block][:, :, 0, 1:].sum(dim=1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(features, out.hidden_states[layer][:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features, out.hidden_states[layer], atol=1e-5, rtol=1e-5)
 
 
 def test_hired_tile_budgets_follow_the_stock_towers_layer0_cls_attention(next_model):

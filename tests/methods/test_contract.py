@@ -106,3 +106,26 @@ def test_in_llm_random_ranking_when_no_layer_ranks(name):
     image = torch.tensor([[False, True, True, True], [True, True, False, False]])
     a, b = method.random_scores(image), method.random_scores(image)
     assert torch.equal(a, b) and a.shape == image.shape and bool((a[~image] == 0).all())
+
+
+MERGING = [n for n in PRE if method_class(n).merges]
+
+
+@pytest.mark.parametrize("name", MERGING)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"{lay.tiles}-{lay.crop}")
+@pytest.mark.parametrize("budget", [0.05, 0.2, 1.0])
+@pytest.mark.parametrize("cls", [False, True])
+def test_merging_feeds_exactly_num_tokens_from_valid_tokens(name, layout, budget, cls):
+    method = build(name, budget)
+    inputs = scores(method, layout)
+    merged = method.merge(layout, inputs, cls)
+    valid = layout.valid()
+    assert len(merged) == layout.num_partitions
+    assert sum(m.num_tokens for m in merged) == method.num_tokens(layout)  # [CLS] states, kept and merged rows
+    for p, m in enumerate(merged):
+        used = torch.cat([m.keep, m.anchors])
+        assert bool(valid[p, used].all()) and used.unique().numel() == used.numel(), "distinct valid patches"
+        assert m.rows.shape[0] == m.anchors.numel() and m.rows.dtype == torch.float32
+    if budget == 1.0:  # the stock model: every valid patch, nothing merged, no [CLS]
+        assert all(not m.cls and m.rows.numel() == 0 for m in merged)
+        assert [m.keep.numel() for m in merged] == layout.valid_counts()

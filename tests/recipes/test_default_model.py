@@ -292,6 +292,7 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
 
     from tokendrop.data import generate_dataset, load_dataset
     from tokendrop.evaluation.harness import Config, evaluate
+    from tokendrop.loading import check_hub_layout
     from recipes.default_model.config import TrainConfig
     from recipes.default_model.train import train
     from recipes.default_model.model import ModelConfig
@@ -313,6 +314,7 @@ def test_tiny_training_run_and_save_load_round_trip(tmp_path):
     centre = [float(line.split("centre_loss ")[1].split()[0]) for line in logs if line.startswith("stage1 step")]
     assert centre and all(0 < c < 5 for c in centre)  # stage 1 marks the object centres
 
+    check_hub_layout(str(tmp_path / "model"))  # saved as the hub's checkpoints are: stock vLLM loads it too
     loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "model", dtype=torch.float32)
     loaded_processor = AutoProcessor.from_pretrained(tmp_path / "model")
     samples = load_dataset(tmp_path / "data", limit=2)

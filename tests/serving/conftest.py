@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokendrop.loading import save_hub_layout  # the layout of hub checkpoints: the only one stock vLLM loads
+from tokendrop.vllm.serve_bench import VIDEO_STUB  # the video-processor stand-in (no torchvision here)
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reservation is sized for servers
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model(test function): read the served model
 
@@ -27,16 +30,23 @@ ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_
                    limit_mm_per_prompt={"image": 1}, seed=0)
 
 
+def family_methods(family: str, budget: float = 0.3) -> dict:
+    """name -> an instance of every registered pre-LLM method that runs on `family` (budget `budget`)."""
+    from tokendrop import registry
+    from tokendrop.methods.base import PreLLMMethod
+
+    methods = {}
+    for name in registry.method_names():
+        cls = registry.method_class(name)
+        if name in registry.PRESETS or not issubclass(cls, PreLLMMethod) or family not in registry.runs_on(cls):
+            continue
+        methods[name] = cls(budget) if registry.needs_budget(name) else cls()
+    return methods
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
-def save_hub_layout(model, processor, folder: Path) -> Path:
-    """Save in the hub layout stock vLLM 0.32 loads (workaround 4 of shared/reference/vllm.md)."""
-    from tokendrop.vllm.serve_bench import save_for_vllm
-
-    return save_for_vllm(model, processor, folder)
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +93,54 @@ def onevision_checkpoint(tmp_path_factory):
     return folder, model, processor
 
 
+@pytest.fixture(scope="session")
+def internvl_checkpoint(tmp_path_factory):
+    """(folder, model, processor): a tiny random InternVL (`tiny_internvl`: 56-px tiles, 4x4 patches, 2x2 LLM
+    tokens per tile after the pixel shuffle, up to 6 tiles and the thumbnail, 3 InternViT layers) with 4 Qwen2
+    layers whose heads are 32 wide (vLLM's CPU attention has no kernel for 16). Saved as transformers writes it:
+    vLLM loads InternVL in transformers' format as is."""
+    import torch
+    import transformers
+
+    from tokendrop.families.internvl.tiny import tiny_internvl
+
+    model, processor = tiny_internvl(text_layers=4)
+    model.config.text_config.num_attention_heads, model.config.text_config.num_key_value_heads = 2, 1
+    torch.manual_seed(0)
+    model = transformers.InternVLForConditionalGeneration(model.config).eval()
+    with torch.no_grad():  # as tiny_internvl: the stock init zeroes [CLS] and the position table
+        model.model.vision_tower.embeddings.cls_token.normal_()
+        model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("internvl")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="session")
+def gemma4_checkpoint(tmp_path_factory):
+    """(folder, model, processor): the tiny random Gemma 4 (`tiny_gemma4`: 8-px patches pooled 2 x 2, at most 70
+    tokens an image, 3 vision layers) with 4 decoder layers whose heads are 32 (sliding) and 64 (full) wide (vLLM's
+    CPU attention has no kernel for 16) and vLLM's soft-token default (`default_output_length`) the processor's."""
+    import torch
+    import transformers
+
+    from tokendrop.families.gemma4.tiny import tiny_gemma4
+    from tokendrop.vllm import compat
+
+    compat.alias_pil_image_processors()  # transformers 5.19's Gemma 4 processor imports the torchvision one
+    model, processor = tiny_gemma4(text_layers=4)
+    text = model.config.text_config
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.global_head_dim = 2, 1, 32, 64
+    model.config.vision_config.default_output_length = processor.image_processor.max_soft_tokens
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForConditionalGeneration(model.config).eval()
+    folder = tmp_path_factory.mktemp("gemma4")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor
+
+
 @contextlib.contextmanager
 def engine(folder, hf_overrides=None, **options):
     """A vLLM `LLM` on `folder`, shut down (its engine process ended) on exit."""
@@ -112,41 +170,6 @@ def logprobs(llm, images, prompt=PROMPT, steps=2) -> list[tuple[int, list[dict[i
              list(out.outputs[0].token_ids)) for out in outputs]
 
 
-#: Test-only remote code for the Qwen checkpoint: transformers' Qwen2-VL video processor needs torchvision, which
-#: these CPU machines lack, and the Qwen2.5-VL processor (stock vLLM's too) loads one. A stand-in with no videos.
-VIDEO_STUB = '''
-import importlib.util
-
-import transformers
-
-
-class NoVideoKwargs:
-    __annotations__ = {}
-
-
-class StubVideoProcessor(dict):
-    valid_kwargs = NoVideoKwargs
-    tokendrop_stub = True
-    merge_size = 2
-    temporal_patch_size = 2
-    patch_size = 16
-    size = {"shortest_edge": 4 * 32 * 32, "longest_edge": 2 * 96 * 32 * 32}  # vLLM's Qwen3-VL sizes videos with it
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        return cls()
-
-    @classmethod
-    def register_for_auto_class(cls, *args, **kwargs):
-        pass
-
-
-if importlib.util.find_spec("torchvision") is None:
-    if getattr(vars(transformers).get("VideoProcessorMixin"), "tokendrop_stub", False):  # (lazy: needs torchvision)
-        StubVideoProcessor = transformers.VideoProcessorMixin  # one stand-in per process (each folder has its copy)
-    else:
-        transformers.VideoProcessorMixin = StubVideoProcessor  # the class the processor checks its video processor against
-'''
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -174,7 +197,7 @@ def save_qwen(name: str, folder: Path):
     text.rope_parameters["mrope_section"] = QWEN_MROPE[name]
     torch.manual_seed(0)
     model = type(model)(model.config).eval()
-    model.save_pretrained(folder)
+    save_hub_layout(model, None, folder)
     processor.image_processor.save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
     (folder / "video_stub.py").write_text(VIDEO_STUB)

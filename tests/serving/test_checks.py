@@ -116,3 +116,42 @@ def test_qwen2_and_qwen3_vl_serve_the_methods_that_need_no_cls(builder, architec
     for method in (td.HiRED(0.2), td.FasterVLM(0.2)):
         with pytest.raises(ValueError, match=f"{type(method).__name__} needs .*capability 'cls_token'"):
             tokendrop.vllm.overrides(method).for_config(config)
+
+
+def test_serve_lets_clients_send_the_method_options(capsys):
+    assert main(["serve", "--method", "hired", "--budget", "0.2", "--print-command"]) == 0
+    assert "--trust-request-mm-kwargs" in capsys.readouterr().out.split()
+    assert main(["serve", "--method", "none", "--print-command"]) == 0  # stock: nothing to ask per request
+    assert "--trust-request-mm-kwargs" not in capsys.readouterr().out.split()
+
+
+def test_a_request_takes_the_served_method_options_by_name(next_config):
+    from tokendrop.vllm.requests import request_method
+
+    served = td.HiRED(0.2)
+    assert request_method(served, {}, next_config) is served
+    assert request_method(served, {"budget": 0.4, "alpha": 0.2}, next_config) == td.HiRED(0.4, alpha=0.2)
+    assert request_method(served, {"budget": 1}, next_config) == td.HiRED(1.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0}, r"mm_processor_kwargs: budget must be in \(0, 1\], got 0.0"),
+    ({"budget": 2}, r"mm_processor_kwargs: budget must be in \(0, 1\], got 2.0"),
+    ({"budget": "abc"}, r"mm_processor_kwargs: budget must be a number, got str"),
+    ({"alpha": 1.5}, r"mm_processor_kwargs: alpha must be in \[0, 1\]"),
+    ({"do_resize": False}, r"'do_resize' is not an option of the served method HiRED; allowed per request: budget, "),
+    ({"init_layer": 1}, r"init_layer cannot change per request: .*\(init_layer=0\)"),
+])
+def test_a_bad_request_option_is_named_with_what_is_allowed(next_config, kwargs, message):
+    from tokendrop.vllm.requests import request_method
+
+    with pytest.raises(ValueError, match=message):
+        request_method(td.HiRED(0.2), kwargs, next_config)
+
+
+def test_the_per_image_field_round_trips():
+    from tokendrop.vllm.requests import decode, encode, largest
+
+    method = td.HiRED(0.3, variant="official", alpha=0.25)
+    assert decode(encode(method, 2)) == [method, method]
+    assert largest(td.SpatialDrop(0.1)) == td.SpatialDrop(1.0, keep_newlines=True)

@@ -1,5 +1,6 @@
-"""`tokendrop serve`: vLLM's OpenAI server on the bundled model (transformers 5.x weight layout, served
-as it is) answers a chat request with a base64 image and counts the reduced prompt."""
+"""`tokendrop serve`: vLLM's OpenAI server on the bundled model (shipped in the hub layout, served as it
+is) answers a chat request with a base64 image and counts the reduced prompt; a request asks for its own
+budget and options (`extra_body={"mm_processor_kwargs": ...}`), a bad one gets a 400 naming it."""
 
 from __future__ import annotations
 
@@ -97,3 +98,38 @@ def test_chat_completion_counts_the_kept_tokens(server):
     assert answer["usage"]["prompt_tokens"] == expected
     assert expected < transformers_prompt_tokens(image, None)
     assert answer["choices"][0]["message"]["content"] is not None
+
+
+def chat(server: str, image, max_tokens: int = 1, **extra_body):
+    """The OpenAI client's chat completion for `image` with `extra_body` (e.g. mm_processor_kwargs)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    content = [{"type": "image_url", "image_url": {"url": image_url(image)}}, {"type": "text", "text": QUESTION}]
+    return client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0, extra_body=extra_body,
+                                          messages=[{"role": "user", "content": content}])
+
+
+def test_a_request_asks_for_its_own_budget_and_options(server):
+    image = random_image(200, 300)
+    for kwargs, method in [({"budget": 0.5}, td.HiRED(0.5)), ({"budget": 0.4, "alpha": 0.2}, td.HiRED(0.4, alpha=0.2))]:
+        answer = chat(server, image, mm_processor_kwargs=kwargs)
+        assert answer.usage.prompt_tokens == transformers_prompt_tokens(image, method), kwargs
+    assert chat(server, image).usage.prompt_tokens == transformers_prompt_tokens(image, td.HiRED(0.2))  # --budget
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0}, "budget must be in (0, 1], got 0.0"),
+    ({"budget": 2}, "budget must be in (0, 1], got 2.0"),
+    ({"budget": "abc"}, "budget must be a number, got str"),
+    ({"do_resize": False}, "'do_resize' is not an option of the served method HiRED; allowed per request: budget"),
+])
+def test_a_bad_request_value_is_a_400_naming_it_and_the_next_request_is_served(server, kwargs, message):
+    import openai
+
+    image = random_image(112, 112)
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(server, image, mm_processor_kwargs=kwargs)
+    assert caught.value.status_code == 400 and message in str(caught.value)
+    assert chat(server, image, mm_processor_kwargs={"budget": 0.3}).usage.prompt_tokens > 0

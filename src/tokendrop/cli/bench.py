@@ -85,6 +85,8 @@ def run(args) -> int:
     records = bench.run_grid(model, processor, grid, progress=not args.no_progress)
     print(bench.format_table(records))
     print("median ± half the min-max range; peak = memory above the pre-call baseline (RSS sampled on CPU)")
+    if bench.format_controls(records):
+        print(bench.format_controls(records))
     comparisons = bench.comparisons(records, grid.warmup)
     if comparisons:
         print("\nagainst the stock model (ratios of medians, > 1 is better; [worst-best pairing of runs]):")

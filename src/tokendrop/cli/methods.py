@@ -1,4 +1,5 @@
-"""`tokendrop methods`: every method, its options with their defaults, and the model families it runs on.
+"""`tokendrop methods`: every method, its options with their defaults, and the model families it runs on;
+the controls families declare (their own setting for fewer visual tokens, run by bench and eval).
 
     tokendrop methods            # a table per method
     tokendrop methods --json -   # the same for scripts
@@ -18,9 +19,9 @@ def add_parser(subparsers) -> None:
 
 
 def listing() -> dict:
-    """{"methods": [...], "families": [...]} from the registries."""
+    """{"methods": [...], "controls": [...], "families": [...]} from the registries."""
     from tokendrop.families.base import CAPABILITIES
-    from tokendrop.registry import PRESETS, families, method_class, method_names, runs_on
+    from tokendrop.registry import PRESETS, control_class, control_names, families, method_class, method_names, runs_on
 
     methods = []
     for name in method_names():
@@ -37,7 +38,9 @@ def listing() -> dict:
         methods.append(entry)
     listed = [{"name": f.name, "models": list(f.model_classes),
                "capabilities": {c: CAPABILITIES[c] for c in sorted(f.family_capabilities())}} for f in families()]
-    return {"methods": methods, "families": listed}
+    controls = [{"name": name, "family": family, "summary": (control_class(name).__doc__ or "").strip().splitlines()[0]}
+                for name, family in control_names().items()]
+    return {"methods": methods, "controls": controls, "families": listed}
 
 
 def run(args) -> int:
@@ -53,6 +56,10 @@ def run(args) -> int:
         opts = ", ".join(f"{k}={v!r}" if k not in m["required"] else f"{k} (required)" for k, v in m["options"].items())
         print(f"    options: {opts}")
         print(f"    runs on: {', '.join(m['families']) or '-'}")
+    if data["controls"]:
+        print("\ncontrols (bench and eval run them beside the methods at each --budget; nothing is dropped):")
+    for c in data["controls"]:
+        print(f"  {c['name']}: {c['family']} only. {c['summary']}")
     print("\nfamilies:")
     for f in data["families"]:
         print(f"  {f['name']}: {', '.join(f['models'])}; {', '.join(f['capabilities'])}")

@@ -90,11 +90,13 @@ def parse_image_sizes(text: str) -> list[tuple[int, int]]:
 # ---- methods ------------------------------------------------------------------------------------------
 def add_method_options(p, default: str, budget: str = "0.2") -> None:
     """--method, --budget, --method-args."""
-    from tokendrop.registry import VANILLA, method_names
+    from tokendrop.registry import VANILLA, control_names, method_names
 
+    controls = f"; or a model's own setting for fewer tokens, as a control: {', '.join(control_names())}" if control_names() else ""
     p.add_argument("--method", default=default,
                    help=f"comma list of methods: {', '.join([VANILLA, *method_names()])}, or a+b compositions "
-                        "such as hired+pdrop; `tokendrop methods` lists them with their options (default: %(default)s)")
+                        f"such as hired+pdrop{controls}; `tokendrop methods` lists them with their options "
+                        "(default: %(default)s)")
     p.add_argument("--budget", default=budget,
                    help="comma list of budgets in (0, 1] for pre-LLM methods, one configuration each (default: %(default)s)")
     p.add_argument("--method-args", default=None, metavar="KEY=VALUE,...",
@@ -108,7 +110,7 @@ def method_configs(args) -> tuple[list[str], list[float], dict]:
     Each configuration is built once here with its options, so a bad name, budget or option fails
     now, naming the flag, and not when its configuration comes up.
     """
-    from tokendrop.registry import build_methods, check_options, configurations
+    from tokendrop.registry import build_run, check_options, configurations
 
     budgets = parse_budgets(args.budget)
     with flag("--method"):
@@ -118,7 +120,7 @@ def method_configs(args) -> tuple[list[str], list[float], dict]:
     with flag("--method-args"):
         check_options(names, options)
         for name, budget in configs:
-            build_methods(name, budget=budget, **options)
+            build_run(name, budget=budget, **options)
     return names, budgets, options
 
 
@@ -141,14 +143,20 @@ def check_on_model(model, processor, names: list[str], budgets: list[float], opt
     capabilities, its depth) and, for every (height, width) in `image_sizes`, the tokens its pre-LLM
     part keeps: none is the library's error (with the smallest budget that keeps one), now and not
     when the processor meets that image. `image_flag` names where the images come from (`--data`)."""
-    from tokendrop.families.base import TokenCount
+    from tokendrop import controls
+    from tokendrop.families.base import Control, TokenCount
     from tokendrop.api import check
-    from tokendrop.registry import build_methods, configurations
+    from tokendrop.registry import build_run, configurations
 
     sizes = list(dict.fromkeys(tuple(size) for size in image_sizes))
     for name, budget in configurations(names, budgets):
+        run = build_run(name, budget=budget, **options)
+        if isinstance(run, Control):  # its family, and a setting at this budget
+            with flag(f"--method {name}"):
+                controls.check(model, processor, run)
+            continue
         with flag(f"--method {name}"):
-            family, pre, _ = check(model, processor, *build_methods(name, budget=budget, **options))
+            family, pre, _ = check(model, processor, *run)
         if pre is None:
             continue
         count = TokenCount(family.processor_geometry(processor), pre)  # what the patched processor writes
@@ -283,7 +291,7 @@ def check_on_config(spec: str | None, names: list[str], budgets: list[float], op
     (`Family.config_check`: the capabilities each method needs, in-LLM layers within the LM's depth,
     the vision blocks pre-LLM scores come from), with the messages `check_on_model` gives after."""
     from tokendrop.families import family_of
-    from tokendrop.registry import build_methods, configurations
+    from tokendrop.registry import build_methods, check_control, configurations, control_names
 
     config = model_config(spec)
     if config is None:
@@ -293,6 +301,10 @@ def check_on_config(spec: str | None, names: list[str], budgets: list[float], op
     except ValueError:
         return  # not a supported model: the loader says so, before any weight
     for name, budget in configurations(names, budgets):
+        if name.strip().lower() in control_names():
+            with flag(f"--method {name}"):
+                check_control(family, name.strip().lower())
+            continue
         with flag(f"--method {name}"):
             for method in build_methods(name, budget=budget, **options):
                 family.config_check(config, method)

@@ -3,7 +3,9 @@
 Every configuration answers every question with greedy decoding, batched with left padding,
 through the stock `generate()` of a model patched by `tokendrop.apply`. Scores: every requested
 metric per question, averaged overall and per question type; with the visual tokens that reached
-the LLM (and, for in-LLM methods, their average over layers). Under several processes each answers
+the LLM (and, for in-LLM methods, their average over layers). A control (a family's own setting for
+fewer visual tokens, `tokendrop.controls`) runs the stock model with that setting and is marked so in
+its record ("control": "max_soft_tokens=70") and the table. Under several processes each answers
 its share of the questions and rank 0 scores them all (`tokendrop.evaluation.distributed`).
 """
 
@@ -22,7 +24,7 @@ from tokendrop.evaluation.metrics import get_metric
 
 @dataclass(frozen=True)
 class Config:
-    """One cell of the grid: a method name as `tokendrop.registry` knows it, and its budget."""
+    """One cell of the grid: a method (or control) name as `tokendrop.registry` knows it, and its budget."""
 
     method: str
     budget: float | None = None
@@ -70,14 +72,15 @@ def evaluate(model, processor, samples: list[Sample], configs: list[Config], met
         for config in configs:
             bar.set_postfix_str(config.label)
             start = time.perf_counter()
-            answers, visual, equivalent = run_config(model, processor, mine, config, batch_size, max_new_tokens,
-                                                     method_args or {}, bar)
+            answers, visual, equivalent, control = run_config(model, processor, mine, config, batch_size,
+                                                              max_new_tokens, method_args or {}, bar)
             rows = ranks.gather(list(zip(answers, visual, equivalent or [None] * len(answers))))
             if not ranks.main:
                 continue
             answers, visual, equivalent = (list(column) for column in zip(*rows))
             equivalent = None if None in equivalent else equivalent
-            records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start))
+            records.append(summarize(config, samples, answers, visual, equivalent, scorers, time.perf_counter() - start,
+                                     control=control))
             if on_record is not None:
                 on_record(records[-1])
     finally:
@@ -87,14 +90,15 @@ def evaluate(model, processor, samples: list[Sample], configs: list[Config], met
 
 
 def run_config(model, processor, samples, config: Config, batch_size, max_new_tokens, method_args, bar):
-    """Predictions, visual tokens and equivalent tokens (or None) for every sample."""
-    import tokendrop as td
+    """Predictions, visual tokens and equivalent tokens (or None) for every sample, and how a control
+    is marked (`controls.describe`: None for methods)."""
+    from tokendrop import controls
     from tokendrop.loading import format_prompt
-    from tokendrop.registry import build_methods
+    from tokendrop.registry import build_run
 
-    methods = build_methods(config.method, budget=config.budget, **method_args)
+    run = build_run(config.method, budget=config.budget, **method_args)
     answers, visual, equivalent = [], [], []
-    with td.apply(model, processor, *methods) as handle:
+    with controls.applied(model, processor, run) as handle:
         for i in range(0, len(samples), batch_size):
             batch = samples[i : i + batch_size]
             # one list of images per prompt: a flat list is one prompt's images to some processors (Gemma 4)
@@ -109,11 +113,12 @@ def run_config(model, processor, samples, config: Config, batch_size, max_new_to
             if handle.equivalent_tokens is not None:
                 equivalent += handle.equivalent_tokens.tolist()
             bar.update(len(batch))
-    return answers, visual, (equivalent or None)
+    return answers, visual, (equivalent or None), controls.describe(processor, run)
 
 
-def summarize(config, samples, answers, visual, equivalent, scorers, seconds) -> dict:
-    """Means overall and per question type of every metric, plus token counts."""
+def summarize(config, samples, answers, visual, equivalent, scorers, seconds, control: str | None = None) -> dict:
+    """Means overall and per question type of every metric, plus token counts; `control`: the setting
+    of a control configuration ("max_soft_tokens=70"), None for methods."""
     per_type = defaultdict(lambda: defaultdict(list))
     overall = defaultdict(list)
     for sample, answer in zip(samples, answers):
@@ -123,7 +128,7 @@ def summarize(config, samples, answers, visual, equivalent, scorers, seconds) ->
             per_type[sample.type or "all"][name].append(score)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
-        "method": config.method, "budget": config.budget, "label": config.label, "n": len(samples),
+        "method": config.method, "budget": config.budget, "label": config.label, "control": control, "n": len(samples),
         "metrics": {name: mean(v) for name, v in overall.items()},
         "by_type": {t: {name: mean(v) for name, v in d.items()} for t, d in sorted(per_type.items())},
         "by_type_n": {t: len(next(iter(d.values()))) for t, d in sorted(per_type.items())},
@@ -141,7 +146,8 @@ def markdown_table(records: list[dict], metric: str = "exact_match") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         eq = "" if r["equivalent_tokens"] is None else f"{r['equivalent_tokens']:.1f}"
-        cells = [r["method"], "" if r["budget"] is None else f"{r['budget']:g}", f"{r['visual_tokens']:.1f}", eq,
+        method = r["method"] + (f" (control: {r['control']})" if r.get("control") else "")
+        cells = [method, "" if r["budget"] is None else f"{r['budget']:g}", f"{r['visual_tokens']:.1f}", eq,
                  f"{100 * r['metrics'][metric]:.1f}", *(f"{100 * r['by_type'].get(t, {}).get(metric, float('nan')):.1f}" for t in types)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ on it; `apply()` checks every method's `requires()` against them and names what 
     base_image   a downscaled whole image among the partitions    BaseOnly
     features     per-token vision features before and after the   DivPrune, VisPruner
                  projector (`methods.base.Score`'s feature kinds)
+    merge        feeds a merging method's merged rows through the   VisionZip
+                 stock projector (`PreLLMMethod.merge`)
     instruction  the sample's prompt when its image is encoded,     CDPruner
                  for a CLIP head on the tower's feature block
                  (Score kind "relevance": `tokendrop.instructions`)
@@ -35,6 +37,8 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       O decoder                                 "module:Class" of its decoder hook (`tokendrop.engine.decoders`):
                                                 grants `in_llm`; "" (default): in-LLM methods are refused
       O projects_all                            the projector runs on every token (select after it)
+      O controls                                control name -> "module:Class" of a `Control`: the family's own
+                                                setting for fewer visual tokens, run beside the methods by bench / eval
     config-level answers (classmethods: pure functions of the config, shared by both engines)
       O config_capabilities(config)             capabilities a config turns off (default: the flags)
       P config_geometry(config)                 image size -> `Layout` (picklable: processors carry it)
@@ -85,6 +89,7 @@ CAPABILITIES = {
     "renumber": "renumbered 1-D positions (M-RoPE models keep every token's original position: positions='original')",
     "base_image": "a downscaled whole image among the partitions",
     "features": "per-token vision features before and after the projector (Score kinds 'features', 'projected')",
+    "merge": "merged tokens fed through the stock projector (PreLLMMethod.merge)",
     "instruction": "the sample's prompt text when its image is encoded, scored against a CLIP tower's feature block "
                    "(Score kind 'relevance')",
 }
@@ -207,6 +212,33 @@ class LinearAttentionShapes:
         return d * (self.conv_width + 2 * values + 2 * self.value_heads) + self.conv_width * self.conv_kernel
 
 
+class Control:
+    """A family's own setting that asks the stock model for fewer visual tokens (Gemma 4's
+    `max_soft_tokens`): the baseline a token-dropping method at the same budget must beat.
+
+    Nothing is dropped and the model is not patched: `applied(processor)` changes the processor's
+    setting for a block (restored after), so the stock model sees fewer tokens of a smaller resize.
+    A family names its controls in `Family.controls`; `tokendrop bench` and `tokendrop eval` run one
+    by that name beside the methods (`tokendrop.controls`). Subclasses are frozen dataclasses with a
+    `budget` field: the fraction of the processor's current setting asked for.
+    """
+
+    name: ClassVar[str] = ""
+
+    def setting(self, processor) -> dict:
+        """The processor settings that ask for `budget` of its tokens, e.g. {"max_soft_tokens": 70};
+        ValueError naming the budgets that have a setting."""
+        raise NotImplementedError
+
+    def applied(self, processor):
+        """A context manager: inside it `processor` writes the smaller count (restored after)."""
+        raise NotImplementedError
+
+    def describe(self, processor) -> str:
+        """The setting as results show it: "max_soft_tokens=70"."""
+        return ", ".join(f"{key}={value}" for key, value in self.setting(processor).items())
+
+
 def resolve(path: str):
     """The object at "module:attribute" (or a `transformers` attribute name), imported on demand."""
     module, _, attribute = path.rpartition(":")
@@ -227,12 +259,17 @@ class Family:
     tokenizer: ClassVar[str] = "tokendrop.tiny:tiny_tokenizer"  # a tiny tokenizer with the family's special tokens
     decoder: ClassVar[str] = ""  # "module:Class" of the decoder hook the in-LLM loop runs (grants in_llm); "": none
     projects_all: ClassVar[bool] = False  # the projector runs on every token (pre-LLM selection after it)
+    #: (regex, replacement) weight-name rules from what transformers 5 saves to the layout of the family's hub
+    #: checkpoints, which transformers 5 and stock vLLM both load (`tokendrop.loading.save_hub_layout`); (): the same
+    hub_layout: ClassVar[tuple[tuple[str, str], ...]] = ()
+    controls: ClassVar[dict[str, str]] = {}  # control name -> "module:Class" of a `Control` (Gemma 4's own budget)
     # capabilities of the family (an instance may lack some: see `capabilities`)
     pre_llm: ClassVar[bool] = False
     cls_token: ClassVar[bool] = False
     positions: ClassVar[str] = "rope"  # "rope" (1-D, renumberable) or "mrope"
     base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
     features: ClassVar[bool] = False  # per-token features before / after the projector (DivPrune, VisPruner)
+    merges: ClassVar[bool] = False  # feeds merged rows (VisionZip: `PreLLMMethod.merge`)
     instruction: ClassVar[bool] = False  # the prompt at encoding + a CLIP tower ("relevance" scores: CDPruner)
 
     prompts = None  # `tokendrop.instructions.PromptCapture` of an instruction-conditioned method (set by apply)
@@ -250,7 +287,7 @@ class Family:
         """What every model of the family can do."""
         flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": bool(cls.decoder),
                  "renumber": cls.positions == "rope", "base_image": cls.base_image, "features": cls.features,
-                 "instruction": cls.instruction}
+                 "merge": cls.merges, "instruction": cls.instruction}
         return {name for name, on in flags.items() if on}
 
     @classmethod

@@ -18,6 +18,7 @@ from tokendrop.methods.pyramiddrop import PyramidDrop
 from tokendrop.methods.random_drop import RandomDrop
 from tokendrop.methods.spatial_drop import SpatialDrop
 from tokendrop.methods.vispruner import VisPruner
+from tokendrop.methods.visionzip import VisionZip
 
 __all__ = [
     "BaseOnly",
@@ -38,6 +39,7 @@ __all__ = [
     "Score",
     "SpatialDrop",
     "VisPruner",
+    "VisionZip",
     "allocate",
     "budget_tokens",
     "official_budget_split",

@@ -14,9 +14,14 @@ Pre-LLM methods (`PreLLMMethod`) choose among an image's vision tokens before th
                the vision tower: scores, (P, N) fp32, from the tower's own projections ("cls": the
                [CLS] row summed over heads; "received": the attention each token receives), or
                features, (P, N, width) fp32 ("features": the feature block's output before the
-               projector; "projected": the LLM-space rows after it), or "relevance" (P, N) to the
-               sample's instruction, from the method's `relevance()` of the sample's prompt text.
-               `Score` lists what a family computes for each kind; `select` gets them by name.
+               projector; "projected": the LLM-space rows after it; "keys": the feature block's
+               keys), or "relevance" (P, N) to the sample's instruction, from the method's
+               `relevance()` of the sample's prompt text. `Score` lists what a family computes for
+               each kind; `select` gets them by name.
+    merges     `merge(layout, scores, cls)` (methods with `merges = True`, families with capability
+               "merge"): per partition a `Merged` (kept patches, merged pre-projector rows, whether
+               the partition's [CLS] state is fed); the family projects all of them with the stock
+               projector. The count is still `num_tokens(layout)`, known before encoding.
 In-LLM methods (`InLLMMethod`) drop image tokens between the language model's layers:
     where      `boundaries(depth)`: layers before which image tokens are dropped.
     how many   `keep_counts(n, depth)`: (boundary, image tokens kept from it on), from the
@@ -114,7 +119,7 @@ class Method:
 
 
 #: input kinds that are per-token feature vectors, (P, N, width), rather than (P, N) scores
-FEATURE_KINDS = ("features", "projected")
+FEATURE_KINDS = ("features", "projected", "keys")
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,10 @@ class Score:
                      `relevance(features, instructions)` of the feature block's states ("features")
                      and the sample's prompt text, which the engine captures per sample when the
                      image is encoded (capability "instruction"; instruction-conditioned methods).
+        "keys"       (P, N, hd) the feature block's key projections averaged over heads ([CLS]
+                     dropped), recomputed from the block's input in the same tower pass (VisionZip's
+                     metric). Qwen-VL: (1, N, 4 * hd) each 2x2 group's four patch keys (averaged
+                     over heads, before the rotary embedding) concatenated in the merger's order.
     The feature kinds need the family capability "features". A family provides them by computing
     them in its `get_image_features` seam (transformers) and its vLLM model class, from the same
     tower pass that the stock model runs, and by answering them in `config_score_blocks`
@@ -151,11 +160,18 @@ class Score:
             the LLM receives (`vision_feature_layer`). Feature kinds are always that block's (None).
         clamp: a block past the tower's last one reads the last one instead of being refused (a
             method whose official default layer is absolute and deeper than small towers: HiPrune).
+        fallback: the kind read instead on towers without a [CLS] token, for a "cls" input
+            (VisionZip: "received"); None: such towers are refused (capability "cls_token").
     """
 
     kind: str
     layer: int | None = None
     clamp: bool = False
+    fallback: str | None = None
+
+    def resolve(self, cls_token: bool) -> str:
+        """The kind a tower with (or without) a [CLS] token computes for this input."""
+        return self.fallback if (self.kind == "cls" and not cls_token and self.fallback) else self.kind
 
     def __post_init__(self):
         if self.kind in (*FEATURE_KINDS, "relevance") and self.layer is not None:
@@ -183,11 +199,15 @@ class PreLLMMethod(Method):
         if not isinstance(self.keep_newlines, bool):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
 
+    #: the method feeds merged tokens (`merge`); families need capability "merge"
+    merges: ClassVar[bool] = False
+
     def requires(self) -> set[str]:
         kinds = {score.kind for score in self.scores().values()}
-        return {"pre_llm"} | ({"cls_token"} if "cls" in kinds else set()) | (
+        needs_cls = any(score.kind == "cls" and not score.fallback for score in self.scores().values())
+        return {"pre_llm"} | ({"cls_token"} if needs_cls else set()) | (
             {"features"} if kinds & {*FEATURE_KINDS, "relevance"} else set()) | (
-            {"instruction"} if "relevance" in kinds else set())
+            {"merge"} if self.merges else set()) | ({"instruction"} if "relevance" in kinds else set())
 
     def scores(self) -> dict[str, Score]:
         """The scores `select` reads, by name (none for score-free methods)."""
@@ -211,10 +231,45 @@ class PreLLMMethod(Method):
         """
         raise NotImplementedError
 
+    def merge(self, layout: Layout, scores: dict, cls: bool) -> list[Merged]:
+        """The tokens of every partition when the method merges (`merges`): see `Merged`.
+
+        Args:
+            scores: as in `select`.
+            cls: the tower puts a [CLS] token in front of the patches (its state can be fed).
+        The fed tokens (a [CLS] state where `Merged.cls`, the kept patches, the merged rows) sum to
+        `num_tokens(layout)` without newlines.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not merge tokens")
+
     def num_tokens(self, layout: Layout) -> int:
         """Visual tokens this method hands to the LLM for one image: known before encoding."""
         newlines = layout.canvas_rows if (self.keep_newlines and layout.num_tiles and layout.newlines) else 0
         return budget_tokens(self.budget, layout) + newlines
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One partition's tokens under a merging method, fed in this order: the partition's [CLS]
+    state (when `cls`), the kept patches (`keep`, raster order), the merged rows (`rows`).
+
+    Attributes:
+        cls: feed the partition's [CLS] state (the feature block's, projected by the stock projector).
+        keep: (K,) sorted kept patch indices into N.
+        rows: (M, width) fp32 merged rows in the space of the method's "features" input (before the
+            projector); the family projects them with the stock projector.
+        anchors: (M,) long, the patch (index into N) each merged row stands for: its position on
+            M-RoPE models and where `show` draws it (1-D models give it the next slot in the sequence).
+    """
+
+    cls: bool
+    keep: torch.Tensor
+    rows: torch.Tensor
+    anchors: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cls) + self.keep.numel() + self.anchors.numel()
 
 
 POSITION_RULES = ("renumber", "original")

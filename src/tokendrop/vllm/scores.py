@@ -47,8 +47,13 @@ def cls_scores(qkv: torch.Tensor, attention, first: int = 1) -> torch.Tensor:
     """(T, N) fp32: the [CLS] query's softmax row over all keys, summed over heads, [CLS] column dropped
     (`first` is 1 for every tower that has a [CLS]: the capability check refuses the others)."""
     q, k = split_heads(qkv, attention)
+    return cls_row(q, k, attention.scale, first)
+
+
+def cls_row(q: torch.Tensor, k: torch.Tensor, scale: float, first: int = 1) -> torch.Tensor:
+    """`cls_scores` from queries and keys (T, L, H, hd) (a tower whose q and k are separate: InternViT)."""
     q0 = q[:, :1].transpose(1, 2).float()  # (T, H, 1, hd)
-    logits = (q0 @ k.transpose(1, 2).float().transpose(-1, -2)).squeeze(2) * attention.scale  # (T, H, L)
+    logits = (q0 @ k.transpose(1, 2).float().transpose(-1, -2)).squeeze(2) * scale  # (T, H, L)
     return logits.softmax(dim=-1)[:, :, first:].sum(dim=1)
 
 
@@ -56,14 +61,21 @@ def received_scores(qkv: torch.Tensor, attention, first: int = 1) -> torch.Tenso
     """(T, N) fp32: the attention each patch receives from its tile's queries, averaged (DominantDrop);
     `first` is the first patch column (1 after a [CLS], 0 for SigLIP, which has none)."""
     q, k = split_heads(qkv, attention)
+    return received_row(q, k, attention.scale, first)
+
+
+def received_row(q: torch.Tensor, k: torch.Tensor, scale: float, first: int = 1) -> torch.Tensor:
+    """`received_scores` from queries and keys (T, L, H, hd)."""
     T, L, H, hd = q.shape
     segments = [(t * L, (t + 1) * L) for t in range(T)]
-    received = received_attention(q.reshape(T * L, H, hd), k.reshape(T * L, H, hd), attention.scale, segments)
+    received = received_attention(q.reshape(T * L, H, hd), k.reshape(T * L, H, hd), scale, segments)
     return received.view(T, L)[:, first:]
 
 
 #: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here (the feature kinds: `feature_inputs`)
 SCORERS = {"cls": cls_scores, "received": received_scores}
+#: the same from separate queries and keys
+QK_SCORERS = {"cls": cls_row, "received": received_row}
 
 
 def feature_inputs(blocks: dict, features: torch.Tensor, projector) -> dict[str, torch.Tensor]:
@@ -77,6 +89,24 @@ def feature_inputs(blocks: dict, features: torch.Tensor, projector) -> dict[str,
             with torch.no_grad():
                 inputs[name] = projector(features).float()
     return inputs
+
+
+@contextlib.contextmanager
+def record_attention_qk(layers, blocks):
+    """InternViT (vLLM's `InternS1VisionLayer`): keep the queries and keys (T, L, H * hd), after the qk norms,
+    that each block in `blocks` hands its inner attention (`attention.attn(q, k, v)`) while the tower runs."""
+    kept = {}
+    hooks = []
+    for block in sorted(set(blocks)):
+        def keep(module, args, block=block):
+            kept[block] = args[:2]
+
+        hooks.append(layers[block].attention.attn.register_forward_pre_hook(keep))
+    try:
+        yield kept
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextlib.contextmanager

@@ -13,14 +13,21 @@ grid of the smaller resize, which may differ by a few tokens). So it is a proces
     with fewer_tokens(processor, setting):
         inputs = processor(images=..., text=...)    # every image at most 70 tokens
     control_tokens(processor, (h, w), setting)      # the count, before encoding
+
+`SoftTokenBudget` is the same as a `Control` (`Gemma4Adapter.controls`): `tokendrop bench` and
+`tokendrop eval` run it as `--method gemma4-budget` beside the methods at the same `--budget`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
+from tokendrop.families.base import Control
 from tokendrop.families.gemma4.gemma4 import Gemma4Geometry
+from tokendrop.methods.base import check_budget
 
 #: the `max_soft_tokens` values Gemma 4's image processor accepts
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
@@ -40,7 +47,7 @@ def control_setting(budget: float, processor) -> int:
     current = processor.image_processor.max_soft_tokens
     setting = Fraction(str(budget)) * current
     if setting.denominator != 1 or int(setting) not in SUPPORTED_SOFT_TOKENS or setting > current:
-        have = [f"{Fraction(s, current)} ({s})" for s in SUPPORTED_SOFT_TOKENS if s <= current]
+        have = [f"{float(Fraction(s, current)):g} ({s})" for s in SUPPORTED_SOFT_TOKENS if s <= current]
         raise ValueError(f"budget {budget} has no Gemma 4 control at max_soft_tokens={current}: the budgets that "
                          f"have one are {', '.join(have)}")
     return int(setting)
@@ -67,3 +74,23 @@ def fewer_tokens(processor, max_soft_tokens: int):
             images.max_soft_tokens = old
         else:
             vars(images).pop("max_soft_tokens", None)
+
+
+@dataclass(frozen=True)
+class SoftTokenBudget(Control):
+    """The stock Gemma 4 at its own `max_soft_tokens` = budget x the processor's, nothing dropped.
+
+    The "ask the model for fewer tokens" control beside a method at `budget` (`control_setting`
+    names the budgets that have a setting); run as "gemma4-budget" by bench and eval."""
+
+    name: ClassVar[str] = "gemma4-budget"
+    budget: float
+
+    def __post_init__(self):
+        check_budget(self.budget)
+
+    def setting(self, processor) -> dict:
+        return {"max_soft_tokens": control_setting(self.budget, processor)}
+
+    def applied(self, processor):
+        return fewer_tokens(processor, control_setting(self.budget, processor))

@@ -128,6 +128,8 @@ class Gemma4Adapter(Family):
     tokenizer = "tokendrop.families.gemma4.tiny:tiny_gemma4_tokenizer"
     pre_llm = projects_all = True  # the embedder works per token: rows are kept after it
     decoder = ""  # no decoder hook (yet): in-LLM methods are refused (module docstring, `hint`)
+    controls = {"gemma4-budget": "tokendrop.families.gemma4.control:SoftTokenBudget"}  # its own max_soft_tokens
+    vllm = "tokendrop.families.gemma4.vllm:TokendropGemma4ForConditionalGeneration"
 
     def __init__(self, model):
         super().__init__(model)

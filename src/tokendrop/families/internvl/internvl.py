@@ -55,7 +55,10 @@ class InternVLGeometry:
     def layout(self, image_size) -> Layout:
         if image_size is None:
             raise ValueError("InternVL's tiles depend on the image size: pass image_size=(height, width)")
-        rows, cols = self.tiles(image_size)
+        return self.tiles_layout(*self.tiles(image_size))
+
+    def tiles_layout(self, rows: int, cols: int) -> Layout:
+        """The `Layout` of a rows x cols tile grid ((0, 0): one tile, no thumbnail)."""
         return Layout(grid=self.grid, tiles=(rows, cols), crop=(0, rows * self.grid, 0, cols * self.grid), newlines=False)
 
     def input_layout(self, image_inputs: dict, image_idx: int):
@@ -81,6 +84,7 @@ class InternVLAdapter(Family):
     tokenizer = "tokendrop.families.internvl.tiny:tiny_internvl_tokenizer"
     pre_llm = cls_token = base_image = True  # base: the thumbnail (or the one tile)
     decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Qwen2 / Qwen3 / Llama language models
+    vllm = "tokendrop.families.internvl.vllm:TokendropInternVLForConditionalGeneration"
 
     def __init__(self, model):
         super().__init__(model)
@@ -118,15 +122,21 @@ class InternVLAdapter(Family):
 
     # ---- processor ---------------------------------------------------------------------------------
     def processor_geometry(self, processor):
+        return self.config_processor_geometry(self.config, processor)
+
+    @classmethod
+    def config_processor_geometry(cls, config, processor) -> InternVLGeometry:
+        """The geometry of `config` tiled as `processor` tiles (its image processor's settings; whether it
+        tiles at all is asked of the processor: InternVLProcessor's own default turns tiling on)."""
         images = getattr(processor, "image_processor", None)
         if images is None:
-            return self.geometry
+            return cls.config_geometry(config)
         crop = bool(getattr(images, "crop_to_patches", False))
         query = getattr(processor, "_get_num_multimodal_tokens", None)
-        if query is not None and int(images.max_patches) > 1:  # InternVLProcessor's own default turns tiling on
-            tile = self.config_geometry(self.config, images).tile
+        if query is not None and int(images.max_patches) > 1:
+            tile = cls.config_geometry(config, images).tile
             crop = query(image_sizes=[[tile, 2 * tile]]).num_image_patches[0] > 1
-        return self.config_geometry(self.config, images, crop)
+        return cls.config_geometry(config, images, crop)
 
     def stock_tokens(self, image_size=None, processor=None) -> int:
         """N tokens per tile, tiles and thumbnail alike (the `<img>` / `</img>` tokens are not image tokens)."""

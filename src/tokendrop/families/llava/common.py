@@ -16,6 +16,8 @@ class LlavaStyle(Family):
 
     decoder = "tokendrop.engine.decoders:LlamaDecoder"  # Llama / Mistral / Qwen2 language models
     features = True
+    # transformers 5 writes the CLIP / SigLIP tower without its `vision_model.` level; the hub's checkpoints have it
+    hub_layout = ((r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),)
 
     @property
     def tower(self):

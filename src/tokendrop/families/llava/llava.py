@@ -37,7 +37,7 @@ class LlavaAdapter(LlavaStyle):
     image_processor_class = "transformers.models.llava.image_processing_pil_llava:LlavaImageProcessorPil"
     tiny = "tokendrop.families.llava.tiny:tiny_llava"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaForConditionalGeneration"
-    pre_llm = cls_token = base_image = instruction = True  # the one partition is the whole image
+    pre_llm = cls_token = base_image = merges = instruction = True  # the one partition is the whole image
 
     def __init__(self, model):
         super().__init__(model)
@@ -52,23 +52,35 @@ class LlavaAdapter(LlavaStyle):
         return self.grid * self.grid
 
     def encoder_patch(self, method: PreLLMMethod, record):
-        from tokendrop.families.llava.vision import instruction_relevance, score_blocks, tower_pass
+        from tokendrop.families.llava.vision import instruction_relevance, merged_parts, score_blocks, tower_pass
 
         layout = self.layout()
+        cls = self.config.vision_feature_select_strategy == "default"
+        projector = self.base.multi_modal_projector
 
         def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
+            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer, cls)
             relevance = instruction_relevance(method, self.prompts, blocks, [layout] * pixel_values.shape[0])
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
-                                                 cls=self.config.vision_feature_select_strategy == "default",
-                                                 projector=self.base.multi_modal_projector, relevance=relevance)
+            outputs, states, rows = tower_pass(self.tower, pixel_values, layer, blocks, cls=cls, projector=projector,
+                                               relevance=relevance)
+            features = states[:, int(cls):]  # (T, N, Dv) patches
             packed, selections = [], []
             for i in range(features.shape[0]):
-                keep = method.select(layout, {name: row[i : i + 1] for name, row in rows.items()})[0]
-                keep = keep.to(features.device)
-                packed.append(self.base.multi_modal_projector(features[i, keep]))  # (K, D)
-                selections.append(torch.stack([torch.zeros_like(keep), keep // self.grid, keep % self.grid], dim=1))
+                inputs = {name: row[i : i + 1] for name, row in rows.items()}
+                if method.merges:  # [CLS], kept patches, merged rows: their slots in this order
+                    merged = method.merge(layout, inputs, cls)[0]
+                    keep, anchors = merged.keep.to(features.device), merged.anchors.to(features.device)
+                    head, tail = merged_parts(merged, states[i], projector)
+                    packed.append(torch.cat([head, projector(features[i, keep]), tail]))
+                    keep = torch.cat([keep, anchors])  # merged rows drawn at their targets
+                else:
+                    keep = method.select(layout, inputs)[0].to(features.device)
+                    packed.append(projector(features[i, keep]))  # (K, D)
+                where = torch.stack([torch.zeros_like(keep), keep // self.grid, keep % self.grid], dim=1)
+                if method.merges and merged.cls:  # the [CLS] state: no place on the grid
+                    where = torch.cat([where.new_tensor([[0, -1, -1]]), where])
+                selections.append(where)
             record(selections)
             outputs.pooler_output = packed
             return outputs

@@ -65,7 +65,7 @@ class LlavaNextAdapter(LlavaStyle):
     image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
     tiny = "tokendrop.families.llava.tiny:tiny_llava_next"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaNextForConditionalGeneration"
-    pre_llm = cls_token = base_image = instruction = True
+    pre_llm = cls_token = base_image = merges = instruction = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -99,21 +99,26 @@ class LlavaNextAdapter(LlavaStyle):
         """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
         from tokendrop.families.llava.vision import instruction_relevance, score_blocks, tower_pass
 
+        cls = self.config.vision_feature_select_strategy == "default"
+
         def get_image_features(pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             layouts = [self.layout(size) for size in torch.as_tensor(image_sizes).tolist()]
             if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
-            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer)
+            blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer, cls)
             relevance = instruction_relevance(method, self.prompts, blocks, layouts)
-            outputs, features, rows = tower_pass(self.tower, pixel_values, layer, blocks,
-                                                 cls=self.config.vision_feature_select_strategy == "default",
-                                                 projector=self.base.multi_modal_projector, relevance=relevance)
+            outputs, states, rows = tower_pass(self.tower, pixel_values, layer, blocks, cls=cls,
+                                               projector=self.base.multi_modal_projector, relevance=relevance)
+            features = states[:, int(cls):]  # (T, N, Dv) patches
             packed, selections, start = [], [], 0
             for lay in layouts:
                 part = slice(start, start + lay.num_partitions)
-                keep = method.select(lay, {name: row[part] for name, row in rows.items()})
-                tokens, where = self.pack(features[part], keep, lay, method.keep_newlines)
+                inputs = {name: row[part] for name, row in rows.items()}
+                if method.merges:
+                    tokens, where = self.pack_merged(states[part], method.merge(lay, inputs, cls), lay, method.keep_newlines)
+                else:
+                    tokens, where = self.pack(features[part], method.select(lay, inputs), lay, method.keep_newlines)
                 packed.append(tokens)
                 selections.append(where)
                 start += lay.num_partitions
@@ -126,6 +131,40 @@ class LlavaNextAdapter(LlavaStyle):
     def pack(self, features: torch.Tensor, keep: list[torch.Tensor], layout: Layout, newlines: bool):
         """`pack_kept` with this model's projector and newline embedding."""
         return pack_kept(features, keep, layout, self.base.multi_modal_projector, self.base.image_newline, newlines)
+
+    def pack_merged(self, states: torch.Tensor, merged: list, layout: Layout, newlines: bool):
+        """`pack_merged` with this model's projector and newline embedding."""
+        return pack_merged(states, merged, layout, self.base.multi_modal_projector, self.base.image_newline, newlines)
+
+
+def pack_merged(states: torch.Tensor, merged: list, layout: Layout, projector, newline: torch.Tensor, newlines: bool):
+    """One image's tokens under a merging method (VisionZip), in the official LLaVA-NeXT order: the base
+    image's [CLS], kept patches and merged rows; the tiles' kept patches on the unpadded canvas (raster
+    order, newlines when asked); the tiles' [CLS] states; the tiles' merged rows (tile order).
+
+    Args:
+        states: (P, L, Dv) the partitions' feature-layer states, [CLS] first when the tower has one
+            (L = N + 1), else L = N.
+        merged: P `Merged` answers (`PreLLMMethod.merge`), one per partition.
+    Returns:
+        tokens: (num_tokens, D); where: (K + M, 3) long (partition, row, col) of every kept patch and
+        every merged row's anchor, in packed order.
+    """
+    from tokendrop.families.llava.vision import merged_parts
+
+    g = layout.grid
+    first = states.shape[1] - layout.patches  # 1 with a [CLS] column
+    keep = [m.keep.to(states.device) for m in merged]
+    kept, where = pack_kept(states[:, first:], keep, layout, projector, newline, newlines)
+    parts = [merged_parts(m, states[p], projector) for p, m in enumerate(merged)]  # [(cls, rows)]
+    n = keep[0].numel()  # the base's kept patches lead `kept`
+    tokens = torch.cat([parts[0][0], kept[:n], parts[0][1], kept[n:],
+                        *(cls for cls, _ in parts[1:]), *(rows for _, rows in parts[1:])])
+    anchors = [torch.stack([torch.full_like(m.anchors, p), m.anchors // g, m.anchors % g], dim=1).to(where.device)
+               for p, m in enumerate(merged)]
+    cls = [where.new_tensor([[p, -1, -1]] * int(m.cls)).view(-1, 3) for p, m in enumerate(merged)]  # no grid place
+    where = torch.cat([cls[0], where[:n], anchors[0], where[n:], *cls[1:], *anchors[1:]])
+    return tokens, where
 
 
 def pack_kept(features: torch.Tensor, keep: list[torch.Tensor], layout: Layout, projector, newline: torch.Tensor,

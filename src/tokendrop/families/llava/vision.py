@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokendrop.compat import record_hidden_states
-from tokendrop.methods.base import FEATURE_KINDS, PreLLMMethod
+from tokendrop.methods.base import FEATURE_KINDS, Merged, PreLLMMethod
 from tokendrop.scoring import cls_attention_row, received_attention_clip
 
 
@@ -24,9 +24,10 @@ def feature_block(depth: int, feature_layer: int) -> int:
     return index - 1
 
 
-def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[str, tuple[str, int]]:
+def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int, cls: bool = True) -> dict[str, tuple[str, int]]:
     """(kind, encoder block, 0-based) of every score the method reads, validated against a tower of
-    `depth` blocks (a config value: `vision_config.num_hidden_layers`).
+    `depth` blocks (a config value: `vision_config.num_hidden_layers`); `cls`: the tower has a [CLS]
+    token (a "cls" score with a fallback reads the fallback kind on towers without one).
 
     A score named X comes from the method's field X_layer (HiRED: init_layer, final_layer) or its
     `layer` (DominantDrop); None means the block whose output is `feature_layer`; a `Score.clamp` block
@@ -34,8 +35,9 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
     """
     blocks = {}
     for name, score in method.scores().items():
-        if score.kind not in SCORE_KINDS:
-            raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score, which this tower does not "
+        kind = score.resolve(cls)
+        if kind not in SCORE_KINDS:
+            raise ValueError(f"{type(method).__name__} reads a {kind!r} score, which this tower does not "
                              f"compute (known: {', '.join(SCORE_KINDS)})")
         block = feature_block(depth, feature_layer) if score.layer is None else score.layer
         if score.clamp:
@@ -43,7 +45,7 @@ def score_blocks(method: PreLLMMethod, depth: int, feature_layer: int) -> dict[s
         if not -depth <= block < depth:
             field = f"{name}_layer" if f"{name}_layer" in method.options() else "layer"
             raise ValueError(f"{field} must be in [{-depth}, {depth}) for a {depth}-layer vision tower, got {block}")
-        blocks[name] = (score.kind, block % depth)
+        blocks[name] = (kind, block % depth)
     return blocks
 
 
@@ -52,7 +54,8 @@ def config_score_blocks(config, method: PreLLMMethod) -> dict[str, tuple[str, in
     an int): the config-level answer of the [CLS]-tower families (LLaVA, InternVL)."""
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
-    blocks = score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer)
+    cls = config.vision_feature_select_strategy == "default" and config.vision_config.model_type == "clip_vision_model"
+    blocks = score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer, cls)
     if any(kind == "relevance" for kind, _ in blocks.values()):
         check_clip_width(method, config.vision_config.hidden_size)
     return blocks
@@ -80,22 +83,24 @@ def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: di
             tile's instruction).
     Returns:
         outputs: the tower's output object.
-        features: (T, N, Dv) patch features of `feature_layer`, [CLS] dropped.
+        features: (T, N + cls, Dv) features of `feature_layer`, [CLS] first when the tower has one.
         scores: name -> fp32 per patch: "cls", (T, N) the [CLS] row summed over heads; "received",
             (T, N) the attention each patch receives averaged over heads and queries; "features",
             (T, N, Dv) `features`; "projected", (T, N, D) the projector run on every tile's tokens;
-            "relevance", (T, N) `relevance(features)`.
+            "keys", (T, N, hd) the block's keys averaged over heads; "relevance", (T, N)
+            `relevance(patch features)`.
     """
     layers = tower.encoder.layers
     feature_index = feature_layer % (len(layers) + 1)
-    scored = [block for kind, block in blocks.values() if kind not in FEATURE_KINDS and kind != "relevance"]
+    scored = [block for kind, block in blocks.values() if kind not in ("features", "projected", "relevance")]
     with record_hidden_states(layers, [feature_index, *scored]) as hidden:
         outputs = tower(pixel_values, return_dict=True)
     first = int(cls)  # the first patch column
-    features = hidden[feature_index][:, first:]
-    return outputs, features, {name: relevance(features) if kind == "relevance" else
-                               block_input(kind, layers[block], hidden.get(block), features, first, projector)
-                               for name, (kind, block) in blocks.items()}
+    states = hidden[feature_index]
+    features = states[:, first:]  # (T, N, Dv) patches: what "relevance" scores ([CLS] has no CLIP image embed here)
+    return outputs, states, {name: relevance(features) if kind == "relevance" else
+                             block_input(kind, layers[block], hidden.get(block), features, first, projector)
+                             for name, (kind, block) in blocks.items()}
 
 
 def instruction_relevance(method: PreLLMMethod, prompts, blocks: dict[str, tuple[str, int]], layouts: list):
@@ -119,10 +124,35 @@ def block_input(kind: str, layer, hidden, features: torch.Tensor, first: int, pr
     if kind == "projected":
         with torch.no_grad():
             return projector(features).float()  # a per-token MLP: every tile's rows as the stock model projects them
+    if kind == "keys":
+        return head_mean_keys(layer, hidden)[:, first:]  # (T, N, hd)
     if kind == "cls":
         row = cls_attention_row(layer, hidden)  # (T, H, N+1)
         return row[:, :, 1:].sum(dim=1)  # (T, N): drop [CLS]->[CLS], sum heads (paper)
     return received_attention_clip(layer, hidden)[:, first:]  # (T, N)
+
+
+def merged_parts(merged: Merged, states: torch.Tensor, projector) -> tuple[torch.Tensor, torch.Tensor]:
+    """One partition's fed [CLS] state and merged rows, each through the stock projector (a per-token MLP).
+
+    Args:
+        merged: the method's answer for the partition (`PreLLMMethod.merge`).
+        states: (L, Dv) the partition's feature-layer states, [CLS] first (when `merged.cls`).
+    Returns:
+        cls: (1 or 0, D) the projected [CLS] state; rows: (M, D) the projected merged rows.
+    """
+    cls = projector(states[: int(merged.cls)])
+    return cls, projector(merged.rows.to(states.dtype))
+
+
+def head_mean_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """(T, L, hd) fp32: a CLIP / SigLIP layer's key projections of its input (T, L, Dv), mean over heads
+    (VisionZip's metric, as its official attention returns them: before any softmax, bias included)."""
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.layer_norm1(hidden)
+        T, L, _ = x.shape
+        return attn.k_proj(x).view(T, L, attn.num_heads, attn.head_dim).float().mean(dim=2)
 
 
 SCORE_KINDS = ("cls", "received", *FEATURE_KINDS, "relevance")

