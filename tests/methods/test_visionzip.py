@@ -335,10 +335,20 @@ def test_qwen_batch_equals_one_by_one_and_generates(qwen25):
             assert torch.equal(handle.selections[0], chosen[i])
 
 
-def test_vllm_refuses_it_by_name():
+@pytest.mark.parametrize("builder, served", [
+    ("tiny_llava", True), ("tiny_llava_next", True), ("tiny_llava_onevision", True), ("tiny_qwen2_vl", True),
+    ("tiny_qwen2_5_vl", True), ("tiny_qwen3_vl", False), ("tiny_internvl", False)])
+def test_vllm_serves_it_where_the_family_merges(builder, served):
+    """Served in vLLM since the plugin packs merged rows (tests/serving/test_visionzip_serving.py); a family
+    without capability "merge" (Qwen3-VL: DeepStack levels; InternVL) is refused by that capability, before any
+    engine starts."""
+    import tokendrop.tiny
     import tokendrop.vllm
-    from tokendrop.tiny import tiny_llava_next
 
-    config = tiny_llava_next(text_layers=1)[0].config
-    with pytest.raises(ValueError, match="VisionZip is not served in vLLM yet"):
-        tokendrop.vllm.overrides(td.VisionZip(0.2)).for_config(config)
+    config = getattr(tokendrop.tiny, builder)(text_layers=1)[0].config
+    overrides = tokendrop.vllm.overrides(td.VisionZip(0.2, contextual=0.5))
+    if served:
+        assert overrides.for_config(config)["architectures"][0].startswith("Tokendrop")
+    else:
+        with pytest.raises(ValueError, match="VisionZip needs .*capability 'merge'"):
+            overrides.for_config(config)

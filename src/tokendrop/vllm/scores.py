@@ -72,8 +72,16 @@ def received_row(q: torch.Tensor, k: torch.Tensor, scale: float, first: int = 1)
     return received.view(T, L)[:, first:]
 
 
-#: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here (the feature kinds: `feature_inputs`)
-SCORERS = {"cls": cls_scores, "received": received_scores}
+def key_means(qkv: torch.Tensor, attention, first: int = 1) -> torch.Tensor:
+    """(T, N, hd) fp32: the block's keys (bias included) averaged over heads, [CLS] row dropped: VisionZip's
+    metric, as `tokendrop.families.llava.vision.head_mean_keys` computes it from transformers' `k_proj`."""
+    _, k = split_heads(qkv, attention)
+    return k.float().mean(dim=2)[:, first:]
+
+
+#: score kind (`tokendrop.methods.base.Score.kind`) -> how it is computed here from the fused qkv output (the
+#: other feature kinds: `feature_inputs`)
+SCORERS = {"cls": cls_scores, "received": received_scores, "keys": key_means}
 #: the same from separate queries and keys
 QK_SCORERS = {"cls": cls_row, "received": received_row}
 
@@ -89,6 +97,23 @@ def feature_inputs(blocks: dict, features: torch.Tensor, projector) -> dict[str,
             with torch.no_grad():
                 inputs[name] = projector(features).float()
     return inputs
+
+
+@contextlib.contextmanager
+def record_output(layer, wanted: bool):
+    """Keep the output of `layer` ((T, L, Dv): the feature block's states, [CLS] first) when `wanted`:
+    a merging method feeds the [CLS] state, which vLLM's feature selection drops."""
+    kept = {}
+
+    def keep(module, args, output):
+        kept["states"] = output[0] if isinstance(output, tuple) else output  # SigLIP's layers return (states, None)
+
+    hook = layer.register_forward_hook(keep) if wanted else None
+    try:
+        yield kept
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 @contextlib.contextmanager
@@ -110,10 +135,11 @@ def record_attention_qk(layers, blocks):
 
 
 @contextlib.contextmanager
-def record_merger_input(merger, wanted: bool):
-    """Qwen2.5-VL: keep the input of vLLM's patch merger ((patches, 1, Dv), window order) when `wanted`."""
+def record_merger_input(entry, wanted: bool):
+    """Qwen-VL: keep the input of `entry`, the module that first sees vLLM's patch merger input ((patches, 1, Dv),
+    the blocks' order), when `wanted`."""
     kept = {}
-    hook = merger.register_forward_pre_hook(lambda module, args: kept.update(input=args[0])) if wanted else None
+    hook = entry.register_forward_pre_hook(lambda module, args: kept.update(input=args[0])) if wanted else None
     try:
         yield kept
     finally:
@@ -147,6 +173,34 @@ def record_rotated_qk(blocks, indices):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@contextlib.contextmanager
+def record_qwen_keys(blocks, indices):
+    """Qwen2-VL / Qwen2.5-VL: the output of the fused `qkv` linear ((N, 1, 3 * H * hd), the tower's one
+    sequence in the blocks' order, before the rotary embedding) of every vision block in `indices`."""
+    kept = {}
+    hooks = []
+    for block in sorted(set(indices)):
+        def keep(module, args, output, block=block):
+            kept[block] = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
+
+        hooks.append(blocks[block].attn.qkv.register_forward_hook(keep))
+    try:
+        yield kept
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def qwen_key_means(qkv: torch.Tensor, attention, merge_unit: int, reverse_indices: torch.Tensor,
+                   sizes: list[int]) -> list[torch.Tensor]:
+    """Per image (N_i, merge_unit * hd) fp32, raster order: each merge group's patch keys averaged over heads
+    and concatenated, as the transformers path gives "keys" (q, k, v laid out (3, H, hd) in the fused output)."""
+    hd = attention.hidden_size_per_attention_head
+    keys = qkv.reshape(qkv.shape[0], 3, -1, hd)[:, 1].float().mean(dim=1)  # (N, hd) blocks' order
+    groups = keys.reshape(-1, merge_unit * hd)[reverse_indices.to(keys.device)]
+    return list(torch.split(groups, sizes))
 
 
 def qwen_received_scores(recorded: dict, attention, merge_unit: int, reverse_indices: torch.Tensor,

