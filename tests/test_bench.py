@@ -32,7 +32,8 @@ def test_registry_builds_every_name():
     assert needs_budget("spatial+fastv") and not needs_budget("pdrop") and not needs_budget("base-only")
     assert build_methods("base-only+pdrop") == (td.BaseOnly(), td.PyramidDrop())
     assert {VANILLA, *method_names()} == {"none", "hired", "hired-official", "random", "spatial", "base-only", "pdrop", "fastv", "dominant",
-                                          "fastervlm", "hiprune", "dart", "divprune", "vispruner", "visionzip"}
+                                          "fastervlm", "hiprune", "dart", "divprune", "vispruner", "visionzip",
+                                          "cdpruner"}
 
 
 @pytest.mark.parametrize("name, kwargs, message", [

@@ -9,12 +9,12 @@ The method configs import only torch; `apply` (which needs transformers) is impo
 so `tokendrop.methods` works without transformers installed.
 """
 
-from tokendrop.methods import (DART, BaseOnly, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, PyramidDrop,
-                               RandomDrop, SpatialDrop, VisionZip, VisPruner)
+from tokendrop.methods import (DART, BaseOnly, CDPruner, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED,
+                               PyramidDrop, RandomDrop, SpatialDrop, VisionZip, VisPruner)
 
 __version__ = "0.1.0"
 
-__all__ = ["BaseOnly", "DART", "DivPrune", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED",
+__all__ = ["BaseOnly", "CDPruner", "DART", "DivPrune", "DominantDrop", "FastV", "FasterVLM", "Handle", "HiPrune", "HiRED",
            "PyramidDrop", "RandomDrop", "SpatialDrop", "VisionZip", "VisPruner", "apply", "check", "register_family", "register_method"]
 
 

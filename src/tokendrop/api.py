@@ -223,6 +223,8 @@ def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
     processor = handle.processor
     geometry = adapter.processor_geometry(processor)
     handle._count = count = TokenCount(geometry, method)
+    if "instruction" in method.requires():
+        _capture_prompts(handle, adapter)
     attributes, hooks = adapter.pre_llm_patches(method, record, geometry)
     for name, value in attributes.items():
         _set_attr(handle, adapter.base, name, value)
@@ -237,6 +239,18 @@ def _patch_pre_llm(handle: Handle, adapter, method: PreLLMMethod) -> None:
     stock_copy = StockCopy(processor, [])
     _set_attr(handle, processor, "__deepcopy__", stock_copy)
     stock_copy.patches.extend(handle._patches[first:])  # the processor's own records, this one's included
+
+
+def _capture_prompts(handle: Handle, adapter) -> None:
+    """Give the encoder the prompt ids of the call under way (`tokendrop.instructions`): `generate`
+    records them before it encodes the images, the inner model's forward before it does."""
+    from tokendrop.instructions import PromptCapture
+
+    adapter.prompts = prompts = PromptCapture(handle.processor.tokenizer, adapter.image_token_id)
+    _set_attr(handle, handle.model, "generate", prompts.generate(handle.model.generate))
+    base = adapter.base
+    _add_hook(handle, base, base.register_forward_pre_hook(prompts.enter_forward, with_kwargs=True))
+    _add_hook(handle, base, base.register_forward_hook(prompts.leave_forward, with_kwargs=True, always_call=True))
 
 
 class Placeholders:

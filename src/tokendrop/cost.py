@@ -159,6 +159,17 @@ def keys_scoring_flops(shapes: Shapes, tiles: int, patches: int) -> float:
     return 2.0 * tiles * (patches + shapes.vision_tokens_extra) * shapes.vd**2
 
 
+def relevance_scoring_flops(clip_config, tiles: int, patches: int, text_tokens: int) -> float:
+    """CDPruner-style relevance: per tile, the CLIP head (visual_projection) over every patch; per prompt,
+    the CLIP text tower over ceil(text_tokens / L) segments of its full length L (the last one padded,
+    as the official runs it) and the text projection. `text_tokens` stands in for the prompt's CLIP tokens."""
+    vision, text = clip_config.vision_config, clip_config.text_config
+    c, h, m, length = clip_config.projection_dim, text.hidden_size, text.intermediate_size, text.max_position_embeddings
+    segments = max(1, -(-text_tokens // length))
+    layer = 4 * length * h**2 + 2 * length * length * h + 2 * length * h * m  # attention projections, q.K^T + A.V, MLP
+    return 2.0 * (tiles * patches * vision.hidden_size * c + segments * (text.num_hidden_layers * layer + h * c))
+
+
 def arch_geometry_processor(spec: dict):
     """An object holding the arch's image processor: what families with processor-dependent counts read."""
     from types import SimpleNamespace
@@ -297,6 +308,8 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
         scoring += cls_scoring_flops(shapes, tiles, patches, kinds.count("cls"))
         scoring += kinds.count("received") * received_scoring_flops(shapes, tiles, patches)
         scoring += kinds.count("keys") * keys_scoring_flops(shapes, tiles, patches)
+        if "relevance" in kinds:  # CDPruner: its CLIP's image head and text tower
+            scoring += relevance_scoring_flops(pre.clip_config(), tiles, patches, text_tokens)
     projected = layout.num_partitions * layout.patches if pre is None or family.projects_all else n
     vision = vision_flops(shapes, tiles, projected, patches)
     kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)

@@ -32,12 +32,12 @@ import warnings
 from importlib import metadata
 
 from tokendrop.families import families, family_for, family_of, supported_models  # noqa: F401  (the family table)
-from tokendrop.methods import (DART, BaseOnly, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED, InLLMMethod,
-                               PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisionZip, VisPruner)
+from tokendrop.methods import (DART, BaseOnly, CDPruner, DivPrune, DominantDrop, FastV, FasterVLM, HiPrune, HiRED,
+                               InLLMMethod, PreLLMMethod, PyramidDrop, RandomDrop, SpatialDrop, VisionZip, VisPruner)
 
 #: the methods that ship with tokendrop, in the order `tokendrop methods` lists them.
 METHODS = (HiRED, FasterVLM, HiPrune, DominantDrop, DivPrune, VisPruner, RandomDrop, SpatialDrop, BaseOnly, PyramidDrop,
-           FastV, DART, VisionZip)
+           FastV, DART, VisionZip, CDPruner)
 #: names for a method with some options set.
 PRESETS = {"hired-official": ("hired", {"variant": "official"})}
 VANILLA = "none"

@@ -46,3 +46,20 @@ def __getattr__(name: str):
         if family.tiny.rpartition(":")[2] == name or family.tokenizer.rpartition(":")[2] == name:
             return resolve(family.tiny if family.tiny.endswith(":" + name) else family.tokenizer)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tiny_clip(vision_width: int = 64, seed: int = 0):
+    """(CLIPModel, tokenizer): a tiny random CLIP whose vision width is the tiny LLaVA towers' (CDPruner's
+    text side without a download). Its text tower reads segments of 16 tokens."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        vision_config=dict(image_size=112, patch_size=14, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=24)
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval(), tok

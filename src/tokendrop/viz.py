@@ -268,7 +268,9 @@ def method_label(method) -> str:
     for f in fields(method) if is_dataclass(method) else ():
         value = getattr(method, f.name)
         if f.default is MISSING or f.default != value:
-            parts.append(f"{f.name}={value:g}" if isinstance(value, float) else f"{f.name}={value!r}")
+            plain = value is None or isinstance(value, (bool, int, str, tuple))
+            shown = f"{value:g}" if isinstance(value, float) else repr(value) if plain else f"<{type(value).__name__}>"
+            parts.append(f"{f.name}={shown}")  # a model option (CDPruner's clip) by its class, not its repr
     return f"{type(method).__name__}({', '.join(parts)})"
 
 

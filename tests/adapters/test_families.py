@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tokendrop as td
-from sample_inputs import random_image
+from sample_inputs import random_image, with_tiny_options
 from tokendrop.families.base import CAPABILITIES, Family, resolve
 from tokendrop.loading import format_prompt
 from tokendrop.registry import families, build_methods, family_for, method_class, method_names
@@ -55,7 +55,7 @@ def test_declaration_is_complete(tiny):
 def test_every_method_runs_or_is_refused_by_capability(tiny, name):
     family, model, processor = tiny
     adapter = family_for(model)
-    (method,) = build_methods(name, budget=0.3)
+    (method,) = with_tiny_options(build_methods(name, budget=0.3))
     images = [random_image(*size, seed=i) for i, size in enumerate(SIZES)]
     missing = method.requires() - adapter.capabilities()
     if missing:
@@ -97,7 +97,7 @@ def keep_all(name: str):
     if cls.stage == "in":
         return cls(**({"ratio": 1.0} if "ratio" in cls.options() else {"drop": 0.0}))
     if "budget" in cls.options() and cls.options()["budget"].default is dataclasses.MISSING:
-        return build_methods(name, budget=1.0, keep_newlines=True)[0]  # newlines: the stock packing
+        return with_tiny_options(build_methods(name, budget=1.0, keep_newlines=True))[0]  # newlines: the stock packing
     return None
 
 

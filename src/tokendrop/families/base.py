@@ -17,6 +17,9 @@ on it; `apply()` checks every method's `requires()` against them and names what 
                  projector (`methods.base.Score`'s feature kinds)
     merge        feeds a merging method's merged rows through the   VisionZip
                  stock projector (`PreLLMMethod.merge`)
+    instruction  the sample's prompt when its image is encoded,     CDPruner
+                 for a CLIP head on the tower's feature block
+                 (Score kind "relevance": `tokendrop.instructions`)
 
 A family is a `Family` subclass in its lineage's folder (`tokendrop.families.<lineage>/`), listed
 once in the table (`tokendrop.families.FAMILIES`) or registered (`register_family`, or the
@@ -29,7 +32,7 @@ once in the table (`tokendrop.families.FAMILIES`) or registered (`register_famil
       M tiny                                    "module:function": a tiny random (model, processor) for tests
       O tokenizer                               "module:function": its tiny tokenizer (default: LLaVA tokens)
       O vllm                                    "module:Class" of its vLLM model class ("": not served)
-      M pre_llm, cls_token, base_image,         capability flags (table above; features optional)
+      M pre_llm, cls_token, base_image,         capability flags (table above; features, instruction optional)
         positions ("rope" / "mrope")
       O decoder                                 "module:Class" of its decoder hook (`tokendrop.engine.decoders`):
                                                 grants `in_llm`; "" (default): in-LLM methods are refused
@@ -87,6 +90,8 @@ CAPABILITIES = {
     "base_image": "a downscaled whole image among the partitions",
     "features": "per-token vision features before and after the projector (Score kinds 'features', 'projected')",
     "merge": "merged tokens fed through the stock projector (PreLLMMethod.merge)",
+    "instruction": "the sample's prompt text when its image is encoded, scored against a CLIP tower's feature block "
+                   "(Score kind 'relevance')",
 }
 
 
@@ -265,6 +270,9 @@ class Family:
     base_image: ClassVar[bool] = False  # a downscaled whole image among the partitions (BaseOnly keeps it)
     features: ClassVar[bool] = False  # per-token features before / after the projector (DivPrune, VisPruner)
     merges: ClassVar[bool] = False  # feeds merged rows (VisionZip: `PreLLMMethod.merge`)
+    instruction: ClassVar[bool] = False  # the prompt at encoding + a CLIP tower ("relevance" scores: CDPruner)
+
+    prompts = None  # `tokendrop.instructions.PromptCapture` of an instruction-conditioned method (set by apply)
 
     geometry = None  # image size -> Layout (pre_llm families)
 
@@ -279,7 +287,7 @@ class Family:
         """What every model of the family can do."""
         flags = {"pre_llm": cls.pre_llm, "cls_token": cls.cls_token, "in_llm": bool(cls.decoder),
                  "renumber": cls.positions == "rope", "base_image": cls.base_image, "features": cls.features,
-                 "merge": cls.merges}
+                 "merge": cls.merges, "instruction": cls.instruction}
         return {name for name, on in flags.items() if on}
 
     @classmethod

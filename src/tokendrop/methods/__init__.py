@@ -5,6 +5,7 @@ A test imports this package with transformers blocked; `tokendrop methods` lists
 
 from tokendrop.methods.base import InLLMMethod, Method, PreLLMMethod, Score
 from tokendrop.methods.base_only import BaseOnly
+from tokendrop.methods.cdpruner import CDPruner
 from tokendrop.methods.dart import DART
 from tokendrop.methods.divprune import DivPrune
 from tokendrop.methods.dominant_drop import DominantDrop
@@ -21,6 +22,7 @@ from tokendrop.methods.visionzip import VisionZip
 
 __all__ = [
     "BaseOnly",
+    "CDPruner",
     "DART",
     "DivPrune",
     "DominantDrop",

@@ -15,7 +15,9 @@ Pre-LLM methods (`PreLLMMethod`) choose among an image's vision tokens before th
                [CLS] row summed over heads; "received": the attention each token receives), or
                features, (P, N, width) fp32 ("features": the feature block's output before the
                projector; "projected": the LLM-space rows after it; "keys": the feature block's
-               keys). `Score` lists what a family computes for each kind; `select` gets them by name.
+               keys), or "relevance" (P, N) to the sample's instruction, from the method's
+               `relevance()` of the sample's prompt text. `Score` lists what a family computes for
+               each kind; `select` gets them by name.
     merges     `merge(layout, scores, cls)` (methods with `merges = True`, families with capability
                "merge"): per partition a `Merged` (kept patches, merged pre-projector rows, whether
                the partition's [CLS] state is fed); the family projects all of them with the stock
@@ -109,6 +111,12 @@ class Method:
         """Capabilities a model family must have (`tokendrop.families.base.Family`)."""
         raise NotImplementedError
 
+    @classmethod
+    def tiny_options(cls) -> dict:
+        """Options that let the method run on the tiny random models without any download (the contract
+        tests build every method with them): {} for most; CDPruner's is a tiny random CLIP."""
+        return {}
+
 
 #: input kinds that are per-token feature vectors, (P, N, width), rather than (P, N) scores
 FEATURE_KINDS = ("features", "projected", "keys")
@@ -132,6 +140,10 @@ class Score:
                      hands the LLM. LLaVA-NeXT / OneVision: the projector (a per-token MLP) run on
                      every tile, padding tokens included (they are never candidates: `Layout.valid`).
                      Qwen-VL: the merger's output, raster order.
+        "relevance"  (P, N) each token's relevance to its sample's instruction: the method's own
+                     `relevance(features, instructions)` of the feature block's states ("features")
+                     and the sample's prompt text, which the engine captures per sample when the
+                     image is encoded (capability "instruction"; instruction-conditioned methods).
         "keys"       (P, N, hd) the feature block's key projections averaged over heads ([CLS]
                      dropped), recomputed from the block's input in the same tower pass (VisionZip's
                      metric). Qwen-VL: (1, N, 4 * hd) each 2x2 group's four patch keys (averaged
@@ -162,7 +174,7 @@ class Score:
         return self.fallback if (self.kind == "cls" and not cls_token and self.fallback) else self.kind
 
     def __post_init__(self):
-        if self.kind in FEATURE_KINDS and self.layer is not None:
+        if self.kind in (*FEATURE_KINDS, "relevance") and self.layer is not None:
             raise ValueError(f"a {self.kind!r} input comes from the feature block only: its layer must be None, "
                              f"got {self.layer!r}")
 
@@ -194,7 +206,8 @@ class PreLLMMethod(Method):
         kinds = {score.kind for score in self.scores().values()}
         needs_cls = any(score.kind == "cls" and not score.fallback for score in self.scores().values())
         return {"pre_llm"} | ({"cls_token"} if needs_cls else set()) | (
-            {"features"} if kinds & set(FEATURE_KINDS) else set()) | ({"merge"} if self.merges else set())
+            {"features"} if kinds & {*FEATURE_KINDS, "relevance"} else set()) | (
+            {"merge"} if self.merges else set()) | ({"instruction"} if "relevance" in kinds else set())
 
     def scores(self) -> dict[str, Score]:
         """The scores `select` reads, by name (none for score-free methods)."""
@@ -203,6 +216,11 @@ class PreLLMMethod(Method):
     def counts(self, layout: Layout, scores: dict | None = None) -> list[int]:
         """Kept tokens per partition; they sum to `budget_tokens(self.budget, layout)`."""
         raise NotImplementedError
+
+    def relevance(self, features: torch.Tensor, instructions: list[str]) -> torch.Tensor:
+        """(T, N) fp32 "relevance" scores of T partitions' feature-block states (T, N, Dv), each
+        partition's sample prompt text in `instructions` (methods with a "relevance" score)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no 'relevance' score")
 
     def select(self, layout: Layout, scores: dict) -> list[torch.Tensor]:
         """Sorted kept indices (into N) for every partition, `counts` of them.

@@ -75,6 +75,10 @@ def overrides(*methods) -> "Overrides":
                          "BaseOnly) with vLLM, or the in-LLM method with transformers (tokendrop.apply)")
     if len(methods) != 1:
         raise ValueError(f"overrides() takes exactly one pre-LLM method, got {len(methods)}")
+    if "instruction" in methods[0].requires():
+        raise ValueError(f"{type(methods[0]).__name__} reads the sample's prompt when its image is encoded, which "
+                         "vLLM's encoder step does not get (it encodes images apart from the prompt's tokens): "
+                         "run it with transformers (tokendrop.apply)")
     return Overrides(methods[0])
 
 

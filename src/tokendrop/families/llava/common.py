@@ -28,6 +28,8 @@ class LlavaStyle(Family):
         caps = super().config_capabilities(config)
         if config.vision_feature_select_strategy != "default" or config.vision_config.model_type != "clip_vision_model":
             caps.discard("cls_token")  # no [CLS] in front of the patches
+        if config.vision_config.model_type != "clip_vision_model":
+            caps.discard("instruction")  # a CLIP head (post_layernorm, visual_projection) needs a CLIP tower
         return caps
 
     @classmethod

@@ -37,7 +37,7 @@ class LlavaAdapter(LlavaStyle):
     image_processor_class = "transformers.models.llava.image_processing_pil_llava:LlavaImageProcessorPil"
     tiny = "tokendrop.families.llava.tiny:tiny_llava"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaForConditionalGeneration"
-    pre_llm = cls_token = base_image = merges = True  # the one partition is the whole image
+    pre_llm = cls_token = base_image = merges = instruction = True  # the one partition is the whole image
 
     def __init__(self, model):
         super().__init__(model)
@@ -52,7 +52,7 @@ class LlavaAdapter(LlavaStyle):
         return self.grid * self.grid
 
     def encoder_patch(self, method: PreLLMMethod, record):
-        from tokendrop.families.llava.vision import pack_merged_single, score_blocks, tower_pass
+        from tokendrop.families.llava.vision import instruction_relevance, pack_merged_single, score_blocks, tower_pass
 
         layout = self.layout()
         cls = self.config.vision_feature_select_strategy == "default"
@@ -61,7 +61,9 @@ class LlavaAdapter(LlavaStyle):
         def get_image_features(pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer, cls)
-            outputs, states, rows = tower_pass(self.tower, pixel_values, layer, blocks, cls=cls, projector=projector)
+            relevance = instruction_relevance(method, self.prompts, blocks, [layout] * pixel_values.shape[0])
+            outputs, states, rows = tower_pass(self.tower, pixel_values, layer, blocks, cls=cls, projector=projector,
+                                               relevance=relevance)
             features = states[:, int(cls):]  # (T, N, Dv) patches
             packed, selections = [], []
             for i in range(features.shape[0]):

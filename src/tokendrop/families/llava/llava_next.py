@@ -65,7 +65,7 @@ class LlavaNextAdapter(LlavaStyle):
     image_processor_class = "transformers.models.llava_next.image_processing_pil_llava_next:LlavaNextImageProcessorPil"
     tiny = "tokendrop.families.llava.tiny:tiny_llava_next"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaNextForConditionalGeneration"
-    pre_llm = cls_token = base_image = merges = True
+    pre_llm = cls_token = base_image = merges = instruction = True
 
     def __init__(self, model):
         super().__init__(model)
@@ -97,7 +97,7 @@ class LlavaNextAdapter(LlavaStyle):
     # ---- encoding -------------------------------------------------------------------------
     def encoder_patch(self, method: PreLLMMethod, record):
         """A `get_image_features` that drops tokens with `method`; `record(selections)` gets the picks."""
-        from tokendrop.families.llava.vision import score_blocks, tower_pass
+        from tokendrop.families.llava.vision import instruction_relevance, score_blocks, tower_pass
 
         cls = self.config.vision_feature_select_strategy == "default"
 
@@ -107,8 +107,9 @@ class LlavaNextAdapter(LlavaStyle):
             if pixel_values.dim() == 5:  # (images, max tiles, 3, S, S) padded -> (T, 3, S, S)
                 pixel_values = torch.cat([pv[: lay.num_partitions] for pv, lay in zip(pixel_values, layouts)])
             blocks = score_blocks(method, self.config.vision_config.num_hidden_layers, layer, cls)
+            relevance = instruction_relevance(method, self.prompts, blocks, layouts)
             outputs, states, rows = tower_pass(self.tower, pixel_values, layer, blocks, cls=cls,
-                                               projector=self.base.multi_modal_projector)
+                                               projector=self.base.multi_modal_projector, relevance=relevance)
             features = states[:, int(cls):]  # (T, N, Dv) patches
             packed, selections, start = [], [], 0
             for lay in layouts:

@@ -58,6 +58,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     tiny = "tokendrop.families.llava.tiny:tiny_llava_onevision"
     vllm = "tokendrop.families.llava.vllm:TokendropLlavaOnevisionForConditionalGeneration"
     cls_token = False
+    instruction = False  # SigLIP: no CLIP head applies to its features
 
     @classmethod
     def config_geometry(cls, config) -> OnevisionGeometry:

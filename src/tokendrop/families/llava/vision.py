@@ -55,11 +55,23 @@ def config_score_blocks(config, method: PreLLMMethod) -> dict[str, tuple[str, in
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be a single int, got {config.vision_feature_layer!r}")
     cls = config.vision_feature_select_strategy == "default" and config.vision_config.model_type == "clip_vision_model"
-    return score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer, cls)
+    blocks = score_blocks(method, config.vision_config.num_hidden_layers, config.vision_feature_layer, cls)
+    if any(kind == "relevance" for kind, _ in blocks.values()):
+        check_clip_width(method, config.vision_config.hidden_size)
+    return blocks
+
+
+def check_clip_width(method: PreLLMMethod, width: int) -> None:
+    """ValueError unless the method's CLIP head takes the tower's features: its vision width is the tower's."""
+    clip = method.clip_config().vision_config.hidden_size
+    if clip != width:
+        raise ValueError(f"clip: the CLIP's vision width is {clip}, the model's vision tower's is {width}: its "
+                         "post_layernorm and visual_projection do not apply to this tower's features (pass the "
+                         "CLIP checkpoint the tower comes from)")
 
 
 def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: dict[str, tuple[str, int]], cls: bool = True,
-               projector=None):
+               projector=None, relevance=None):
     """Run the vision tower once (its own attention backend) and read what selection needs.
 
     Args:
@@ -67,24 +79,42 @@ def tower_pass(tower, pixel_values: torch.Tensor, feature_layer: int, blocks: di
         blocks: name -> (score kind, encoder block) of every score to compute.
         cls: the tower puts a [CLS] token in front of the patches (CLIP; SigLIP has none).
         projector: the multi-modal projector, for "projected" inputs.
+        relevance: features (T, N, Dv) -> (T, N), for "relevance" inputs (the method's, with each
+            tile's instruction).
     Returns:
         outputs: the tower's output object.
         features: (T, N + cls, Dv) features of `feature_layer`, [CLS] first when the tower has one.
         scores: name -> fp32 per patch: "cls", (T, N) the [CLS] row summed over heads; "received",
             (T, N) the attention each patch receives averaged over heads and queries; "features",
             (T, N, Dv) `features`; "projected", (T, N, D) the projector run on every tile's tokens;
-            "keys", (T, N, hd) the block's keys averaged over heads.
+            "keys", (T, N, hd) the block's keys averaged over heads; "relevance", (T, N)
+            `relevance(patch features)`.
     """
     layers = tower.encoder.layers
     feature_index = feature_layer % (len(layers) + 1)
-    scored = [block for kind, block in blocks.values() if kind not in ("features", "projected")]
+    scored = [block for kind, block in blocks.values() if kind not in ("features", "projected", "relevance")]
     with record_hidden_states(layers, [feature_index, *scored]) as hidden:
         outputs = tower(pixel_values, return_dict=True)
     first = int(cls)  # the first patch column
     states = hidden[feature_index]
-    features = states[:, first:]
-    return outputs, states, {name: block_input(kind, layers[block], hidden.get(block), features, first, projector)
+    features = states[:, first:]  # (T, N, Dv) patches: what "relevance" scores ([CLS] has no CLIP image embed here)
+    return outputs, states, {name: relevance(features) if kind == "relevance" else
+                             block_input(kind, layers[block], hidden.get(block), features, first, projector)
                              for name, (kind, block) in blocks.items()}
+
+
+def instruction_relevance(method: PreLLMMethod, prompts, blocks: dict[str, tuple[str, int]], layouts: list):
+    """features (T, N, Dv) -> (T, N): the method's relevance of every tile to its image's instruction
+    (`tokendrop.instructions`), for `tower_pass`; None when the method reads no relevance.
+
+    Args:
+        prompts: the `PromptCapture` apply() set on the family; layouts: every image's `Layout`, in order.
+    """
+    if not any(kind == "relevance" for kind, _ in blocks.values()):
+        return None
+    texts = prompts.per_image([method.num_tokens(layout) for layout in layouts])
+    tiles = [text for text, layout in zip(texts, layouts) for _ in range(layout.num_partitions)]
+    return lambda features: method.relevance(features, tiles)
 
 
 def block_input(kind: str, layer, hidden, features: torch.Tensor, first: int, projector) -> torch.Tensor:
@@ -141,4 +171,4 @@ def head_mean_keys(layer, hidden: torch.Tensor) -> torch.Tensor:
         return attn.k_proj(x).view(T, L, attn.num_heads, attn.head_dim).float().mean(dim=2)
 
 
-SCORE_KINDS = ("cls", "received", *FEATURE_KINDS)
+SCORE_KINDS = ("cls", "received", *FEATURE_KINDS, "relevance")
