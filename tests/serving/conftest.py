@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import tokendrop as td
 from tokendrop.loading import save_hub_layout  # the layout of hub checkpoints: the only one stock vLLM loads
 from tokendrop.vllm.serve_bench import VIDEO_STUB  # the video-processor stand-in (no torchvision here)
 
@@ -175,6 +177,24 @@ def logprobs(llm, images, prompt=PROMPT, steps=2) -> list[tuple[int, list[dict[i
 
 
 QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def qwen_transformers_path(model, processor, method, images, steps=2):
+    """[(prompt length, [(V,) logprobs per step], (K,) kept indices or None)] from tokendrop's transformers
+    path: greedy generate()."""
+    out = []
+    with td.apply(model, processor, *([method] if method is not None else [])) as handle, torch.no_grad():
+        for image in images:
+            inputs = processor(images=image, text=QWEN_PROMPT, return_tensors="pt")
+            result = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+            kept = None
+            if method is not None:
+                _, h, w = inputs["image_grid_thw"][0].tolist()
+                _, rows, cols = handle.selections[0].unbind(1)  # (K,) each: [0, row, col] of the merged grid
+                kept = rows * (w // 2) + cols
+            out.append((inputs["input_ids"].shape[1], [step[0].float().log_softmax(-1) for step in result.logits], kept))
+    return out
 
 
 #: Qwen family name -> the text config's M-RoPE sections for 32-wide heads (vLLM's CPU attention has no kernel for

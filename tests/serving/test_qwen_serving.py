@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 import tokendrop as td  # noqa: E402
 import tokendrop.vllm  # noqa: E402
-from tests.serving.conftest import QWEN_PROMPT, engine, logprobs, random_image  # noqa: E402
+from tests.serving.conftest import QWEN_PROMPT, engine, logprobs, qwen_transformers_path, random_image  # noqa: E402
 
 TOL = 1e-4
 #: (height, width): merged grids 7x11, 11x5 and 4x4 after the processor's resize to multiples of 28 px
@@ -36,24 +36,6 @@ METHODS = {"random": td.RandomDrop(0.3, seed=1), "spatial": td.SpatialDrop(0.4),
 #: slots from the grid alone) runs in `stock_and_keep_all` (SpatialDrop(1.0))
 SERVED = {"qwen2-vl": ["hiprune"], "qwen2.5-vl": ["random", "spatial", "dominant", "dominant-block-1", "divprune"],
           "qwen3-vl": ["hiprune"]}
-
-
-def transformers_path(model, processor, method, images, steps=2):
-    """[(prompt length, [(V,) logprobs per step], (K,) kept indices or None)] from tokendrop's transformers
-    path: greedy generate()."""
-    out = []
-    with td.apply(model, processor, *([method] if method is not None else [])) as handle, torch.no_grad():
-        for image in images:
-            inputs = processor(images=image, text=QWEN_PROMPT, return_tensors="pt")
-            result = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True)
-            kept = None
-            if method is not None:
-                _, h, w = inputs["image_grid_thw"][0].tolist()
-                _, rows, cols = handle.selections[0].unbind(1)  # (K,) each: [0, row, col] of the merged grid
-                kept = rows * (w // 2) + cols
-            out.append((inputs["input_ids"].shape[1], [step[0].float().log_softmax(-1) for step in result.logits], kept))
-    return out
 
 
 def count_tower_passes(model) -> None:
@@ -96,8 +78,8 @@ def served(request, qwen_checkpoints):
             pixels = processor.image_processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")
             choice = functools.partial(served_choice, pixels["pixel_values"], pixels["image_grid_thw"][0].tolist())
             choices.append(llm.apply_model(choice)[0])
-    stock = [length for length, _, _ in transformers_path(model, processor, None, IMAGES, steps=1)]
-    return {"ours": ours, "reference": transformers_path(model, processor, method, IMAGES), "stock": stock,
+    stock = [length for length, _, _ in qwen_transformers_path(model, processor, None, IMAGES, steps=1)]
+    return {"ours": ours, "reference": qwen_transformers_path(model, processor, method, IMAGES), "stock": stock,
             "passes": passes, "choices": choices, "method": method}
 
 

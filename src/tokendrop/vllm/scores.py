@@ -19,20 +19,25 @@ from tokendrop.scoring import received_attention
 
 
 @contextlib.contextmanager
-def record_qkv(layers, blocks):
-    """Keep the fused qkv output (T, L, 3 * H * hd) of every encoder block in `blocks` while the tower runs."""
+def record_linear_outputs(linears: dict):
+    """Keep the output of each fused linear in `linears` ({block: module}) while the tower runs."""
     kept = {}
     hooks = []
-    for block in sorted(set(blocks)):
+    for block, linear in linears.items():
         def keep(module, args, output, block=block):
             kept[block] = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
 
-        hooks.append(layers[block].self_attn.qkv_proj.register_forward_hook(keep))
+        hooks.append(linear.register_forward_hook(keep))
     try:
         yield kept
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def record_qkv(layers, blocks):
+    """Keep the fused qkv output (T, L, 3 * H * hd) of every encoder block in `blocks` while the tower runs."""
+    return record_linear_outputs({block: layers[block].self_attn.qkv_proj for block in sorted(set(blocks))})
 
 
 def split_heads(qkv: torch.Tensor, attention) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,22 +180,10 @@ def record_rotated_qk(blocks, indices):
             hook.remove()
 
 
-@contextlib.contextmanager
 def record_qwen_keys(blocks, indices):
     """Qwen2-VL / Qwen2.5-VL: the output of the fused `qkv` linear ((N, 1, 3 * H * hd), the tower's one
     sequence in the blocks' order, before the rotary embedding) of every vision block in `indices`."""
-    kept = {}
-    hooks = []
-    for block in sorted(set(indices)):
-        def keep(module, args, output, block=block):
-            kept[block] = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
-
-        hooks.append(blocks[block].attn.qkv.register_forward_hook(keep))
-    try:
-        yield kept
-    finally:
-        for hook in hooks:
-            hook.remove()
+    return record_linear_outputs({block: blocks[block].attn.qkv for block in sorted(set(indices))})
 
 
 def qwen_key_means(qkv: torch.Tensor, attention, merge_unit: int, reverse_indices: torch.Tensor,
