@@ -23,6 +23,7 @@ from lmms_eval.api.model import lmms  # noqa: E402
 from tokendrop.cli import main  # noqa: E402
 from tokendrop.data import load_dataset  # noqa: E402
 from tokendrop.integrations.lmms_eval import TokenDrop, cut_at, generation_settings, manifest  # noqa: E402
+from tokendrop.registry import method_names  # noqa: E402
 
 TASKS = Path(__file__).resolve().parents[2] / "src" / "tokendrop" / "integrations" / "lmms_eval_tasks"
 
@@ -67,6 +68,32 @@ def test_generate_until_answers_like_tokendrop_eval_at_any_batch_size(tiny_folde
         lm.task_dict = {"synth": {"test": samples}}
         assert lm.generate_until(_requests(samples, {"max_new_tokens": 3, "temperature": 0})) == expected
         assert len(lm.visual_tokens) == len(samples) and max(lm.visual_tokens) < 100  # HiRED's budget, not ~250
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from tokendrop.tiny import tiny_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    model, tokenizer = tiny_clip()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_through_model_args_answers_like_tokendrop_eval(name, tiny_folder, data, clip_folder, tmp_path):
+    # `--model_args method=NAME,budget=0.2` (CDPruner: clip=PATH too), batch 2: the answers of `tokendrop eval`.
+    folder, _ = tiny_folder
+    samples = load_dataset(data)[:4]
+    options = {"clip": str(clip_folder)} if name == "cdpruner" else {}
+    argv = ["--method-args", f"clip={clip_folder}"] if options else []
+    assert main(["eval", "--data", str(data), "--model", str(folder), "--method", name, "--budget", "0.2", *argv,
+                 "--limit", "4", "--max-new-tokens", "3", "--batch-size", "2", "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    expected = [p["prediction"] for p in json.loads((tmp_path / "r.json").read_text())["predictions"]]
+    lm = _model(folder, 2, method=name, budget=0.2, **options)
+    lm.task_dict = {"synth": {"test": samples}}
+    assert lm.generate_until(_requests(samples, {"max_new_tokens": 3, "temperature": 0})) == expected
 
 
 def test_generation_settings_follow_lmms_eval_conventions():
