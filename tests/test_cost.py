@@ -142,6 +142,16 @@ def test_cost_record_is_consistent():
     assert both["kv_cache_bytes"] == sum(both["kv_cache_bytes_per_layer"]) == 2 * sum(cost.kv_bytes_per_layer(cost.family_for(model).shapes(), [40 + n for n in both["layer_image_tokens"]], 2))
 
 
+def test_methods_that_read_projected_features_pay_the_projector_over_every_token():
+    # DivPrune (and CDPruner) pick among the projector's outputs for every token: the projector runs on all
+    # 2928, as in the stock model; a method that drops before the projector pays for the kept 576 only.
+    model = cost.meta_model(cost.arch_config(cost.load_arch("llava-v1.6-vicuna-7b")))
+    van, divprune, spatial = (cost.method_cost(model, build_methods(name, budget=0.2), (672, 672), text_tokens=40)
+                              for name in ("none", "divprune", "spatial"))
+    assert divprune["visual_tokens"] == spatial["visual_tokens"] == 576
+    assert divprune["vision_flops"] == van["vision_flops"] > spatial["vision_flops"]
+
+
 def test_cost_cli_table_and_json(tmp_path, capsys):
     path = tmp_path / "cost.json"
     code = main(["cost", "--arch", "llava-v1.6-vicuna-7b", "--tokens", "2880", "--method", "none,pdrop,fastv,hired",

@@ -302,6 +302,7 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
     boundaries = inner.boundaries(shapes.depth) if inner is not None else ()
     scoring = last_token_scoring_flops(shapes, [lengths[b - 1] for b in boundaries if b > 0])
     tiles, patches = family.vision_work(layout)  # what the tower runs on
+    kinds = []
     if pre is not None:
         cls_token = "cls_token" in family.capabilities()
         kinds = [score.resolve(cls_token) for score in pre.scores().values()]  # VisionZip: "received" without [CLS]
@@ -310,7 +311,10 @@ def method_cost(model, methods, image_size, text_tokens: int = DEFAULT_TEXT_TOKE
         scoring += kinds.count("keys") * keys_scoring_flops(shapes, tiles, patches)
         if "relevance" in kinds:  # CDPruner: its CLIP's image head and text tower
             scoring += relevance_scoring_flops(pre.clip_config(), tiles, patches, text_tokens)
-    projected = layout.num_partitions * layout.patches if pre is None or family.projects_all else n
+    # the projector runs over every token when nothing is dropped before it, when the family projects all, and
+    # for methods that score the projected features (DivPrune, CDPruner); else over the kept ones only
+    everything = pre is None or family.projects_all or "projected" in kinds
+    projected = layout.num_partitions * layout.patches if everything else n
     vision = vision_flops(shapes, tiles, projected, patches)
     kv = kv_bytes_per_layer(shapes, lengths, bytes_per_element)
     llm = prefill_flops(shapes, lengths)
