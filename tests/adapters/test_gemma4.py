@@ -205,13 +205,31 @@ def test_replacement_get_image_features_keeps_the_stock_signature(gemma):
 
 # ---- what it refuses -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, capability, says", [
-    (td.FastV(), "in_llm", "mm_token_type_ids"), (td.PyramidDrop(), "in_llm", "per-layer inputs"),
+    (td.FastV(), "in_llm", "2-D padding mask"), (td.PyramidDrop(), "in_llm", "shared_kv_states"),
     (td.HiRED(0.3), "cls_token", "DominantDrop"), (td.BaseOnly(), "base_image", "whole image")], ids=repr)
 def test_methods_that_need_what_gemma4_lacks_are_refused_naming_the_capability(gemma, method, capability, says):
     model, processor = gemma
     with pytest.raises(ValueError, match=f"capability '{capability}'") as err:
         td.apply(model, processor, method)
     assert says in str(err.value) and "get_image_features" not in vars(model.model)
+
+
+def test_the_in_llm_refusal_states_what_the_installed_decoder_takes(gemma):
+    """The reasons the in_llm refusal gives hold for this transformers: the decoder is handed ready-built
+    masks, per-layer inputs, and layers that store keys in `shared_kv_states` (when a release drops
+    these, the refusal is stale and a decoder hook may become possible)."""
+    model, processor = gemma
+    seen = {}
+    lm = model.model.language_model
+    hook = lm.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**encode(processor, [random_image(64, 96)]))
+    finally:
+        hook.remove()
+    assert isinstance(seen["attention_mask"], dict) and set(seen["attention_mask"]) == {"full_attention", "sliding_attention"}
+    assert seen["per_layer_inputs"] is not None
+    assert any(layer.self_attn.store_full_length_kv for layer in lm.layers)  # even with num_kv_shared_layers=0
 
 
 def test_a_score_layer_beyond_the_encoder_is_refused_before_encoding(gemma):

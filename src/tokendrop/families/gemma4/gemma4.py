@@ -14,10 +14,14 @@ decoder's 1-D positions, its per-layer inputs (from `input_ids`) and its masks (
 image blocks come from `mm_token_type_ids`, which the processor writes for the short prompt) are the
 stock model's for that prompt. Videos pass through unpruned.
 
-In-LLM methods are refused (capability `in_llm`): the decoder builds a dict of masks (sliding
-window; bidirectional image blocks from `mm_token_type_ids`), per-layer-type rotary tables and
-per-layer inputs from `input_ids`, which the Llama-style hook (`tokendrop.engine.decoders`) does not
-slice: the family names no `decoder` until a Gemma 4 hook does.
+In-LLM methods are refused (capability `in_llm`), because the in-LLM loop (`tokendrop.engine`)
+cannot yet carry what this decoder takes, not because a drop could not be exact
+(docs/design.md, "In-LLM on Gemma 4"): `Gemma4Model` hands the decoder its masks already built (a
+dict per layer type; the sliding one adds bidirectional image blocks from `mm_token_type_ids`), not
+the 2-D padding mask a drop rebuilds them from; every layer takes its row of per-layer inputs
+(`per_layer_inputs`, from `input_ids`) and a `shared_kv_states` dict (the last layer of each type
+stores its keys there, even with no KV-shared layers), neither of which the loop passes. The family
+names no `decoder` until the loop does.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ class Gemma4Adapter(Family):
     tiny = "tokendrop.families.gemma4.tiny:tiny_gemma4"
     tokenizer = "tokendrop.families.gemma4.tiny:tiny_gemma4_tokenizer"
     pre_llm = projects_all = True  # the embedder works per token: rows are kept after it
-    decoder = ""  # no decoder hook (yet): in-LLM methods are refused (module docstring, `hint`)
+    decoder = ""  # no decoder hook: the in-LLM loop cannot pass what it takes (module docstring, `hint`)
     controls = {"gemma4-budget": "tokendrop.families.gemma4.control:SoftTokenBudget"}  # its own max_soft_tokens
     vllm = "tokendrop.families.gemma4.vllm:TokendropGemma4ForConditionalGeneration"
 
@@ -171,8 +175,11 @@ class Gemma4Adapter(Family):
 
     def hint(self, missing: list[str]) -> str:
         if "in_llm" in missing:
-            return (": its decoder builds sliding-window and bidirectional image-block masks from mm_token_type_ids and "
-                    "per-layer inputs from input_ids, which in-LLM dropping does not slice yet; use a pre-LLM method")
+            # the loop lacks these inputs (docs/design.md, "In-LLM on Gemma 4"): not a limit of exactness
+            return (": the in-LLM loop cannot pass its decoder what it takes yet: Gemma4Model hands the decoder ready-built "
+                    "masks (sliding window plus bidirectional image blocks from mm_token_type_ids), not the 2-D padding "
+                    "mask a drop rebuilds them from, and every layer takes its row of per-layer inputs (from input_ids) "
+                    "and a shared_kv_states dict; use a pre-LLM method")
         if "cls_token" in missing:
             return ": its vision encoder has no [CLS]; DominantDrop ranks by the attention each token receives"
         if "base_image" in missing:
