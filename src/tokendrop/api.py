@@ -299,6 +299,7 @@ def _patch_in_llm(handle: Handle, adapter, method: InLLMMethod) -> None:
     token_ids = adapter.visual_token_ids
 
     def find_images(module, args, kwargs):
+        decoder.capture(kwargs)  # what the hook reads from the outer call (Gemma 4: its 2-D mask, image blocks)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             dropper.image_mask = torch.isin(input_ids, torch.tensor(token_ids, device=input_ids.device))

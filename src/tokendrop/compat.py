@@ -10,6 +10,7 @@ and how it is handled:
 | 5.25 | `masking_utils.create_*_mask` keep the old `past_key_values` keyword in their signature beside `cache` (`deprecate_kwarg(..., expose_in_signature=True)`); the processors' `_get_num_multimodal_tokens` standardise their image kwargs first | `cache_keyword` takes `cache` when both are there; nothing for the processors (tokendrop calls the stock one and replaces only the counts) |
 | 5.24 | the KV-cache keyword `past_key_values` becomes `cache` (deprecated alias until 5.40) in the Llama-family decoder layers and models, `masking_utils.create_*_mask`, and the call `Llava*Model.forward` makes to its language model | `cache_keyword`, `cache_argument` |
 | 5.24 | output classes name the field `cache` (`past_key_values` becomes a deprecated property) | `model_output`, `output_cache` |
+| after 5.19 (5.25 read) | Gemma 4's KV sharing is a config field (`kv_sharing_modes`: "store" / "reuse" / "" per layer); 5.19 decides it in `Gemma4TextAttention.__init__` from `num_kv_shared_layers` | `kv_sharing_modes` |
 | 5.23 | `output_hidden_states` accepts a list of hidden-state indices and returns only those; 5.19-5.22 treat a list as a set of layers to hook, with other indices (5.19: a different tuple, or None when the list has no embeddings index) | `record_hidden_states` (forward hooks on the encoder blocks: the same in every release) |
 | 5.23 | `get_image_features` of the LLaVA families gains `@select_hidden_states`; 5.19-5.22 force `output_hidden_states=True` | nothing: tokendrop replaces the method on the instance and reads the tower through hooks |
 
@@ -168,3 +169,18 @@ def record_hidden_states(blocks, indices):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+# ---- Gemma 4 KV sharing (a config field in newer releases) ------------------------------------------
+def kv_sharing_modes(text_config) -> list[str]:
+    """Per layer of a Gemma 4 text config: "reuse" (keys read from `shared_kv_states`), "store" (the
+    last layer of its type before the shared ones, which leaves its keys there) or ""."""
+    modes = getattr(text_config, "kv_sharing_modes", None)
+    if modes is not None:
+        return [mode or "" for mode in modes]
+    # 5.19: the rule of `Gemma4TextAttention.__init__`
+    kinds = list(text_config.layer_types)
+    first = len(kinds) - (getattr(text_config, "num_kv_shared_layers", 0) or 0)
+    before = kinds[:first]
+    store = {len(before) - 1 - before[::-1].index(kind) for kind in set(before)}
+    return ["reuse" if i >= first else "store" if i in store else "" for i in range(len(kinds))]

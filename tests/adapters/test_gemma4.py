@@ -205,7 +205,6 @@ def test_replacement_get_image_features_keeps_the_stock_signature(gemma):
 
 # ---- what it refuses -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method, capability, says", [
-    (td.FastV(), "in_llm", "2-D padding mask"), (td.PyramidDrop(), "in_llm", "shared_kv_states"),
     (td.HiRED(0.3), "cls_token", "DominantDrop"), (td.BaseOnly(), "base_image", "whole image")], ids=repr)
 def test_methods_that_need_what_gemma4_lacks_are_refused_naming_the_capability(gemma, method, capability, says):
     model, processor = gemma
@@ -214,10 +213,10 @@ def test_methods_that_need_what_gemma4_lacks_are_refused_naming_the_capability(g
     assert says in str(err.value) and "get_image_features" not in vars(model.model)
 
 
-def test_the_in_llm_refusal_states_what_the_installed_decoder_takes(gemma):
-    """The reasons the in_llm refusal gives hold for this transformers: the decoder is handed ready-built
-    masks, per-layer inputs, and layers that store keys in `shared_kv_states` (when a release drops
-    these, the refusal is stale and a decoder hook may become possible)."""
+def test_the_decoder_takes_what_the_gemma4_hook_supplies(gemma):
+    """What `Gemma4Decoder` is written for holds for this transformers: the decoder is handed ready-built
+    masks (the hook rebuilds them from the outer call's), per-layer inputs, and layers that store keys in
+    `shared_kv_states` (when a release changes these, the hook must follow)."""
     model, processor = gemma
     seen = {}
     lm = model.model.language_model

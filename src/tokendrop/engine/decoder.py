@@ -220,9 +220,7 @@ class LLMDropper:
         lm = self.lm
         cache = compat.cache_argument(cache, past_key_values)
         extras = self.decoder.take(kwargs)
-        if isinstance(attention_mask, dict):
-            raise ValueError(f"tokendrop: {type(lm).__name__} was given its attention masks already built (a dict per "
-                             "layer type); in-LLM methods build them for every shortened sequence from a 2-D padding mask")
+        attention_mask = self.decoder.padding_mask(attention_mask)  # a dict of built masks: the hook's to answer
         if kwargs.pop("output_attentions", None) or lm.config.output_attentions:
             raise ValueError("output_attentions=True is not available under in-LLM methods (the layers run SDPA / flash "
                              "attention on shortened sequences); remove the handle to read attention maps")
@@ -234,6 +232,7 @@ class LLMDropper:
         self.decoder.check_cache(cache)
         if inputs_embeds is None:
             inputs_embeds = lm.embed_tokens(input_ids)
+        self.decoder.prepare(inputs_embeds, input_ids, extras)  # per-token inputs derived from the embeddings
         use_cache = lm.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -250,7 +249,7 @@ class LLMDropper:
         if past == 0:
             hidden = self.prefill(inputs_embeds, attention_mask, positions, rope, extras, cache, use_cache, states, **kwargs)
         else:
-            hidden = self.decode(inputs_embeds, attention_mask, positions, rope, cache, use_cache, states, **kwargs)
+            hidden = self.decode(inputs_embeds, attention_mask, positions, rope, extras, cache, use_cache, states, **kwargs)
         hidden = lm.norm(hidden)
         return compat.model_output(self.decoder.output_class, cache, last_hidden_state=hidden,
                                    hidden_states=None if states is None else (*states, hidden))
@@ -295,13 +294,14 @@ class LLMDropper:
                 same = same_sequence(before, seq) and torch.equal(shift, previous_shift)
                 self.stages.append(Stage(i, seq.mask, shift, same))
             if i == 0 or (i in drops and not self.stages[-1].same):
-                causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i)
+                causal = self._masks(seq.hidden, seq.mask, seq.positions, cache, i, seq.origin)
                 rotary = self.decoder.rotary(seq.hidden, seq.rotary)
             counts[:, i] = seq.image.sum(dim=1)
             layer_input = seq.hidden
             if states is not None:
                 states.append(seq.hidden)
-            seq.hidden = self._layer(i, layer, seq.hidden, causal, seq.positions, rotary, cache, use_cache, **kwargs)
+            seq.hidden = self._layer(i, layer, seq.hidden, causal, seq.positions, rotary, cache, use_cache,
+                                     **self.decoder.layer_inputs(i, seq.origin, extras), **kwargs)
             seq.hidden = self.decoder.after(i, seq.hidden, seq.visual, extras)  # e.g. DeepStack, on the kept slots
         self.origin = seq.origin
         self.record(counts, seq.origin)
@@ -332,7 +332,7 @@ class LLMDropper:
         return scores
 
     # ---- decode: static keep sets ---------------------------------------------------------------
-    def decode(self, hidden, mask, positions, rope, cache, use_cache, states, **kwargs):
+    def decode(self, hidden, mask, positions, rope, extras, cache, use_cache, states, **kwargs):
         """One step, or a chunk of t new tokens (a later turn), on the cache of the last prefill."""
         if not self.stages and self.boundaries and self.prefill_length == 0:
             raise RuntimeError("tokendrop: decoding with a cache that this model did not prefill")
@@ -351,7 +351,8 @@ class LLMDropper:
                 rotary = self.decoder.rotary(hidden, current_positions if rope is None else rope)
             if states is not None:
                 states.append(hidden)
-            hidden = self._layer(i, layer, hidden, causal, current_positions, rotary, cache, use_cache, **kwargs)
+            hidden = self._layer(i, layer, hidden, causal, current_positions, rotary, cache, use_cache,
+                                 **self.decoder.layer_inputs(i, None, extras), **kwargs)
         return hidden
 
     def _check_chunk(self, t: int) -> None:
@@ -409,6 +410,7 @@ class LLMDropper:
         return masks
 
     # ---- masks ----------------------------------------------------------------------------------
-    def _masks(self, hidden, mask, positions, cache, layer_idx):
-        """The hook's masks per layer type, sized against layer `layer_idx`'s cache."""
-        return self.decoder.masks(hidden, mask, positions if self.pass_text else None, cache, layer_idx)
+    def _masks(self, hidden, mask, positions, cache, layer_idx, origin=None):
+        """The hook's masks per layer type, sized against layer `layer_idx`'s cache; `origin` (B, L) the
+        caller's index of every slot of a prefill (None while decoding: the slots are the new tokens)."""
+        return self.decoder.masks(hidden, mask, positions if self.pass_text else None, cache, layer_idx, origin=origin)

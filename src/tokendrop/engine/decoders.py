@@ -80,10 +80,11 @@ class LlamaDecoder:
         attends and can rank: nothing more than the depth, which the method checks itself)."""
 
     # ---- what the loop asks ----------------------------------------------------------------------
-    def masks(self, hidden, mask, positions, cache, layer_idx) -> dict:
+    def masks(self, hidden, mask, positions, cache, layer_idx, origin=None) -> dict:
         """Causal masks per layer type for a sequence `hidden` (B, L, D) with padding mask `mask`
         (B, K) over every key, sized against layer `layer_idx`'s cache; `positions` the text positions
-        the stock forward would pass the mask builders (or None)."""
+        the stock forward would pass the mask builders (or None); `origin` (B, L) the caller's index
+        of each slot of a prefill (-1: padding added by a drop), None while decoding."""
         config = self.config
         args = dict(config=config, inputs_embeds=hidden, attention_mask=mask, cache=cache, position_ids=positions,
                     layer_idx=layer_idx)
@@ -116,6 +117,25 @@ class LlamaDecoder:
         from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 
         return MoeModelOutputWithPast if getattr(self.config, "num_experts", None) else BaseModelOutputWithPast
+
+    def padding_mask(self, attention_mask):
+        """The 2-D padding mask (B, K) (or None) the loop builds every mask from, given the language
+        model's `attention_mask`; masks already built (a dict per layer type) are refused here."""
+        if isinstance(attention_mask, dict):
+            raise ValueError(f"tokendrop: {type(self.lm).__name__} was given its attention masks already built (a dict "
+                             "per layer type); in-LLM methods build them for every shortened sequence from a 2-D padding mask")
+        return attention_mask
+
+    def capture(self, kwargs: dict) -> None:
+        """Read what the hook needs from the outer model's call (`kwargs`, before it runs); nothing here."""
+
+    def prepare(self, inputs_embeds, input_ids, extras: dict) -> None:
+        """Complete `extras` with per-token inputs derived from the embeddings (B, L, D); nothing here."""
+
+    def layer_inputs(self, i: int, origin, extras: dict) -> dict:
+        """Keywords layer i takes besides the stock ones, for slots `origin` (B, L) (the caller's index of
+        each slot of a prefill, -1 for padding added by a drop) or, while decoding (None), the new tokens."""
+        return {}
 
     def take(self, kwargs: dict) -> dict:
         """The hook's own forward keywords, popped from `kwargs` (what `start` and `after` read)."""
@@ -208,7 +228,7 @@ class HybridDecoder(LlamaDecoder):
                              f"{layer}, a {kinds[layer]} layer of this decoder (no attention row to rank by); the "
                              f"nearest full-attention layers are {nearest}: drop {moves or 'where one of them ranks'}")
 
-    def masks(self, hidden, mask, positions, cache, layer_idx) -> dict:
+    def masks(self, hidden, mask, positions, cache, layer_idx, origin=None) -> dict:
         # the full-attention mask is sized against the stage's first full-attention layer (linear layers have no length)
         full = next((i for i in self.length_layers if i >= layer_idx), layer_idx)
         masks = super().masks(hidden, mask, positions, cache, full)
@@ -227,3 +247,115 @@ class HybridDecoder(LlamaDecoder):
                              f"got {type(cache).__name__} with {', '.join(wrong)}. Do not pass "
                              "cache_implementation='static' (or a StaticCache) to generate() while PyramidDrop / FastV "
                              "are applied")
+
+
+class Gemma4Decoder(LlamaDecoder):
+    """Gemma 4: sliding-window and full-attention layers, a rotary table per layer type, a row of
+    per-layer inputs per token and layer (PLE), keys shared between layers through `shared_kv_states`.
+
+    `Gemma4Model` hands its language model the masks already built (a dict per layer type); the 2-D
+    padding mask and `mm_token_type_ids` are read from the outer call (`capture`), and the masks of
+    every shortened sequence are rebuilt from them: full layers causal, sliding layers AND(window,
+    OR(causal, same image block)), the image blocks gathered with the kept slots, the window counted
+    in slots (as for the stock model fed the kept prompt). Decode steps have no block overlay (the
+    stock generate() drops `mm_token_type_ids` after the prefill). The per-layer inputs are projected
+    once per forward, as the stock forward does, and each slot takes its own row. A KV-shared layer
+    (`reuse`) reads the keys a storing layer left in `shared_kv_states`: a drop between the two is
+    refused (`check_method`), as is ranking with a layer that has no keys of its own.
+    (docs/design.md, "In-LLM on Gemma 4".)
+    """
+
+    keywords = ("per_layer_inputs", "logits_to_keep", "shared_kv_states")
+
+    def __init__(self, language_model, mrope: bool = False):
+        super().__init__(language_model, mrope)
+        modes = compat.kv_sharing_modes(self.config)
+        # a KV-shared layer writes no cache: lengths are read from the others
+        self.length_layers = [i for i in self.length_layers if modes[i] != "reuse"]
+        self.outer: dict = {}  # what the outer model's call passed (`capture`)
+        self.blocks = None  # (B, L) long image block of each token of the current call (-1: none), or None
+
+    @classmethod
+    def unfit(cls, language_model) -> str:
+        layers = getattr(language_model, "layers", None)
+        if not layers or getattr(language_model, "rotary_emb", None) is None or not all(
+                hasattr(layer, "input_layernorm") and hasattr(getattr(layer, "self_attn", None), "q_proj") for layer in layers):
+            return "its decoder is not Gemma 4-style (layers with input_layernorm and self_attn.q_proj, one rotary_emb)"
+        return cls.config_unfit(language_model.config)
+
+    @classmethod
+    def check_method(cls, text_config, method) -> None:
+        modes = compat.kv_sharing_modes(text_config)
+        kinds = text_config.layer_types
+        store = {kinds[i]: i for i, mode in enumerate(modes) if mode == "store"}
+        for boundary in method.boundaries(len(kinds)):
+            layer = method.ranking_layer(boundary)
+            if layer is not None and modes[layer] == "reuse":
+                raise ValueError(f"{type(method).__name__} ranks with layer {layer}, a KV-shared layer of this decoder "
+                                 "(it has no keys of its own to rank by): rank with a layer before "
+                                 f"{modes.index('reuse')}")
+            late = [j for j in range(boundary, len(kinds)) if modes[j] == "reuse" and store[kinds[j]] < boundary]
+            if late:
+                raise ValueError(f"{type(method).__name__} drops tokens before layer {boundary}, but KV-shared layer "
+                                 f"{late[0]} reuses the keys layer {store[kinds[late[0]]]} stored for the longer "
+                                 f"sequence: drop before layer {store[kinds[late[0]]] + 1} or after layer {late[-1]}")
+
+    def capture(self, kwargs: dict) -> None:
+        self.outer = {"attention_mask": kwargs.get("attention_mask"), "mm_token_type_ids": kwargs.get("mm_token_type_ids")}
+
+    def padding_mask(self, attention_mask):
+        if isinstance(attention_mask, dict):  # Gemma4Model built them: rebuild from its own 2-D mask
+            attention_mask = self.outer.get("attention_mask")
+        return super().padding_mask(attention_mask)
+
+    def prepare(self, inputs_embeds, input_ids, extras: dict) -> None:
+        lm = self.lm
+        if lm.hidden_size_per_layer_input:
+            rows = extras.get("per_layer_inputs")
+            if rows is None:
+                rows = lm.get_per_layer_inputs(input_ids, inputs_embeds)
+            extras["per_layer_inputs"] = lm.project_per_layer_inputs(inputs_embeds, rows)
+        if extras.get("shared_kv_states") is None:
+            extras["shared_kv_states"] = {}
+        # image blocks of this call (the outer model's, once: a later direct call has none)
+        types, self.outer = self.outer.get("mm_token_type_ids"), {}
+        blocks = None
+        if types is not None and types.shape == inputs_embeds.shape[:2] and \
+                getattr(self.config, "use_bidirectional_attention", None) == "vision":
+            from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
+
+            blocks = get_block_sequence_ids_for_mask(types, device=inputs_embeds.device)
+        self.blocks = blocks
+
+    def layer_inputs(self, i: int, origin, extras: dict) -> dict:
+        rows = extras.get("per_layer_inputs")
+        if rows is not None:
+            rows = rows[:, :, i]  # (B, L, P) in the caller's order
+            if origin is not None:  # the kept slots' rows (padding added by a drop: any row, it is masked)
+                rows = rows.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+        return {"per_layer_input": rows, "shared_kv_states": extras["shared_kv_states"]}
+
+    def masks(self, hidden, mask, positions, cache, layer_idx, origin=None) -> dict:
+        from transformers.masking_utils import blockwise_overlay, sliding_window_overlay
+
+        # each mask sized against the stage's first layer of its type (their caches differ in length)
+        first = {kind: next((i for i in self.length_layers if i >= layer_idx and self.kinds[i] == kind), layer_idx)
+                 for kind in ATTENTION_LAYERS}
+        args = dict(config=self.config, inputs_embeds=hidden, attention_mask=mask, cache=cache, position_ids=positions)
+        masks = {"full_attention": causal_mask(**args, layer_idx=first["full_attention"])}
+        blocks = self.blocks
+        if blocks is not None and origin is not None and bool((blocks >= 0).any()):
+            blocks = blocks.gather(1, origin.clamp(min=0)).masked_fill(origin < 0, -1)  # the kept slots' image blocks
+            masks["sliding_attention"] = causal_mask(**args, layer_idx=first["sliding_attention"],
+                                                     or_mask_function=blockwise_overlay(blocks),
+                                                     and_mask_function=sliding_window_overlay(self.config.sliding_window))
+        else:
+            masks["sliding_attention"] = sliding_window_mask(**args, layer_idx=first["sliding_attention"])
+        return masks
+
+    def rotary(self, hidden, positions):
+        """One table per layer type."""
+        return {kind: self.lm.rotary_emb(hidden, positions, kind) for kind in sorted(set(self.kinds))}
+
+    def layer_rotary(self, i: int, tables):
+        return tables[self.kinds[i]]

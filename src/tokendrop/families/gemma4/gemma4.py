@@ -14,14 +14,13 @@ decoder's 1-D positions, its per-layer inputs (from `input_ids`) and its masks (
 image blocks come from `mm_token_type_ids`, which the processor writes for the short prompt) are the
 stock model's for that prompt. Videos pass through unpruned.
 
-In-LLM methods are refused (capability `in_llm`), because the in-LLM loop (`tokendrop.engine`)
-cannot yet carry what this decoder takes, not because a drop could not be exact
-(docs/design.md, "In-LLM on Gemma 4"): `Gemma4Model` hands the decoder its masks already built (a
-dict per layer type; the sliding one adds bidirectional image blocks from `mm_token_type_ids`), not
-the 2-D padding mask a drop rebuilds them from; every layer takes its row of per-layer inputs
-(`per_layer_inputs`, from `input_ids`) and a `shared_kv_states` dict (the last layer of each type
-stores its keys there, even with no KV-shared layers), neither of which the loop passes. The family
-names no `decoder` until the loop does.
+In-LLM methods run through `Gemma4Decoder` (`tokendrop.engine.decoders`): `Gemma4Model` hands the
+decoder its masks already built, so the hook rebuilds them for every shortened sequence from the 2-D
+padding mask and `mm_token_type_ids` of the outer call (the sliding layers' bidirectional image
+blocks gathered with the kept slots); each kept slot takes its own row of per-layer inputs; the
+`shared_kv_states` dict is passed to every layer. Refused: a drop between a layer that stores keys
+for KV-shared layers and a layer that reuses them, and ranking with a KV-shared layer
+(docs/design.md, "In-LLM on Gemma 4").
 """
 
 from __future__ import annotations
@@ -131,7 +130,7 @@ class Gemma4Adapter(Family):
     tiny = "tokendrop.families.gemma4.tiny:tiny_gemma4"
     tokenizer = "tokendrop.families.gemma4.tiny:tiny_gemma4_tokenizer"
     pre_llm = projects_all = True  # the embedder works per token: rows are kept after it
-    decoder = ""  # no decoder hook: the in-LLM loop cannot pass what it takes (module docstring, `hint`)
+    decoder = "tokendrop.engine.decoders:Gemma4Decoder"
     controls = {"gemma4-budget": "tokendrop.families.gemma4.control:SoftTokenBudget"}  # its own max_soft_tokens
     vllm = "tokendrop.families.gemma4.vllm:TokendropGemma4ForConditionalGeneration"
 
@@ -174,12 +173,6 @@ class Gemma4Adapter(Family):
         return blocks
 
     def hint(self, missing: list[str]) -> str:
-        if "in_llm" in missing:
-            # the loop lacks these inputs (docs/design.md, "In-LLM on Gemma 4"): not a limit of exactness
-            return (": the in-LLM loop cannot pass its decoder what it takes yet: Gemma4Model hands the decoder ready-built "
-                    "masks (sliding window plus bidirectional image blocks from mm_token_type_ids), not the 2-D padding "
-                    "mask a drop rebuilds them from, and every layer takes its row of per-layer inputs (from input_ids) "
-                    "and a shared_kv_states dict; use a pre-LLM method")
         if "cls_token" in missing:
             return ": its vision encoder has no [CLS]; DominantDrop ranks by the attention each token receives"
         if "base_image" in missing:
