@@ -8,7 +8,8 @@ one thing: before a boundary layer it ranks the image tokens by the last prompt 
 mask, and continues with a shorter sequence. Every layer keeps its own attention backend (SDPA,
 flash, eager) and writes what it saw into its own cache slot: DynamicCache keeps a length per layer.
 What differs between decoders (mask types per layer, rotary tables, inputs added after a layer such
-as DeepStack's, layers whose cache has no length) is asked of the family's hook, never tested here.
+as DeepStack's, layers whose cache has no length, masks handed over already built, extra keywords of
+each layer such as Gemma 4's per-layer inputs) is asked of the family's hook, never tested here.
 
 Prefill (the layer-0 cache is empty) selects; decoding reuses the prefill's static keep sets:
   stage mask  = the stage's compacted prefill mask + the caller's mask for the decoded tokens,

@@ -11,12 +11,16 @@ instead of failing inside a layer. The loop asks the hook five things:
     start / after     family inputs carried with the tokens (DeepStack's visual features), added
                       after a layer to the tokens still present
     cached(cache, i)  how many tokens layer i's cache holds (None: a layer without a sequence length)
+    padding_mask / capture / prepare / layer_inputs
+                      the 2-D padding mask when the model is handed built masks (read from the outer
+                      call), per-token inputs derived from the embeddings, and the extra keywords of
+                      layer i for the current slots (Gemma 4's per-layer inputs and shared_kv_states)
 
 Kinds here: `LlamaDecoder` (Llama, Mistral, Qwen2/3; 1-D rotary or, for Qwen-VL, M-RoPE),
 `DeepStackDecoder` (Qwen3-VL: visual features added after the first layers), `HybridDecoder`
-(Qwen3.5: Gated-DeltaNet linear-attention layers between full-attention ones).
-Decoders the loop cannot run (checked by `unfit`): per-layer-type rotary tables or per-layer
-inputs (Gemma 3 / 3n / 4), layer types other than full and sliding attention (linear attention,
+(Qwen3.5: Gated-DeltaNet linear-attention layers between full-attention ones), `Gemma4Decoder`.
+Decoders the Llama hook cannot run (checked by `unfit`): per-layer-type rotary tables or per-layer
+inputs (Gemma 3 / 3n), layer types other than full and sliding attention (linear attention,
 recurrent layers) unless a hook for them says otherwise.
 
 B batch, L sequence, D width.
