@@ -75,6 +75,18 @@ def tiny_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIP (vision width 64: the tiny towers') saved with its tokenizer: CDPruner's `clip=PATH`."""
+    from tokendrop.tiny import tiny_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    model, tokenizer = tiny_clip()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def qwen_folder(tmp_path_factory):
     """A tiny Qwen2.5-VL saved as a checkpoint folder (weights, tokenizer, image processor, chat template;
     no video processor: it needs torchvision, which these machines cannot import)."""

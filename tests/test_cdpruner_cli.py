@@ -8,20 +8,9 @@ import json
 import pytest
 
 from tokendrop.cli import main
-from tokendrop.tiny import tiny_clip
 
 # 150x260 fits the 224x224 pinpoint best -> 2x2 tiles of 8x8 patches: B = floor(0.2 * 5 * 64) = 64
 KEPT = 64
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIP (vision width 64: the tiny towers') saved with its tokenizer."""
-    folder = tmp_path_factory.mktemp("clip")
-    model, tokenizer = tiny_clip()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def cdpruner_args(clip_folder) -> list[str]:

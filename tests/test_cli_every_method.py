@@ -1,7 +1,7 @@
 """Every registered method through every CLI subcommand that runs a model (run, show, eval, bench) and through
-`cost` (show refuses the in-LLM ones in one line: it draws what reaches the LLM), on the tiny LLaVA-NeXT: the registry drives the list, so a new method is covered without an edit here.
-CDPruner takes its CLIP as a folder (`--method-args clip=PATH`; its `cost` with a full-size CLIP config is in
-test_cdpruner_cli.py)."""
+`cost`, on the tiny LLaVA-NeXT (show refuses the in-LLM ones in one line: it draws what reaches the LLM); the
+registry drives the list, so a new method is covered without an edit here. CDPruner takes its CLIP as a folder
+(`--method-args clip=PATH`; its `cost` with a full-size CLIP config is in test_cdpruner_cli.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,6 @@ import pytest
 
 from tokendrop.cli import main
 from tokendrop.registry import method_class, method_names
-from tokendrop.tiny import tiny_clip
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    model, tokenizer = tiny_clip()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def method_argv(name: str, clip_folder) -> list[str]:

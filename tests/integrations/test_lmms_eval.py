@@ -70,17 +70,6 @@ def test_generate_until_answers_like_tokendrop_eval_at_any_batch_size(tiny_folde
         assert len(lm.visual_tokens) == len(samples) and max(lm.visual_tokens) < 100  # HiRED's budget, not ~250
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    from tokendrop.tiny import tiny_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    model, tokenizer = tiny_clip()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_through_model_args_answers_like_tokendrop_eval(name, tiny_folder, data, clip_folder, tmp_path):
     # `--model_args method=NAME,budget=0.2` (CDPruner: clip=PATH too), batch 2: the answers of `tokendrop eval`.
