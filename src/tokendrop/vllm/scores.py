@@ -19,20 +19,32 @@ from tokendrop.scoring import received_attention
 
 
 @contextlib.contextmanager
-def record_linear_outputs(linears: dict):
-    """Keep the output of each fused linear in `linears` ({block: module}) while the tower runs."""
+def recording(attach):
+    """Yield the dict that forward hooks fill while the tower runs: `attach(kept)` registers them and returns
+    their handles, which are removed on the way out (also on an error)."""
     kept = {}
-    hooks = []
-    for block, linear in linears.items():
-        def keep(module, args, output, block=block):
-            kept[block] = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
-
-        hooks.append(linear.register_forward_hook(keep))
+    handles = attach(kept)
     try:
         yield kept
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def main_output(output):
+    """A module's main output: vLLM's linears return (out, bias), SigLIP's layers (states, None)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def record_linear_outputs(linears: dict):
+    """Keep the output of each fused linear in `linears` ({block: module}) while the tower runs."""
+    def attach(kept):
+        def keep(block):
+            return lambda module, args, output: kept.update({block: main_output(output)})
+
+        return [linear.register_forward_hook(keep(block)) for block, linear in linears.items()]
+
+    return recording(attach)
 
 
 def record_qkv(layers, blocks):
@@ -104,55 +116,37 @@ def feature_inputs(blocks: dict, features: torch.Tensor, projector) -> dict[str,
     return inputs
 
 
-@contextlib.contextmanager
 def record_output(layer, wanted: bool):
     """Keep the output of `layer` ((T, L, Dv): the feature block's states, [CLS] first) when `wanted`:
     a merging method feeds the [CLS] state, which vLLM's feature selection drops."""
-    kept = {}
+    def attach(kept):
+        if not wanted:
+            return []
+        return [layer.register_forward_hook(lambda module, args, output: kept.update(states=main_output(output)))]
 
-    def keep(module, args, output):
-        kept["states"] = output[0] if isinstance(output, tuple) else output  # SigLIP's layers return (states, None)
-
-    hook = layer.register_forward_hook(keep) if wanted else None
-    try:
-        yield kept
-    finally:
-        if hook is not None:
-            hook.remove()
+    return recording(attach)
 
 
-@contextlib.contextmanager
 def record_attention_qk(layers, blocks):
     """InternViT (vLLM's `InternS1VisionLayer`): keep the queries and keys (T, L, H * hd), after the qk norms,
     that each block in `blocks` hands its inner attention (`attention.attn(q, k, v)`) while the tower runs."""
-    kept = {}
-    hooks = []
-    for block in sorted(set(blocks)):
-        def keep(module, args, block=block):
-            kept[block] = args[:2]
+    def attach(kept):
+        return [layers[block].attention.attn.register_forward_pre_hook(
+                    lambda module, args, block=block: kept.update({block: args[:2]}))
+                for block in sorted(set(blocks))]
 
-        hooks.append(layers[block].attention.attn.register_forward_pre_hook(keep))
-    try:
-        yield kept
-    finally:
-        for hook in hooks:
-            hook.remove()
+    return recording(attach)
 
 
-@contextlib.contextmanager
 def record_merger_input(entry, wanted: bool):
     """Qwen-VL: keep the input of `entry`, the module that first sees vLLM's patch merger input ((patches, 1, Dv),
     the blocks' order), when `wanted`."""
-    kept = {}
-    hook = entry.register_forward_pre_hook(lambda module, args: kept.update(input=args[0])) if wanted else None
-    try:
-        yield kept
-    finally:
-        if hook is not None:
-            hook.remove()
+    def attach(kept):
+        return [entry.register_forward_pre_hook(lambda module, args: kept.update(input=args[0]))] if wanted else []
+
+    return recording(attach)
 
 
-@contextlib.contextmanager
 def record_rotated_qk(blocks, indices):
     """Qwen2.5-VL: the rotated queries and keys of every vision block in `indices`, and its `cu_seqlens`.
 
@@ -160,24 +154,22 @@ def record_rotated_qk(blocks, indices):
     k stacked; a forward hook on the latter keeps (2, N, H, hd) (q, then k, the tower's one sequence of
     N patches in window order), a forward pre-hook on the attention its segments.
     """
-    kept: dict[int, dict] = {}
-    hooks = []
-    for block in sorted(set(indices)):
-        attention = blocks[block].attn
+    def attach(kept):
+        handles = []
+        for block in sorted(set(indices)):
+            attention = blocks[block].attn
 
-        def segments(module, args, kwargs, block=block):
-            kept.setdefault(block, {})["cu_seqlens"] = kwargs["cu_seqlens"]
+            def segments(module, args, kwargs, block=block):
+                kept.setdefault(block, {})["cu_seqlens"] = kwargs["cu_seqlens"]
 
-        def rotated(module, args, output, block=block):
-            kept.setdefault(block, {})["qk"] = output
+            def rotated(module, args, output, block=block):
+                kept.setdefault(block, {})["qk"] = output
 
-        hooks.append(attention.register_forward_pre_hook(segments, with_kwargs=True))
-        hooks.append(attention.apply_rotary_emb.register_forward_hook(rotated))
-    try:
-        yield kept
-    finally:
-        for hook in hooks:
-            hook.remove()
+            handles.append(attention.register_forward_pre_hook(segments, with_kwargs=True))
+            handles.append(attention.apply_rotary_emb.register_forward_hook(rotated))
+        return handles
+
+    return recording(attach)
 
 
 def record_qwen_keys(blocks, indices):
